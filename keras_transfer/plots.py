@@ -1,0 +1,149 @@
+"""Figures (matplotlib, Agg): confusion matrix, curves, galleries, comparisons, Grad-CAM."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_transfer.io import save_figure  # noqa: E402
+
+
+def _show(ax, img):
+    img = np.asarray(img)
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(np.clip(img, 0, 255).astype(np.uint8))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def confusion_matrix_figure(cm, class_names, path, title="Confusion matrix (row-normalised)"):
+    cm = np.asarray(cm, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    k = len(class_names)
+    size = max(4.5, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if k <= 26:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def curves_figure(histories, path, title="Training curves"):
+    """``histories``: ``{label: {"loss": [...], "val_loss": [...], "accuracy": [...], ...}}``."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (label, h), color in zip(histories.items(), plt.cm.tab10.colors):
+        epochs = np.arange(1, len(h.get("loss", [])) + 1)
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            if key in h:
+                ax.plot(epochs, h[key], "--", color=color, label=f"{label} train")
+            if f"val_{key}" in h:
+                ax.plot(epochs, h[f"val_{key}"], "-", color=color, label=f"{label} val")
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def misclassified_figure(x, y_true, probs, class_names, path, max_images=24, title=None):
+    """Grid of misclassified images, most confident mistakes first."""
+    y_pred = probs.argmax(1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    wrong = wrong[np.argsort(-probs[wrong, y_pred[wrong]])][:max_images]
+    n = max(len(wrong), 1)
+    cols = min(8, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.axis("on")
+        _show(ax, x[i])
+        ax.set_title(f"true {class_names[y_true[i]]}\npred {class_names[y_pred[i]]} "
+                     f"{probs[i, y_pred[i]]:.0%}", fontsize=7, color="firebrick")
+    if not len(wrong):
+        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.suptitle(title or f"Misclassified test images ({len(np.flatnonzero(y_pred != y_true))} in all)")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def augmentation_figure(original, augmented, path, title="Augmentation preview"):
+    """Rows: one original image then its augmented versions."""
+    rows, cols = len(original), augmented.shape[1] + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows), squeeze=False)
+    for r in range(rows):
+        _show(axes[r, 0], original[r])
+        for c in range(1, cols):
+            _show(axes[r, c], augmented[r, c - 1])
+    axes[0, 0].set_title("original", fontsize=8)
+    for c in range(1, cols):
+        axes[0, c].set_title(f"sample {c}", fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def comparison_figure(rows, path, title="Strategy comparison"):
+    """Bar charts of accuracy, macro-F1, wall time and trainable params per row.
+
+    ``rows``: list of dicts with ``label``, ``accuracy``, ``macro_f1``, ``wall_time``,
+    ``trainable_params`` and optional ``accuracy_std``/``macro_f1_std``.
+    """
+    labels = [r["label"] for r in rows]
+    panels = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"),
+              ("wall_time", "wall time (s)"), ("trainable_params", "trainable parameters")]
+    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 3.6))
+    colors = plt.cm.tab10.colors
+    for ax, (key, name) in zip(axes, panels):
+        vals = [r.get(key, np.nan) for r in rows]
+        errs = [r.get(f"{key}_std", 0.0) for r in rows]
+        bars = ax.bar(range(len(rows)), vals, yerr=errs, color=colors[:len(rows)], capsize=3)
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
+        ax.set_title(name)
+        ax.set_ylabel(name)
+        for b, v in zip(bars, vals):
+            txt = f"{v:.3f}" if key in ("accuracy", "macro_f1") else (f"{v:.1f}" if key == "wall_time"
+                                                                      else f"{int(v):,}")
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
+        if key in ("accuracy", "macro_f1"):
+            ax.set_ylim(0, 1.05)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def gradcam_figure(images, heatmaps, titles, path, title="Grad-CAM"):
+    n = len(images)
+    cols = min(6, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, hm, t in zip(axes.flat, images, heatmaps, titles):
+        h, w = img.shape[:2]
+        _show(ax, img)
+        ax.imshow(hm, cmap="jet", alpha=0.45, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0, vmax=1)
+        ax.set_title(t, fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)

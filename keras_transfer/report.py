@@ -1,0 +1,209 @@
+"""Markdown and self-contained HTML reports, and comparisons across runs."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+
+import numpy as np
+
+import keras
+
+from keras_transfer import plots
+from keras_transfer.config import to_dict
+from keras_transfer.io import atomic_write_text, read_json, write_json
+
+
+def markdown_to_html(md, base_dir, title):
+    """Render Markdown to one HTML file with every local PNG embedded as base64."""
+    import markdown
+
+    body = markdown.markdown(md, extensions=["tables", "fenced_code"])
+
+    def embed(m):
+        src = m.group(1)
+        p = os.path.join(base_dir, src)
+        if os.path.exists(p) and src.endswith(".png"):
+            with open(p, "rb") as f:
+                return f'src="data:image/png;base64,{base64.b64encode(f.read()).decode()}"'
+        return m.group(0)
+
+    body = re.sub(r'src="([^"]+)"', embed, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+             "color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+             "code,pre{background:#f6f6f6}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>\n")
+
+
+def write_report(run_dir, md, title):
+    atomic_write_text(os.path.join(run_dir, "report.md"), md)
+    atomic_write_text(os.path.join(run_dir, "report.html"), markdown_to_html(md, run_dir, title))
+
+
+def per_class_table(metrics):
+    lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for r in metrics["per_class"]:
+        lines.append(f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+                     f"{r['support']} |")
+    for avg in ("macro", "weighted"):
+        a = metrics[avg]
+        lines.append(f"| *{avg} avg* | {a['precision']:.3f} | {a['recall']:.3f} | {a['f1']:.3f} | "
+                     f"{metrics['n']} |")
+    return "\n".join(lines)
+
+
+def write_finetune_report(cfg, run_dir, ds, splits, results):
+    """Comparison table, verdict on transfer vs scratch, per-strategy figures; md + html + json."""
+    rows = [{"label": s, "accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"], "wall_time": r["wall_time"],
+             "trainable_params": r["trainable_params"]} for s, r in results.items()]
+    plots.comparison_figure(rows, os.path.join(run_dir, "comparison.png"),
+                            title=f"{cfg.data.source} -> {ds.name}: strategies on the test split")
+    histories = {s: _history(run_dir, s) for s in results}
+    plots.curves_figure(histories, os.path.join(run_dir, "curves.png"), title="Fine-tuning curves, all strategies")
+    pre = os.path.join(run_dir, "pretrain", "metrics.json")
+    pre_metrics = read_json(pre) if os.path.exists(pre) else None
+    summary = {"backend": keras.config.backend(), "keras": keras.__version__, "source": cfg.data.source,
+               "target": ds.name, "target_train": int(len(splits["train"][0])),
+               "target_test": int(len(splits["test"][0])),
+               "pretrain_accuracy": pre_metrics["accuracy"] if pre_metrics else None,
+               "strategies": {s: {k: r[k] for k in ("accuracy", "wall_time", "trainable_params",
+                                                     "non_trainable_params", "epochs")}
+                              | {"macro_f1": r["macro"]["f1"]} for s, r in results.items()}}
+    verdict = transfer_verdict(results)
+    summary["verdict"] = verdict
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+
+    lines = [f"# Transfer report: {cfg.data.source} → {ds.name}", "",
+             f"Backend **{keras.config.backend()}** (Keras {keras.__version__}), model **{cfg.model.name}**, "
+             f"seed {cfg.seed}. Target training set: **{len(splits['train'][0])} images** "
+             f"({cfg.data.per_class or 'all'} per class), validation {len(splits['val'][0])}, "
+             f"test {len(splits['test'][0])}.", ""]
+    if pre_metrics:
+        lines += [f"Pretraining on {pre_metrics['dataset']}: test accuracy **{pre_metrics['accuracy']:.4f}** "
+                  f"in {pre_metrics['wall_time']:.1f} s.", ""]
+    lines += ["## Verdict", "", verdict, "", "## Strategies on the test split", "",
+              "| strategy | accuracy | macro-F1 | trainable params | frozen params | epochs | wall time (s) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for s, r in results.items():
+        lines.append(f"| {s} | {r['accuracy']:.4f} | {r['macro']['f1']:.4f} | {r['trainable_params']:,} | "
+                     f"{r['non_trainable_params']:,} | {r['epochs']} | {r['wall_time']:.1f} |")
+    lines += ["", '<img src="comparison.png" alt="comparison">', "",
+              '<img src="curves.png" alt="curves">', ""]
+    best = max(results, key=lambda s: results[s]["accuracy"])
+    lines += [f"## Best strategy: {best}", "", per_class_table(results[best]), "",
+              f'<img src="strategies/{best}/confusion_matrix.png" alt="confusion matrix">', "",
+              f'<img src="strategies/{best}/misclassified.png" alt="misclassified">', ""]
+    if os.path.exists(os.path.join(run_dir, "augmentation.png")):
+        lines += ["## Augmentation", "", '<img src="augmentation.png" alt="augmentation preview">', ""]
+    lines += ["## Configuration", "", "```yaml", _yaml(to_dict(cfg)).rstrip(), "```", ""]
+    write_report(run_dir, "\n".join(lines), f"keras-transfer: {cfg.data.source} -> {ds.name}")
+
+
+def transfer_verdict(results):
+    if "scratch" not in results or len(results) < 2:
+        return "No scratch baseline was run, so this run cannot say whether transfer helped."
+    base = results["scratch"]["accuracy"]
+    others = {s: r["accuracy"] for s, r in results.items() if s != "scratch"}
+    best = max(others, key=others.get)
+    delta = others[best] - base
+    n = results["scratch"]["n"]
+    se = float(np.sqrt(max(base * (1 - base), 1e-9) / n) * np.sqrt(2))  # s.e. of a difference, two runs
+    if delta > 2 * se:
+        return (f"Transfer **beat** scratch: {best} reached {others[best]:.4f} vs {base:.4f} "
+                f"(+{delta * 100:.1f} points; ~2 s.e. of the difference is {2 * se * 100:.1f} points, "
+                f"one seed).")
+    if delta < -2 * se:
+        return (f"Transfer **did not** beat scratch: the best transfer strategy ({best}, {others[best]:.4f}) "
+                f"is below scratch ({base:.4f}) by {-delta * 100:.1f} points (one seed).")
+    return (f"Transfer and scratch are **within noise**: best transfer {best} {others[best]:.4f} vs scratch "
+            f"{base:.4f} (difference {delta * 100:+.1f} points, ~2 s.e. = {2 * se * 100:.1f}; one seed).")
+
+
+def _history(run_dir, strategy):
+    from keras_transfer.train import read_history
+
+    return read_history(os.path.join(run_dir, "strategies", strategy, "history.csv"))
+
+
+def _yaml(d):
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def collect_runs(run_dirs):
+    """Rows ``(run, strategy, model, backend, seed, accuracy, macro_f1, wall_time, trainable)``."""
+    rows = []
+    for d in run_dirs:
+        cfg_path = os.path.join(d, "config.yaml")
+        seed = None
+        if os.path.exists(cfg_path):
+            import yaml
+
+            with open(cfg_path) as f:
+                seed = (yaml.safe_load(f) or {}).get("seed")
+        found = False
+        strat_root = os.path.join(d, "strategies")
+        if os.path.isdir(strat_root):
+            for s in sorted(os.listdir(strat_root)):
+                p = os.path.join(strat_root, s, "metrics.json")
+                if os.path.exists(p):
+                    rows.append(_row(d, read_json(p), seed, s))
+                    found = True
+        if os.path.exists(os.path.join(d, "metrics.json")):
+            rows.append(_row(d, read_json(os.path.join(d, "metrics.json")), seed, "pretrain"))
+            found = True
+        if not found:
+            from keras_transfer.errors import DataError
+
+            raise DataError(f"Expected a run directory with metrics.json or strategies/*/metrics.json. "
+                            f"Received: {d}")
+    return rows
+
+
+def _row(d, m, seed, strategy):
+    return {"run": d, "strategy": m.get("strategy", strategy), "model": m.get("model"),
+            "backend": m.get("backend"), "seed": seed, "accuracy": m["accuracy"],
+            "macro_f1": m["macro"]["f1"], "wall_time": m.get("wall_time", float("nan")),
+            "trainable_params": m.get("trainable_params", 0)}
+
+
+def aggregate(rows, keys=("strategy", "model", "backend")):
+    """Group rows by ``keys`` and give mean and sample std (ddof=1; 0 for one run) per metric."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        agg = dict(zip(keys, key))
+        agg["n"] = len(rs)
+        for metric in ("accuracy", "macro_f1", "wall_time", "trainable_params"):
+            v = np.array([r[metric] for r in rs], dtype=float)
+            agg[metric] = float(v.mean())
+            agg[f"{metric}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def write_comparison(run_dirs, out_dir):
+    rows = collect_runs(run_dirs)
+    agg = aggregate(rows)
+    write_json(os.path.join(out_dir, "comparison.json"), {"runs": rows, "groups": agg})
+    labels = [f"{a['strategy']} / {a['model']} / {a['backend']}" for a in agg]
+    plots.comparison_figure([{**a, "label": lbl} for a, lbl in zip(agg, labels)],
+                            os.path.join(out_dir, "comparison.png"), title="Comparison across runs")
+    lines = ["# Comparison across runs", "", f"{len(run_dirs)} run(s): " + ", ".join(run_dirs), "",
+             "| strategy | model | backend | n | accuracy | macro-F1 | wall time (s) | trainable params |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for a in agg:
+        lines.append(f"| {a['strategy']} | {a['model']} | {a['backend']} | {a['n']} | "
+                     f"{a['accuracy']:.4f} ± {a['accuracy_std']:.4f} | {a['macro_f1']:.4f} ± "
+                     f"{a['macro_f1_std']:.4f} | {a['wall_time']:.1f} ± {a['wall_time_std']:.1f} | "
+                     f"{int(a['trainable_params']):,} |")
+    lines += ["", "(mean ± sample standard deviation over runs; ± 0 where a group has one run)", "",
+              '<img src="comparison.png" alt="comparison">', ""]
+    write_report(out_dir, "\n".join(lines), "keras-transfer comparison")
+    return agg

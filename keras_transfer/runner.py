@@ -1,0 +1,220 @@
+"""The flow: config -> data + model -> transfer strategy -> train -> evaluate -> report."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+import keras
+
+from keras_transfer import plots
+from keras_transfer.data import load_dataset, train_val_test
+from keras_transfer.data.augment import augmentation_layers
+from keras_transfer.data.pipeline import make_input
+from keras_transfer.errors import ConfigError, DataError
+from keras_transfer.evaluate import evaluate_model
+from keras_transfer.io import read_json, save_model, write_json
+from keras_transfer.models import build_classifier, channel_stats, copy_backbone, create_backbone, get_spec
+from keras_transfer.train import compile_model, fit, read_history, resume_state, set_precision
+from keras_transfer.transfer import (STRATEGIES, apply_strategy, gradual_schedule, parameter_counts,
+                                     set_trainable_blocks)
+
+NO_FLIP = {"mnist", "mnist_5k", "digits", "emnist_letters"}
+
+
+def _log(msg, echo):
+    if echo:
+        echo(msg)
+
+
+def _splits(name, dcfg, seed, low_data):
+    ds = load_dataset(name, dcfg.data_dir)
+    splits = train_val_test(ds, dcfg.val, dcfg.per_class if low_data else None,
+                            dcfg.fraction if low_data else None, seed)
+    return ds, splits
+
+
+def _augment(dcfg, ds, seed):
+    flips = dcfg.flips if dcfg.flips is not None else ds.name not in NO_FLIP
+    return augmentation_layers(dcfg.augment, ds.image_shape[-1], flips=flips, seed=seed)
+
+
+def _classifier(backbone, mcfg, ds, x_train, dcfg, seed):
+    channels = backbone.input.shape[-1]
+    mean, std = channel_stats(x_train, channels)
+    return build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
+                            augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
+                            head_dropout=mcfg.head_dropout)
+
+
+def _evaluate_and_plot(model, ds, splits, stage_dir, label, history):
+    x_te, y_te = splits["test"]
+    metrics, probs = evaluate_model(model, x_te, y_te, ds.class_names)
+    plots.confusion_matrix_figure(metrics["confusion_matrix"], ds.class_names,
+                                  os.path.join(stage_dir, "confusion_matrix.png"),
+                                  title=f"{label}: confusion matrix on {ds.name} test (row-normalised)")
+    plots.curves_figure({label: history}, os.path.join(stage_dir, "curves.png"), title=f"{label}: training curves")
+    plots.misclassified_figure(x_te, y_te, probs, ds.class_names, os.path.join(stage_dir, "misclassified.png"),
+                               title=f"{label}: misclassified {ds.name} test images, most confident first")
+    return metrics
+
+
+def train_stage(model, spec_name, splits, tcfg, stage_dir, seed, input_path, batch_size, strategy="full",
+                phases=None, resume=False, echo=None):
+    """Train one stage (a strategy, or pretraining); gradual runs phases, recompiling each.
+
+    Returns:
+        ``(model, wall_seconds)``.
+    """
+    x_tr, y_tr = splits["train"]
+    steps = -(-len(x_tr) // batch_size)
+    start = 0
+    if resume and os.path.exists(os.path.join(stage_dir, "checkpoints", "last.keras")):
+        model, start = resume_state(stage_dir)
+        _log(f"  resuming {stage_dir} at epoch {start}", echo)
+    t0 = time.perf_counter()
+    if phases:
+        per_phase = max(1, tcfg.epochs // len(phases))
+        epoch = 0
+        for i, blocks in enumerate(phases):
+            end = tcfg.epochs if i == len(phases) - 1 else epoch + per_phase
+            if end > start:
+                set_trainable_blocks(model, spec_name, blocks)
+                compile_model(model, tcfg, steps)  # recompile after every change of trainable
+                fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, max(start, epoch)),
+                    make_input(*splits["val"], batch_size, False, seed, input_path), tcfg, stage_dir,
+                    initial_epoch=max(start, epoch), epochs=end)
+            epoch = end
+    elif start < tcfg.epochs:
+        if not resume or start == 0:
+            compile_model(model, tcfg, steps)
+        fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, start),
+            make_input(*splits["val"], batch_size, False, seed, input_path), tcfg, stage_dir,
+            initial_epoch=start)
+    return model, time.perf_counter() - t0
+
+
+def pretrain(cfg, run_dir, echo=None, resume=False):
+    """Pretrain the backbone on ``cfg.data.source``; writes ``run_dir/model.keras``."""
+    set_precision(cfg.pretrain.precision)
+    keras.utils.set_random_seed(cfg.seed)
+    ds, splits = _splits(cfg.data.source, cfg.data, cfg.seed, low_data=False)
+    m = cfg.model
+    backbone = create_backbone(m.name, m.input_size, m.channels or ds.image_shape[-1], m.weights,
+                               **m.backbone_options())
+    model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed)
+    _log(f"pretrain {m.name} on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
+         f"{len(splits['test'][0])} test, {cfg.pretrain.epochs} epochs", echo)
+    model, wall = train_stage(model, m.name, splits, cfg.pretrain, run_dir, cfg.seed, cfg.data.input_path,
+                              cfg.data.batch_size, resume=resume, echo=echo)
+    history = read_history(os.path.join(run_dir, "history.csv"))
+    metrics = _evaluate_and_plot(model, ds, splits, run_dir, f"pretrain {ds.name}", history)
+    trainable, frozen = parameter_counts(model)
+    metrics.update(dataset=ds.name, model=m.name, wall_time=wall, trainable_params=trainable,
+                   non_trainable_params=frozen, backend=keras.config.backend())
+    write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    save_model(model, os.path.join(run_dir, "model.keras"))
+    _log(f"  pretrain test accuracy {metrics['accuracy']:.4f} ({wall:.1f} s)", echo)
+    return model, metrics
+
+
+def load_pretrained(path):
+    """A pretrained classifier from ``MODEL.keras`` or a run directory holding ``model.keras``."""
+    candidates = [path, os.path.join(path, "model.keras"), os.path.join(path, "pretrain", "model.keras")]
+    for c in candidates:
+        if os.path.isfile(c):
+            try:
+                return keras.saving.load_model(c)
+            except Exception as e:
+                raise DataError(f"Could not load {c}: expected a Keras .keras model. Received: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    raise DataError(f"Expected a .keras file or a run directory with model.keras. Received: {path!r}")
+
+
+def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
+    """Pretrain (unless ``pretrained`` is given), then fine-tune every strategy and report."""
+    for s in cfg.transfer.strategies:
+        if s not in STRATEGIES:
+            raise ConfigError(f"Unknown strategy: expected some of {STRATEGIES}. Received: {s!r}")
+    if cfg.transfer.channel_mode not in ("repeat", "conv"):
+        raise ConfigError(f"Unknown channel_mode: expected repeat or conv. Received: {cfg.transfer.channel_mode!r}")
+    if pretrained is None:
+        pre_dir = os.path.join(run_dir, "pretrain")
+        if resume and os.path.exists(os.path.join(pre_dir, "model.keras")):
+            source_model = load_pretrained(pre_dir)
+        else:
+            source_model, _ = pretrain(cfg, pre_dir, echo, resume=resume)
+    else:
+        source_model = load_pretrained(pretrained)
+    source_backbone = source_model.get_layer("backbone")
+    m = cfg.model
+    spec_name = _spec_name_of(source_backbone, m.name)
+    set_precision(cfg.finetune.precision)
+    ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
+    _log(f"fine-tune on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
+         f"{len(splits['test'][0])} test", echo)
+    results = {}
+    for strategy in cfg.transfer.strategies:
+        stage_dir = os.path.join(run_dir, "strategies", strategy)
+        if resume and os.path.exists(os.path.join(stage_dir, "metrics.json")):
+            results[strategy] = read_json(os.path.join(stage_dir, "metrics.json"))
+            continue
+        keras.utils.set_random_seed(cfg.seed)
+        channels = source_backbone.input.shape[-1]
+        if cfg.transfer.channel_mode == "conv" and ds.image_shape[-1] == 1 and channels == 3:
+            channels = 1
+        # scratch: the same architecture with a fresh initialisation.
+        backbone = copy_backbone(source_backbone, channels, fresh=strategy == "scratch")
+        model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed)
+        apply_strategy(model, spec_name, strategy, cfg.transfer.freeze_until, cfg.transfer.train_last_k)
+        phases = gradual_schedule(spec_name, cfg.transfer.gradual_phases) if strategy == "gradual" else None
+        trainable, frozen = parameter_counts(model)
+        _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
+        model, wall = train_stage(model, spec_name, splits, cfg.finetune, stage_dir, cfg.seed,
+                                  cfg.data.input_path, cfg.data.batch_size, strategy, phases, resume, echo)
+        history = read_history(os.path.join(stage_dir, "history.csv"))
+        metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history)
+        metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall,
+                       trainable_params=trainable, non_trainable_params=frozen,
+                       backend=keras.config.backend(), epochs=len(history.get("epoch", [])))
+        write_json(os.path.join(stage_dir, "metrics.json"), metrics)
+        save_model(model, os.path.join(stage_dir, "model.keras"))
+        results[strategy] = metrics
+        _log(f"  {strategy:8s} test accuracy {metrics['accuracy']:.4f}  macro-F1 "
+             f"{metrics['macro']['f1']:.4f}  ({wall:.1f} s)", echo)
+    from keras_transfer.report import write_finetune_report
+
+    write_finetune_report(cfg, run_dir, ds, splits, results)
+    return results
+
+
+def _spec_name_of(backbone, configured):
+    """The registered name of a loaded backbone: the configured one when its blocks fit."""
+    names = {layer.name for layer in backbone.layers}
+    spec = get_spec(configured)
+    if any(n.startswith(spec.blocks[-1]) for n in names):
+        return configured
+    from keras_transfer.models import list_models
+
+    for name in list_models():
+        if any(n.startswith(get_spec(name).blocks[-1]) for n in names):
+            return name
+    raise ConfigError(f"Cannot tell which registered model the pretrained backbone is. Received "
+                      f"layers: {sorted(names)[:5]}...")
+
+
+def augmentation_preview(cfg, path, n_images=4, n_samples=6):
+    """Save a grid of augmented samples of the target data (the model's own layers)."""
+    ds = load_dataset(cfg.data.target, cfg.data.data_dir)
+    layers = _augment(cfg.data, ds, cfg.seed)
+    x = ds.x_train[:n_images]
+    outs = []
+    for _ in range(n_samples):
+        y = keras.ops.convert_to_tensor(x.astype("float32"))
+        for layer in layers:
+            y = layer(y, training=True)
+        outs.append(np.asarray(keras.ops.convert_to_numpy(y)))
+    plots.augmentation_figure(x, np.stack(outs, 1), path,
+                              title=f"Augmentation preview: preset '{cfg.data.augment}' on {ds.name}")

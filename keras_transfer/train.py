@@ -1,0 +1,204 @@
+"""Compile and fit: optimizers, schedules, losses, callbacks, checkpoints and resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+
+import numpy as np
+
+import keras
+from keras import ops
+
+from keras_transfer.errors import ConfigError
+from keras_transfer.io import save_model
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Cross-entropy on integer labels and logits, with label smoothing."""
+
+    def __init__(self, label_smoothing=0.0, name="sparse_smoothed_ce", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        n = ops.shape(y_pred)[-1]
+        onehot = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n, dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(onehot, y_pred, from_logits=True,
+                                                     label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def set_precision(precision):
+    """Set the global dtype policy before building models."""
+    allowed = ("float32", "mixed_bfloat16", "mixed_float16")
+    if precision not in allowed:
+        raise ConfigError(f"Unknown precision: expected one of {allowed}. Received: {precision!r}")
+    keras.config.set_dtype_policy(precision)
+
+
+def learning_rate(cfg, steps_per_epoch):
+    if cfg.schedule == "cosine":
+        total = max(1, cfg.epochs * steps_per_epoch)
+        warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+        if warmup:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, total - warmup, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warmup)
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total)
+    if cfg.schedule in ("plateau", "constant"):
+        return cfg.learning_rate
+    raise ConfigError(f"Unknown schedule: expected cosine, plateau or constant. Received: {cfg.schedule!r}")
+
+
+def make_optimizer(cfg, steps_per_epoch):
+    lr = learning_rate(cfg, steps_per_epoch)
+    wd = cfg.weight_decay or None
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr, weight_decay=wd)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"Unknown optimizer: expected sgd, adam or adamw. Received: {cfg.optimizer!r}")
+
+
+def compile_model(model, cfg, steps_per_epoch):
+    """Compile (or recompile, after a change of ``trainable``) with the recipe ``cfg``."""
+    jit = cfg.jit_compile
+    if jit == "auto":
+        # torch.compile costs minutes per model on a CPU; XLA pays off on JAX and TF.
+        jit = keras.config.backend() != "torch"
+    model.compile(
+        optimizer=make_optimizer(cfg, steps_per_epoch),
+        loss=SparseSmoothedCrossentropy(cfg.label_smoothing),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=bool(jit),
+        steps_per_execution=cfg.steps_per_execution,
+    )
+    return model
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_time`` (seconds) to the logs of each epoch."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_time"] = time.perf_counter() - self._t
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Save ``last.keras`` every epoch and ``best.keras`` on a better ``monitor`` value.
+
+    Each file is written to a temp name and renamed, so a crash never leaves a
+    half-written checkpoint. ``last.keras`` holds the optimizer state (for resume).
+    """
+
+    def __init__(self, directory, monitor="val_accuracy"):
+        super().__init__()
+        self.directory, self.monitor = directory, monitor
+        self.best = -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_model(self.model, os.path.join(self.directory, "last.keras"))
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value > self.best:
+            self.best = value
+            save_model(self.model, os.path.join(self.directory, "best.keras"))
+
+
+class SeedState(keras.callbacks.Callback):
+    """Saves the random-generator states of the model (dropout, augmentation) each epoch.
+
+    ``.keras`` files do not hold `keras.random.SeedGenerator` states; restoring them
+    on resume makes a resumed run draw the same masks as an uninterrupted one.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    @staticmethod
+    def states(model):
+        seen, out = set(), []
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            for sg in getattr(layer, "_seed_generators", []):
+                if id(sg) not in seen:
+                    seen.add(id(sg))
+                    out.append(sg.state)
+        return out
+
+    def on_epoch_end(self, epoch, logs=None):
+        import io
+
+        from keras_transfer.io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, *[keras.ops.convert_to_numpy(s.value) for s in self.states(self.model)])
+        atomic_write_bytes(self.path, buf.getvalue())
+
+    @classmethod
+    def restore(cls, model, path):
+        if not os.path.exists(path):
+            return
+        with np.load(path) as f:
+            values = [f[f"arr_{i}"] for i in range(len(f.files))]
+        for var, value in zip(cls.states(model), values):
+            var.assign(value)
+
+
+def read_history(path):
+    """Rows of a CSVLogger file as a dict of lists (floats)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for r in rows:
+        for k, v in r.items():
+            out.setdefault(k, []).append(float(v) if v not in ("", None) else float("nan"))
+    return out
+
+
+def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose=0, extra_callbacks=()):
+    """Fit with checkpoints, CSV history and the recipe's callbacks.
+
+    Args:
+        model: compiled keras.Model.
+        train, val: inputs for ``fit`` (see `keras_transfer.data.pipeline.make_input`).
+        cfg: TrainConfig.
+        stage_dir: str. Receives ``history.csv``, ``checkpoints/{last,best}.keras``.
+        initial_epoch: int. Epoch to start from (resume or gradual phases).
+        epochs: int or None. Epoch to stop at (default ``cfg.epochs``).
+    """
+    os.makedirs(stage_dir, exist_ok=True)
+    ckpt = os.path.join(stage_dir, "checkpoints")
+    callbacks = [EpochTimer(), AtomicCheckpoint(ckpt), SeedState(os.path.join(ckpt, "rng.npz")),
+                 keras.callbacks.CSVLogger(os.path.join(stage_dir, "history.csv"), append=initial_epoch > 0),
+                 *extra_callbacks]
+    if cfg.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6))
+    if cfg.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=cfg.early_stopping,
+                                                       mode="max", restore_best_weights=True))
+    # CSVLogger must see epoch_time: it is filled by EpochTimer, which runs first.
+    return model.fit(train, validation_data=val, epochs=epochs or cfg.epochs, initial_epoch=initial_epoch,
+                     callbacks=callbacks, verbose=verbose)
+
+
+def resume_state(stage_dir):
+    """``(model, next_epoch)`` from a stage's ``checkpoints/last.keras`` and ``history.csv``."""
+    last = os.path.join(stage_dir, "checkpoints", "last.keras")
+    if not os.path.exists(last):
+        raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
+    model = keras.saving.load_model(last)
+    SeedState.restore(model, os.path.join(stage_dir, "checkpoints", "rng.npz"))
+    history = read_history(os.path.join(stage_dir, "history.csv"))
+    return model, len(history.get("epoch", []))

@@ -1,0 +1,94 @@
+"""Transfer strategies, expressed as which named blocks of the backbone train.
+
+BatchNorm (and the residual CNN's spatial dropout) in a frozen block run in
+inference mode: Keras 3 runs a BatchNormalization whose ``trainable`` is False
+with its moving statistics. Keras fixes the set of trainable variables at
+``compile()`` on every backend, so callers must recompile after `apply_strategy`
+(`keras_transfer.train.compile_model` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from keras_transfer.errors import ConfigError
+from keras_transfer.models import get_spec
+
+STRATEGIES = ("scratch", "linear", "partial", "full", "gradual")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """Which strategies to run and how.
+
+    Attributes:
+        strategies: tuple of str. Any of `STRATEGIES`.
+        freeze_until: str or None. ``partial``: freeze blocks up to and including this one.
+        train_last_k: int. ``partial`` when ``freeze_until`` is None: train the last k blocks.
+        gradual_phases: int. ``gradual``: phases after the head-only one; each unfreezes
+            one more block from the top.
+        channel_mode: str. ``repeat`` (grey repeated to RGB) or ``conv`` (first conv
+            summed over its RGB inputs so the backbone takes 1 channel).
+    """
+
+    strategies: tuple = ("scratch", "linear", "partial", "full")
+    freeze_until: str | None = None
+    train_last_k: int = 1
+    gradual_phases: int = 2
+    channel_mode: str = "repeat"
+
+
+def backbone_of(model):
+    return model.get_layer("backbone")
+
+
+def trainable_blocks(spec_name, strategy, freeze_until=None, train_last_k=1):
+    """The set of backbone blocks that train under ``strategy``."""
+    blocks = get_spec(spec_name).blocks
+    if strategy in ("scratch", "full"):
+        return set(blocks)
+    if strategy == "linear":
+        return set()
+    if strategy == "partial":
+        if freeze_until is not None:
+            if freeze_until not in blocks:
+                raise ConfigError(f"Unknown block for freeze_until: expected one of {list(blocks)}. "
+                                  f"Received: {freeze_until!r}")
+            return set(blocks[blocks.index(freeze_until) + 1:])
+        if not 0 < train_last_k <= len(blocks):
+            raise ConfigError(f"train_last_k must be in 1..{len(blocks)}. Received: {train_last_k}")
+        return set(blocks[-train_last_k:])
+    raise ConfigError(f"Unknown strategy: expected one of {STRATEGIES}. Received: {strategy!r}")
+
+
+def set_trainable_blocks(model, spec_name, train_blocks):
+    """Freeze every backbone layer outside ``train_blocks``; everything else trains."""
+    spec = get_spec(spec_name)
+    model.trainable = True
+    backbone = backbone_of(model)
+    for layer_name, block in spec.layer_blocks(backbone).items():
+        backbone.get_layer(layer_name).trainable = block in train_blocks
+    return model
+
+
+def apply_strategy(model, spec_name, strategy, freeze_until=None, train_last_k=1):
+    """Set ``trainable`` flags for a strategy (``gradual`` starts head-only). Recompile after."""
+    if strategy == "gradual":
+        return set_trainable_blocks(model, spec_name, set())
+    return set_trainable_blocks(model, spec_name,
+                                trainable_blocks(spec_name, strategy, freeze_until, train_last_k))
+
+
+def gradual_schedule(spec_name, phases):
+    """Trainable block sets for gradual unfreezing: head only, then one more block per phase."""
+    blocks = get_spec(spec_name).blocks
+    return [set(blocks[len(blocks) - k:]) if k else set() for k in range(min(phases, len(blocks)) + 1)]
+
+
+def parameter_counts(model):
+    """``(trainable, non_trainable)`` parameter counts of a model."""
+    trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
+    frozen = int(sum(np.prod(v.shape) for v in model.non_trainable_weights))
+    return trainable, frozen
