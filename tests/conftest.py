@@ -1,0 +1,40 @@
+import os
+
+import numpy as np
+import pytest
+
+SHARED_DATA = os.environ.get("KTRANSFER_SHARED_DATA") or os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    import keras
+
+    keras.config.set_dtype_policy("float32")
+    yield
+    keras.backend.clear_session()
+
+
+@pytest.fixture
+def digits_npz(tmp_path):
+    """A small real dataset (scikit-learn digits, 8x8) as an npz file."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * 255 / 16).astype(np.uint8)[..., None]
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=x[:400], y=d.target[:400], class_names=np.array([str(i) for i in range(10)]))
+    return str(path)
+
+
+def tiny_model(image_shape=(8, 8, 1), num_classes=10, augment=(), channels=None, widths=(4, 8, 8)):
+    from keras_transfer.models import build_classifier, create_backbone
+
+    backbone = create_backbone("resnet", 8, channels or image_shape[-1], widths=widths)
+    return build_classifier(backbone, "resnet", image_shape, num_classes, augment=augment, head_hidden=8)
+
+
+def tiny_data(n=32, shape=(8, 8, 1), k=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, k, n)

@@ -1,0 +1,100 @@
+import json
+import os
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from keras_transfer.cli import main
+
+TINY = {"model": {"input_size": 8, "widths": [4, 8, 8], "head_hidden": 8},
+        "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
+        "data": {"batch_size": 32, "per_class": 3, "augment": "mild"}}
+
+
+@pytest.fixture
+def tiny_config(tmp_path, digits_npz):
+    cfg = {**TINY, "data": {**TINY["data"], "source": f"npz:{digits_npz}", "target": f"npz:{digits_npz}"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
+    pre = str(tmp_path / "pre")
+    r = invoke("pretrain", "--config", tiny_config, "--out", pre)
+    assert r.exit_code == 0, r.output
+    assert {"model.keras", "metrics.json", "history.csv", "config.yaml", "confusion_matrix.png"} <= set(os.listdir(pre))
+
+    ft = str(tmp_path / "ft")
+    r = invoke("finetune", "--config", tiny_config, "--pretrained", pre, "--out", ft,
+               "--strategies", "scratch,linear,partial,full,gradual", "--finetune-epochs", "2")
+    assert r.exit_code == 0, r.output
+    summary = json.load(open(os.path.join(ft, "summary.json")))
+    assert set(summary["strategies"]) == {"scratch", "linear", "partial", "full", "gradual"}
+    s = summary["strategies"]
+    assert s["linear"]["trainable_params"] < s["partial"]["trainable_params"] < s["full"]["trainable_params"]
+    for f in ("report.md", "report.html", "comparison.png", "curves.png", "config.yaml", "augmentation.png"):
+        assert os.path.exists(os.path.join(ft, f)), f
+    assert "data:image/png;base64" in open(os.path.join(ft, "report.html")).read()
+    resolved = yaml.safe_load(open(os.path.join(ft, "config.yaml")))
+    assert resolved["finetune"]["epochs"] == 2 and resolved["model"]["widths"] == [4, 8, 8]  # flag beat file
+    for st in s:
+        d = os.path.join(ft, "strategies", st)
+        assert {"history.csv", "metrics.json", "model.keras", "confusion_matrix.png", "misclassified.png"} <= set(os.listdir(d))
+
+    r = invoke("evaluate", ft)
+    assert r.exit_code == 0, r.output
+    assert "macro avg" in r.output
+
+    r = invoke("gradcam", ft, "-n", "4", "--out", str(tmp_path / "cam.png"))
+    assert r.exit_code == 0, r.output and os.path.exists(tmp_path / "cam.png")
+
+    r = invoke("compare", ft, pre, "--out", str(tmp_path / "cmp"))
+    assert r.exit_code == 0, r.output
+    assert os.path.exists(tmp_path / "cmp" / "report.html")
+
+
+def test_existing_run_directory_is_refused_and_kept(tmp_path, tiny_config):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    r = CliRunner().invoke(main, ["pretrain", "--config", tiny_config, "--out", str(out)])
+    assert r.exit_code == 2
+    assert "exists and is not empty" in r.output and "Received" in r.output
+    assert (out / "precious.txt").read_text() == "keep me" and os.listdir(out) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["pretrain", "--source", "imagenet21k"], "Unknown dataset"),
+    (["pretrain", "--model", "vgg16"], "Unknown model"),
+    (["finetune", "--strategies", "magic"], "Unknown strategy"),
+    (["pretrain", "--config", "/nonexistent/run.yaml"], "Expected an existing YAML"),
+    (["evaluate", "/nonexistent/run"], "Expected a .keras file or a run directory"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
+    r = CliRunner().invoke(main, args + (["--out", str(tmp_path / "o")] if args[0] != "evaluate" else []))
+    assert r.exit_code == 2, r.output
+    err = r.output.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "Received" in err[0]
+
+
+def test_class_count_mismatch_on_evaluate(tmp_path, tiny_config):
+    pre = str(tmp_path / "pre")
+    assert invoke("pretrain", "--config", tiny_config, "--out", pre).exit_code == 0
+    r = CliRunner().invoke(main, ["evaluate", os.path.join(pre, "model.keras"), "--dataset", "mnist_5k"])
+    assert r.exit_code == 2 and "Shape mismatch" in r.output
+
+
+def test_listing_commands():
+    r = invoke("datasets")
+    assert r.exit_code == 0 and "emnist_letters" in r.output and "mnist_5k" in r.output
+    r = invoke("info")
+    assert r.exit_code == 0 and "backend" in r.output
+    for cmd in ("pretrain", "finetune", "evaluate", "gradcam", "compare", "datasets", "models", "info"):
+        r = invoke(cmd, "--help")
+        assert r.exit_code == 0 and "Usage" in r.output

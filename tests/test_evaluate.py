@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from keras_transfer.evaluate import classification_metrics, format_table
+from keras_transfer.report import aggregate
+
+
+def test_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    probs = rng.random((200, 4))
+    probs[np.arange(100), y[:100]] += 1.0  # half of them right
+    names = ["a", "b", "c", "d"]
+    m = classification_metrics(y, probs, names, top_k=(1, 2, 5))
+    pred = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["top_k"] == {"2": pytest.approx(skm.top_k_accuracy_score(y, probs, k=2))}
+    p, r, f, s = skm.precision_recall_fscore_support(y, pred)
+    for i, row in enumerate(m["per_class"]):
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
+    assert m["macro"]["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["weighted"]["f1"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+    assert np.allclose(np.sum(m["confusion_matrix_normalized"], 1), 1, atol=1e-3)
+    assert "macro avg" in format_table(m)
+
+
+def test_figures_are_valid_pngs(tmp_path):
+    from PIL import Image
+
+    from keras_transfer import plots
+
+    names = [str(i) for i in range(10)]
+    cm = np.eye(10, dtype=int) * 5 + 1
+    plots.confusion_matrix_figure(cm, names, str(tmp_path / "cm.png"))
+    plots.curves_figure({"full": {"loss": [1, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8],
+                                  "val_accuracy": [0.4, 0.7]}}, str(tmp_path / "curves.png"))
+    x = np.random.default_rng(0).integers(0, 255, (12, 8, 8, 1), dtype=np.uint8)
+    probs = np.random.default_rng(1).random((12, 10))
+    plots.misclassified_figure(x, np.zeros(12, int), probs, names, str(tmp_path / "mis.png"))
+    plots.comparison_figure([{"label": "a", "accuracy": 0.5, "macro_f1": 0.4, "wall_time": 3, "trainable_params": 10}],
+                            str(tmp_path / "cmp.png"))
+    for name in ("cm", "curves", "mis", "cmp"):
+        with Image.open(tmp_path / f"{name}.png") as im:
+            im.verify()
+        with Image.open(tmp_path / f"{name}.png") as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+
+
+def test_compare_mean_and_std():
+    rows = [{"strategy": "full", "model": "resnet", "backend": "jax", "accuracy": a, "macro_f1": a - 0.1,
+             "wall_time": 10.0, "trainable_params": 5} for a in (0.8, 0.9, 1.0)]
+    rows.append({"strategy": "linear", "model": "resnet", "backend": "jax", "accuracy": 0.5, "macro_f1": 0.4,
+                 "wall_time": 2.0, "trainable_params": 1})
+    agg = {a["strategy"]: a for a in aggregate(rows)}
+    assert agg["full"]["n"] == 3
+    assert agg["full"]["accuracy"] == pytest.approx(0.9)
+    assert agg["full"]["accuracy_std"] == pytest.approx(0.1)  # sample std of 0.8, 0.9, 1.0
+    assert agg["linear"]["accuracy_std"] == 0.0

@@ -1,0 +1,89 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_transfer.errors import ConfigError
+from keras_transfer.models import copy_backbone, create_backbone, get_spec, list_models
+
+
+def test_registry_lists_the_models():
+    assert {"resnet", "efficientnet_b0", "mobilenet_v2", "resnet50"} <= set(list_models())
+    with pytest.raises(ConfigError, match="Unknown model.*Received: 'vgg'"):
+        get_spec("vgg")
+
+
+def test_seed_resnet_has_the_seed_parameter_count():
+    from keras_transfer.models import build_classifier
+
+    bb = create_backbone("resnet", 32, 3)
+    model = build_classifier(bb, "resnet", (32, 32, 3), 10, head_hidden=256)
+    assert model.count_params() - 2 * 3 == 1_296_074 - 6  # 1.29 M as in the CIFAR-10 seed
+    spec = get_spec("resnet")
+    blocks = set(spec.layer_blocks(bb).values())
+    assert blocks == set(spec.blocks)
+
+
+@pytest.mark.parametrize("name", ["resnet", "efficientnet_b0", "mobilenet_v2", "resnet50"])
+def test_every_model_builds_and_maps_layers_to_blocks(name):
+    spec = get_spec(name)
+    bb = create_backbone(name, 32)
+    assert bb.output.shape[0] is None and len(bb.output.shape) == 2
+    assigned = spec.layer_blocks(bb)
+    assert set(assigned.values()) == set(spec.blocks), "every block owns at least one layer"
+    assert bb.get_layer(spec.gradcam_layer) is not None
+
+
+def test_efficientnet_builds_at_224():
+    bb = create_backbone("efficientnet_b0", 224)
+    assert bb.input.shape[1:] == (224, 224, 3) and bb.output.shape[-1] == 1280
+    with pytest.raises(ConfigError, match="at least 32"):
+        create_backbone("efficientnet_b0", 16)
+
+
+def test_imagenet_weights_offline_give_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty weights cache
+    import keras.src.utils.file_utils as fu
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(fu.urllib.request, "urlretrieve", offline)
+    with pytest.raises(ConfigError) as e:
+        create_backbone("efficientnet_b0", 32, weights="imagenet")
+    assert "efficientnetb0_notop.h5" in str(e.value) and "--weights PATH" in str(e.value)
+
+
+def test_local_weights_file_loads(tmp_path):
+    src = create_backbone("efficientnet_b0", 32)
+    path = str(tmp_path / "effnet.weights.h5")
+    src.save_weights(path)
+    loaded = create_backbone("efficientnet_b0", 32, weights=path)
+    for a, b in zip(src.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_backbone("efficientnet_b0", 32, weights=str(tmp_path / "missing.h5"))
+
+
+def test_channel_averaged_conv_on_grey_equals_rgb_conv_on_repeated_grey():
+    rgb = create_backbone("resnet", 8, 3, widths=(4, 8, 8))
+    grey = copy_backbone(rgb, channels=1)
+    assert grey.input.shape[-1] == 1
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype("float32")
+    conv_rgb = keras.Model(rgb.input, rgb.get_layer("stem_conv").output)
+    conv_grey = keras.Model(grey.input, grey.get_layer("stem_conv").output)
+    np.testing.assert_allclose(conv_grey.predict(x, verbose=0),
+                               conv_rgb.predict(np.repeat(x, 3, -1), verbose=0), rtol=1e-4, atol=1e-5)
+    # all other weights are copied unchanged
+    np.testing.assert_array_equal(grey.get_layer("stage3_block1_2_conv").get_weights()[0],
+                                  rgb.get_layer("stage3_block1_2_conv").get_weights()[0])
+
+
+def test_residual_knobs():
+    bb = create_backbone("resnet", 16, 1, widths=(8, 16), blocks_per_stage=2, batch_norm=False, dropout=0.0,
+                         pooling="flatten")
+    names = {layer.name for layer in bb.layers}
+    assert "stage2_block2_out" in names and not any("bn" in n or "drop" in n for n in names)
+    assert bb.output.shape[-1] == 8 * 8 * 16
+    assert os.environ.get("KERAS_BACKEND") == keras.config.backend()

@@ -1,0 +1,65 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_transfer.data.pipeline import ArrayBatches, choose_input_path
+from tests.conftest import tiny_data
+
+
+def test_array_batches_cover_each_epoch_and_are_seeded():
+    x, y = tiny_data(50)
+    b = ArrayBatches(x, y, 16, shuffle=True, seed=1)
+    seen = np.concatenate([b[i][1] for i in range(len(b))])
+    assert len(b) == 4 and sorted(seen.tolist()) == sorted(y.tolist())
+    first = [b[i][0].copy() for i in range(len(b))]
+    b.on_epoch_end()
+    second = [b[i][0] for i in range(len(b))]
+    assert any(not np.array_equal(a, c) for a, c in zip(first, second))
+    resumed = ArrayBatches(x, y, 16, shuffle=True, seed=1, initial_epoch=1)
+    for i in range(len(b)):
+        np.testing.assert_array_equal(resumed[i][0], second[i])
+
+
+def test_memory_and_tfdata_paths_give_identical_batches():
+    pytest.importorskip("tensorflow")
+    from keras_transfer.data.pipeline import tf_dataset
+
+    x, y = tiny_data(40)
+    mem = ArrayBatches(x, y, 16, shuffle=False)
+    tfd = list(tf_dataset(x, y, 16, shuffle=False).as_numpy_iterator())
+    assert len(tfd) == len(mem)
+    for i, (xb, yb) in enumerate(tfd):
+        np.testing.assert_array_equal(xb, mem[i][0])
+        np.testing.assert_array_equal(yb, mem[i][1])
+        assert xb.dtype == np.uint8
+
+
+def test_auto_path_prefers_memory_for_small_arrays():
+    x, _ = tiny_data(4)
+    assert choose_input_path(x) == "memory"
+    assert choose_input_path(x, "tfdata") == "tfdata"
+
+
+def test_in_memory_training_never_imports_tensorflow():
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend == "tensorflow":
+        pytest.skip("the TensorFlow backend imports TensorFlow by definition")
+    code = (
+        "import sys\n"
+        "from tests.conftest import tiny_model, tiny_data\n"
+        "from keras_transfer.data.pipeline import make_input\n"
+        "from keras_transfer.data.augment import augmentation_layers\n"
+        "import keras\n"
+        "m = tiny_model(augment=augmentation_layers('strong', 1, flips=False))\n"
+        "m.compile('adam', keras.losses.SparseCategoricalCrossentropy(from_logits=True))\n"
+        "x, y = tiny_data(16)\n"
+        "m.fit(make_input(x, y, 8, True), epochs=1, verbose=0)\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+        "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "KERAS_BACKEND": backend}, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -1,0 +1,87 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_transfer.train import compile_model
+from keras_transfer.transfer import (apply_strategy, gradual_schedule, parameter_counts, set_trainable_blocks,
+                                     trainable_blocks)
+from keras_transfer.config import TrainConfig
+from tests.conftest import tiny_data, tiny_model
+
+
+def snapshot(model):
+    bb = model.get_layer("backbone")
+    return {f"{layer.name}/{v.path}": keras.ops.convert_to_numpy(v).copy()
+            for layer in bb.layers for v in layer.weights}
+
+
+def train_step(model):
+    compile_model(model, TrainConfig(epochs=1, optimizer="sgd", learning_rate=0.5, weight_decay=0.0,
+                                     schedule="constant"), 2)
+    x, y = tiny_data(16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("strategy,frozen_blocks", [
+    ("linear", {"stem", "stage1_block1", "stage2_block1", "stage3_block1"}),
+    ("partial", {"stem", "stage1_block1", "stage2_block1"}),
+])
+def test_frozen_weights_and_bn_statistics_do_not_move(strategy, frozen_blocks):
+    from keras_transfer.models import get_spec
+
+    model = tiny_model()
+    apply_strategy(model, "resnet", strategy, train_last_k=1)
+    before = snapshot(model)
+    train_step(model)
+    after = snapshot(model)
+    blocks = get_spec("resnet").layer_blocks(model.get_layer("backbone"))
+    moving = [k for k in before if "moving" in k]
+    assert moving, "the tiny model has BatchNorm moving statistics"
+    changed_trainable = 0
+    for key in before:
+        block = blocks[key.split("/")[0]]
+        if block in frozen_blocks:
+            np.testing.assert_array_equal(before[key], after[key], err_msg=f"{key} changed while frozen")
+        elif not np.array_equal(before[key], after[key]):
+            changed_trainable += 1
+    if strategy == "partial":
+        assert changed_trainable > 0, "trainable block weights should change"
+    head = model.get_layer("head_logits")
+    assert head.trainable
+
+
+def test_trainable_parameter_counts_match_the_strategy():
+    model = tiny_model()
+    counts = {}
+    for s in ("full", "linear", "partial"):
+        apply_strategy(model, "resnet", s)
+        counts[s] = parameter_counts(model)
+    total = sum(counts["full"])
+    assert all(sum(c) == total for c in counts.values())
+    head = sum(int(np.prod(w.shape)) for name in ("head_dense", "head_logits")
+               for w in model.get_layer(name).trainable_weights)
+    assert counts["linear"][0] == head
+    bb = model.get_layer("backbone")
+    last = sum(int(np.prod(w.shape)) for layer in bb.layers if layer.name.startswith("stage3_block1")
+               for w in layer.weights if "moving" not in w.path)
+    assert counts["partial"][0] == head + last
+    assert counts["linear"][0] < counts["partial"][0] < counts["full"][0]
+
+
+def test_recompile_picks_up_the_new_trainable_set():
+    model = tiny_model()
+    apply_strategy(model, "resnet", "linear")
+    train_step(model)
+    n_linear = len(model.optimizer.variables)
+    set_trainable_blocks(model, "resnet", {"stage3_block1"})
+    before = snapshot(model)
+    train_step(model)
+    after = snapshot(model)
+    assert len(model.optimizer.variables) > n_linear
+    assert any(not np.array_equal(before[k], after[k]) for k in before if k.startswith("stage3_block1_2_conv"))
+
+
+def test_partial_by_name_and_gradual_schedule():
+    assert trainable_blocks("resnet", "partial", freeze_until="stage1_block1") == {"stage2_block1", "stage3_block1"}
+    phases = gradual_schedule("resnet", 2)
+    assert phases == [set(), {"stage3_block1"}, {"stage2_block1", "stage3_block1"}]
