@@ -204,10 +204,10 @@ def _model_and_dataset(target, dataset):
         if dataset is None:
             raise KTransferError(f"Evaluating a .keras file needs --dataset. Received: {target} alone")
         return target, dataset
-    for rel, key in (("model.keras", "source"), ("pretrain/model.keras", "source")):
-        if os.path.isfile(os.path.join(target, rel)):
-            break
-    else:
+    # A pretrain run (or a finetune run's pretrain/) is evaluated on the source dataset.
+    rel, key = next(((r, "source") for r in ("model.keras", "pretrain/model.keras")
+                     if os.path.isfile(os.path.join(target, r))), (None, None))
+    if rel is None or _best_strategy(target) is not None:
         best = _best_strategy(target)
         if best is None:
             raise KTransferError(f"Expected a .keras file or a run directory with a model. Received: {target}")
@@ -326,6 +326,46 @@ def models(size):
                    f"{s.min_size}, default {s.default_size}, values {s.value_range}; blocks: "
                    f"{', '.join(s.blocks[:4])}{' ...' if len(s.blocks) > 4 else ''} {s.blocks[-1]}")
         click.echo(f"{'':16s} {s.description}")
+
+
+@main.command()
+@click.option("--model", "models_", default="resnet", show_default=True,
+              help="Comma list of models (resnet at 32x32, efficientnet_b0 at 224x224 by default).")
+@click.option("--size", type=int, help="Input side (default: 32 for resnet, the model's default otherwise).")
+@click.option("--strategies", default="linear,partial,full", show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True, help="Timed steps after compilation.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32",
+              show_default=True)
+@click.option("--augment", type=click.Choice(["none", "mild", "strong"]), default="none", show_default=True)
+@click.option("--jit/--no-jit", default=True, show_default=True)
+@click.option("--out", type=click.Path(), default="benchmarks", show_default=True)
+@_fail_cleanly
+def bench(models_, size, strategies, batch_size, steps, precision, augment, jit, out):
+    """Training throughput (img/s), step time, compile time, peak memory: ours vs plain Keras.
+
+    Writes benchmarks/bench-<backend>-<time>.json and .md with hardware, versions and date.
+    """
+    import time as _time
+
+    from keras_transfer import bench as bench_lib
+    from keras_transfer.io import atomic_write_text, write_json
+    from keras_transfer.models import get_spec
+
+    rows = []
+    for name in models_.split(","):
+        side = size or (32 if name == "resnet" else get_spec(name).default_size)
+        for strategy in strategies.split(","):
+            r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment, jit=jit)
+            rows.append(r)
+            click.echo(f"{name} {side} {strategy:8s} ours {r['ours']['img_per_s']:9.1f} img/s  plain "
+                       f"{r['plain_keras']['img_per_s']:9.1f} img/s  ratio {r['ratio_ours_over_plain']:.3f}  "
+                       f"compile {r['ours']['compile_s']:.1f} s")
+    env = bench_lib.environment()
+    stem = os.path.join(out, f"bench-{env['backend']}-{_time.strftime('%Y%m%d-%H%M%S')}")
+    write_json(stem + ".json", {"environment": env, "rows": rows})
+    atomic_write_text(stem + ".md", bench_lib.markdown_table(env, rows))
+    click.echo(f"wrote {stem}.json and .md")
 
 
 @main.command()

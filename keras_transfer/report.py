@@ -6,9 +6,8 @@ import base64
 import os
 import re
 
-import numpy as np
-
 import keras
+import numpy as np
 
 from keras_transfer import plots
 from keras_transfer.config import to_dict

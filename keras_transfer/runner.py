@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-
 import keras
+import numpy as np
 
 from keras_transfer import plots
 from keras_transfer.data import load_dataset, train_val_test
@@ -18,8 +17,7 @@ from keras_transfer.evaluate import evaluate_model
 from keras_transfer.io import read_json, save_model, write_json
 from keras_transfer.models import build_classifier, channel_stats, copy_backbone, create_backbone, get_spec
 from keras_transfer.train import compile_model, fit, read_history, resume_state, set_precision
-from keras_transfer.transfer import (STRATEGIES, apply_strategy, gradual_schedule, parameter_counts,
-                                     set_trainable_blocks)
+from keras_transfer.transfer import STRATEGIES, apply_strategy, gradual_schedule, parameter_counts, set_trainable_blocks
 
 NO_FLIP = {"mnist", "mnist_5k", "digits", "emnist_letters"}
 

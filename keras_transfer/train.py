@@ -7,9 +7,8 @@ import math
 import os
 import time
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
 
 from keras_transfer.errors import ConfigError

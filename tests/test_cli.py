@@ -45,7 +45,8 @@ def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
     assert resolved["finetune"]["epochs"] == 2 and resolved["model"]["widths"] == [4, 8, 8]  # flag beat file
     for st in s:
         d = os.path.join(ft, "strategies", st)
-        assert {"history.csv", "metrics.json", "model.keras", "confusion_matrix.png", "misclassified.png"} <= set(os.listdir(d))
+        expected = {"history.csv", "metrics.json", "model.keras", "confusion_matrix.png", "misclassified.png"}
+        assert expected <= set(os.listdir(d))
 
     r = invoke("evaluate", ft)
     assert r.exit_code == 0, r.output

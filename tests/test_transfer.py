@@ -2,10 +2,15 @@ import keras
 import numpy as np
 import pytest
 
-from keras_transfer.train import compile_model
-from keras_transfer.transfer import (apply_strategy, gradual_schedule, parameter_counts, set_trainable_blocks,
-                                     trainable_blocks)
 from keras_transfer.config import TrainConfig
+from keras_transfer.train import compile_model
+from keras_transfer.transfer import (
+    apply_strategy,
+    gradual_schedule,
+    parameter_counts,
+    set_trainable_blocks,
+    trainable_blocks,
+)
 from tests.conftest import tiny_data, tiny_model
 
 

@@ -162,6 +162,12 @@ def read_image_folder(root, channels=None):
     x = np.stack(imgs)
     if x.ndim == 3:
         x = x[..., None]
+    # Trees whose file names are indices unique across classes (STL-10 here) keep that order,
+    # which is the official one; others stay sorted by class then name.
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if all(s.isdigit() for s in stems) and len(set(stems)) == len(stems):
+        order = np.argsort([int(s) for s in stems], kind="stable")
+        x, labels = x[order], labels[order]
     return x, labels, classes
 
 

@@ -7,9 +7,8 @@ augmentation are layers inside the model. TensorFlow is imported only inside
 
 from __future__ import annotations
 
-import numpy as np
-
 import keras
+import numpy as np
 
 IN_MEMORY_LIMIT_BYTES = 2 << 30
 

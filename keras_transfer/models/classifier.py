@@ -8,9 +8,8 @@ file therefore takes raw pixels on every backend.
 
 from __future__ import annotations
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import layers, ops
 
 from keras_transfer.errors import ConfigError

@@ -129,7 +129,8 @@ register_model(ModelSpec(
     "mobilenet_v2",
     _applications_builder("MobileNetV2", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
     224, 32, 3, "-1-1",
-    ("Conv1", "expanded_conv") + tuple(f"block_{i}_" for i in range(1, 17)) + ("Conv_1",), "out_relu", "keras.applications MobileNetV2 (alpha 1.0)"))
+    ("Conv1", "expanded_conv") + tuple(f"block_{i}_" for i in range(1, 17)) + ("Conv_1",), "out_relu",
+    "keras.applications MobileNetV2 (alpha 1.0)"))
 register_model(ModelSpec(
     "resnet50", _applications_builder("ResNet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     224, 32, 3, "caffe", ("conv1", "conv2", "conv3", "conv4", "conv5"), "conv5_block3_out",
