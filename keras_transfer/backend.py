@@ -35,7 +35,8 @@ def value_and_grad(fn, x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = fn(x)
-        return y, tape.gradient(tf.reduce_sum(y), x)
+            total = tf.reduce_sum(y)  # inside the tape, or the gradient is None
+        return y, tape.gradient(total, x)
     if b == "jax":
         import jax
 

@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from keras_transfer.io import save_figure  # noqa: E402
@@ -112,15 +113,17 @@ def comparison_figure(rows, path, title="Strategy comparison"):
     labels = [r["label"] for r in rows]
     panels = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"),
               ("wall_time", "wall time (s)"), ("trainable_params", "trainable parameters")]
-    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 3.6), layout="constrained")
     colors = plt.cm.tab10.colors
     for ax, (key, name) in zip(axes, panels):
         vals = [r.get(key, np.nan) for r in rows]
         errs = [r.get(f"{key}_std", 0.0) for r in rows]
-        bars = ax.bar(range(len(rows)), vals, yerr=errs, color=colors[:len(rows)], capsize=3)
+        bars = ax.bar(range(len(rows)), vals, yerr=errs if any(errs) else None, color=colors[:len(rows)],
+                      capsize=3)
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
         ax.set_title(name)
-        ax.set_ylabel(name)
+        if key == "trainable_params":
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         for b, v in zip(bars, vals):
             txt = f"{v:.3f}" if key in ("accuracy", "macro_f1") else (f"{v:.1f}" if key == "wall_time"
                                                                       else f"{int(v):,}")

@@ -44,7 +44,7 @@ def _classifier(backbone, mcfg, ds, x_train, dcfg, seed):
     mean, std = channel_stats(x_train, channels)
     return build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
                             augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
-                            head_dropout=mcfg.head_dropout)
+                            head_dropout=mcfg.head_dropout, seed=seed)
 
 
 def _evaluate_and_plot(model, ds, splits, stage_dir, label, history):

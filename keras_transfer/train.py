@@ -120,9 +120,15 @@ class SeedState(keras.callbacks.Callback):
     on resume makes a resumed run draw the same masks as an uninterrupted one.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, restore=False):
         super().__init__()
-        self.path = path
+        self.path, self.restore_on_begin = path, restore
+
+    def on_train_begin(self, logs=None):
+        # Restored here, not at load time: Keras' first build of the train step (torch) draws
+        # from the generators before training starts.
+        if self.restore_on_begin:
+            self.restore(self.model, self.path)
 
     @staticmethod
     def states(model):
@@ -179,7 +185,7 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     """
     os.makedirs(stage_dir, exist_ok=True)
     ckpt = os.path.join(stage_dir, "checkpoints")
-    callbacks = [EpochTimer(), AtomicCheckpoint(ckpt), SeedState(os.path.join(ckpt, "rng.npz")),
+    callbacks = [EpochTimer(), AtomicCheckpoint(ckpt), SeedState(os.path.join(ckpt, "rng.npz"), initial_epoch > 0),
                  keras.callbacks.CSVLogger(os.path.join(stage_dir, "history.csv"), append=initial_epoch > 0),
                  *extra_callbacks]
     if cfg.schedule == "plateau":
@@ -188,8 +194,10 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
         callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=cfg.early_stopping,
                                                        mode="max", restore_best_weights=True))
     # CSVLogger must see epoch_time: it is filled by EpochTimer, which runs first.
+    # shuffle=False: the input (ArrayBatches, tf.data) shuffles itself, seeded per epoch; Keras' own
+    # batch-order shuffle on torch would draw from torch's global RNG and break resume equality.
     return model.fit(train, validation_data=val, epochs=epochs or cfg.epochs, initial_epoch=initial_epoch,
-                     callbacks=callbacks, verbose=verbose)
+                     callbacks=callbacks, verbose=verbose, shuffle=False)
 
 
 def resume_state(stage_dir):
@@ -197,7 +205,6 @@ def resume_state(stage_dir):
     last = os.path.join(stage_dir, "checkpoints", "last.keras")
     if not os.path.exists(last):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
-    model = keras.saving.load_model(last)
-    SeedState.restore(model, os.path.join(stage_dir, "checkpoints", "rng.npz"))
+    model = keras.saving.load_model(last)  # fit() restores the RNG states from checkpoints/rng.npz
     history = read_history(os.path.join(stage_dir, "history.csv"))
     return model, len(history.get("epoch", []))

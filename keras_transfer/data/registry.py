@@ -80,8 +80,8 @@ def _cifar10_reader(d):
         archive = os.path.join(d, "cifar-10-python.tar.gz")
         if not os.path.exists(archive):
             raise FileNotFoundError(archive)
-        formats.extract_archive(archive, os.path.join(d, "_official"))
-        root = os.path.join(d, "_official", "cifar-10-batches-py")
+        root = os.path.join(formats.extract_archive(archive, extraction_dir(archive, "cifar10")),
+                            "cifar-10-batches-py")
     x_tr, y_tr = formats.read_cifar10_batches([os.path.join(root, f"data_batch_{i}") for i in range(1, 6)])
     x_te, y_te = formats.read_cifar10_batches([os.path.join(root, "test_batch")])
     return x_tr, y_tr, x_te, y_te
@@ -95,8 +95,7 @@ def _stl10_reader(d):
         archive = os.path.join(d, "stl10_binary.tar.gz")
         if not os.path.exists(archive):
             raise FileNotFoundError("train_X.bin")
-        formats.extract_archive(archive, os.path.join(d, "_official"))
-        root = os.path.join(d, "_official", "stl10_binary")
+        root = os.path.join(formats.extract_archive(archive, extraction_dir(archive, "stl10")), "stl10_binary")
     x_tr, y_tr = formats.read_stl10_binary(os.path.join(root, "train_X.bin"), os.path.join(root, "train_y.bin"))
     x_te, y_te = formats.read_stl10_binary(os.path.join(root, "test_X.bin"), os.path.join(root, "test_y.bin"))
     return x_tr, y_tr, x_te, y_te
@@ -189,6 +188,22 @@ REGISTRY = {s.name: s for s in [
 _UNVERIFIED_DOWNLOADS = {"stl10", "emnist_letters"}
 
 
+def extraction_dir(archive, name):
+    """Where an archive is extracted: a cache folder of our own, never beside the archive.
+
+    The folder under ``$KTRANSFER_CACHE_DIR`` (default ``~/.cache/keras_transfer``) is keyed by the
+    archive's path, size and modification time, so a changed archive is extracted again and the
+    folder holding the archive (which may be shared or read-only) is never written to.
+    """
+    import hashlib
+
+    st = os.stat(archive)
+    key = hashlib.sha1(f"{os.path.abspath(archive)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = os.environ.get("KTRANSFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                  "keras_transfer")
+    return os.path.join(root, "extracted", f"{name}-{key}")
+
+
 def list_datasets():
     return sorted(REGISTRY)
 
@@ -209,8 +224,7 @@ def _prepared_layout(d, name):
                           + glob.glob(os.path.join(d, "*.zip")))
         if not archives:
             return None
-        cache = os.path.join(default_data_dir(), name, "_extracted") if not os.access(d, os.W_OK) \
-            else os.path.join(d, "_extracted")
+        cache = extraction_dir(archives[0], name)
         root = formats.extract_archive(archives[0], cache)
         # Archives may hold one top-level folder above train/ and test/.
         if not os.path.isdir(os.path.join(root, "train")):

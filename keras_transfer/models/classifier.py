@@ -77,7 +77,7 @@ def create_backbone(name, input_size=None, channels=None, weights=None, **option
 
 
 def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None, std=None,
-                     augment=(), head_hidden=256, head_dropout=0.2, name="classifier"):
+                     augment=(), head_hidden=256, head_dropout=0.2, seed=0, name="classifier"):
     """Assemble the classifier around ``backbone``.
 
     Args:
@@ -90,6 +90,9 @@ def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None
         augment: list of layers applied in training, on 0..255 floats.
         head_hidden: int. Units of the hidden head layer; 0 gives a linear head.
         head_dropout: float.
+        seed: int. Seed of the head's dropout. An explicit seed keeps its state in the model
+            (saved and restored on resume); with none, the torch backend draws from torch's
+            global RNG.
     """
     spec = get_spec(spec_name)
     h, w, c = backbone.input.shape[1:]
@@ -115,7 +118,7 @@ def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None
     x = backbone(x)
     if head_hidden:
         x = layers.Dense(head_hidden, activation="elu", name=HEAD_PREFIX + "dense")(x)
-        x = layers.Dropout(head_dropout, name=HEAD_PREFIX + "dropout")(x)
+        x = layers.Dropout(head_dropout, seed=seed, name=HEAD_PREFIX + "dropout")(x)
     outputs = layers.Dense(num_classes, dtype="float32", name=HEAD_PREFIX + "logits")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -140,6 +143,8 @@ def copy_backbone(backbone, channels=None, fresh=False):
         raise ConfigError(f"Channel adaptation by conv averaging goes to 1 channel. Received: {channels}")
     config = backbone.get_config()
     config["layers"][0]["config"]["batch_shape"] = (*config["layers"][0]["config"]["batch_shape"][:-1], 1)
+    for layer_config in config["layers"]:  # rebuild from the new input, not the recorded shapes
+        layer_config.pop("build_config", None)
     clone = keras.Model.from_config(config)
     if fresh:
         return clone

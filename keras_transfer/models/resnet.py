@@ -34,7 +34,8 @@ def residual_block(x, filters, stride, batch_norm=True, dropout=0.1, name="block
     y = _conv_bn(x, filters, 3, stride, batch_norm, f"{name}_1")
     y = layers.Activation("elu", name=f"{name}_1_elu")(y)
     if dropout:
-        y = FreezableSpatialDropout2D(dropout, name=f"{name}_drop")(y)
+        # An explicit seed keeps the generator state in the model (see build_classifier).
+        y = FreezableSpatialDropout2D(dropout, seed=sum(map(ord, name)), name=f"{name}_drop")(y)
     y = _conv_bn(y, filters, 3, 1, batch_norm, f"{name}_2")
     if stride != 1 or x.shape[-1] != filters:
         shortcut = _conv_bn(x, filters, 1, stride, batch_norm, f"{name}_proj")
