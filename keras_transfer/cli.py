@@ -132,9 +132,12 @@ def pretrain(config_path, **o):
 @click.option("--train-last-k", type=int, help="partial: train the last k blocks.")
 @click.option("--channel-mode", type=click.Choice(["repeat", "conv"]),
               help="Grey target on an RGB backbone: repeat to 3 channels, or sum the first conv's kernel.")
+@click.option("--cached-features/--no-cached-features", default=None,
+              help="linear: run the frozen backbone once and train the head on stored features.")
 @click.option("--preview/--no-preview", default=True, help="Write an augmentation preview figure.")
 @_fail_cleanly
-def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, channel_mode, preview, **o):
+def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, channel_mode, cached_features,
+             preview, **o):
     """Pretrain (unless --pretrained), fine-tune each strategy on the target, write a report.
 
     With no options it runs the embedded, offline default: the residual CNN pretrained on
@@ -144,7 +147,8 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
     from keras_transfer import runner
 
     transfer = {"strategies": tuple(strategies.split(",")) if strategies else None,
-                "freeze_until": freeze_until, "train_last_k": train_last_k, "channel_mode": channel_mode}
+                "freeze_until": freeze_until, "train_last_k": train_last_k, "channel_mode": channel_mode,
+                "cached_features": cached_features}
     cfg = _resolve(config_path, o, **transfer)
     run_dir, resume = _prepare_run("finetune", o)
     if resume:

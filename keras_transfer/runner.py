@@ -17,7 +17,15 @@ from keras_transfer.evaluate import evaluate_model
 from keras_transfer.io import read_json, save_model, write_json
 from keras_transfer.models import build_classifier, channel_stats, copy_backbone, create_backbone, get_spec
 from keras_transfer.train import compile_model, fit, read_history, resume_state, set_precision
-from keras_transfer.transfer import STRATEGIES, apply_strategy, gradual_schedule, parameter_counts, set_trainable_blocks
+from keras_transfer.transfer import (
+    STRATEGIES,
+    apply_strategy,
+    feature_extractor,
+    gradual_schedule,
+    head_model,
+    parameter_counts,
+    set_trainable_blocks,
+)
 
 NO_FLIP = {"mnist", "mnist_5k", "digits", "emnist_letters"}
 
@@ -91,6 +99,25 @@ def train_stage(model, spec_name, splits, tcfg, stage_dir, seed, input_path, bat
         fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, start),
             make_input(*splits["val"], batch_size, False, seed, input_path), tcfg, stage_dir,
             initial_epoch=start)
+    return model, time.perf_counter() - t0
+
+
+def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size):
+    """Linear probe on cached features: the frozen backbone runs once, the head trains on its output.
+
+    The head layers are shared with ``model``, so ``model`` holds the trained head afterwards.
+    Augmentation does not apply (features are computed once, in inference mode).
+
+    Returns:
+        ``(model, wall_seconds)``.
+    """
+    t0 = time.perf_counter()
+    extractor = feature_extractor(model)
+    feats = {k: extractor.predict(splits[k][0], batch_size=256, verbose=0) for k in ("train", "val")}
+    head = head_model(model)
+    compile_model(head, tcfg, -(-len(feats["train"]) // batch_size))
+    fit(head, make_input(feats["train"], splits["train"][1], batch_size, True, seed, "memory"),
+        make_input(feats["val"], splits["val"][1], batch_size, False, seed, "memory"), tcfg, stage_dir)
     return model, time.perf_counter() - t0
 
 
@@ -170,8 +197,12 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
         phases = gradual_schedule(spec_name, cfg.transfer.gradual_phases) if strategy == "gradual" else None
         trainable, frozen = parameter_counts(model)
         _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
-        model, wall = train_stage(model, spec_name, splits, cfg.finetune, stage_dir, cfg.seed,
-                                  cfg.data.input_path, cfg.data.batch_size, strategy, phases, resume, echo)
+        if strategy == "linear" and cfg.transfer.cached_features:
+            model, wall = train_cached_linear(model, splits, cfg.finetune, stage_dir, cfg.seed,
+                                              cfg.data.batch_size)
+        else:
+            model, wall = train_stage(model, spec_name, splits, cfg.finetune, stage_dir, cfg.seed,
+                                      cfg.data.input_path, cfg.data.batch_size, strategy, phases, resume, echo)
         history = read_history(os.path.join(stage_dir, "history.csv"))
         metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history)
         metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall,

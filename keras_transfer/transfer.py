@@ -31,6 +31,9 @@ class TransferConfig:
             one more block from the top.
         channel_mode: str. ``repeat`` (grey repeated to RGB) or ``conv`` (first conv
             summed over its RGB inputs so the backbone takes 1 channel).
+        cached_features: bool. ``linear``: run the frozen backbone once over the data and
+            train the head on the stored features (no augmentation), instead of running the
+            backbone at every step.
     """
 
     strategies: tuple = ("scratch", "linear", "partial", "full")
@@ -38,6 +41,7 @@ class TransferConfig:
     train_last_k: int = 1
     gradual_phases: int = 2
     channel_mode: str = "repeat"
+    cached_features: bool = False
 
 
 def backbone_of(model):
@@ -92,3 +96,30 @@ def parameter_counts(model):
     trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
     frozen = int(sum(np.prod(v.shape) for v in model.non_trainable_weights))
     return trainable, frozen
+
+
+def features_tensor(model):
+    """The backbone's output inside the classifier graph (the input of the first head layer)."""
+    from keras_transfer.models import head_layers
+
+    return head_layers(model)[0].input
+
+
+def feature_extractor(model):
+    """The classifier up to the backbone's output: preprocessing + backbone, for cached features."""
+    import keras
+
+    return keras.Model(model.input, features_tensor(model), name="feature_extractor")
+
+
+def head_model(model):
+    """A model of the classifier's head layers alone, sharing their weights with ``model``."""
+    import keras
+
+    from keras_transfer.models import head_layers
+
+    features = keras.Input(features_tensor(model).shape[1:], name="features")
+    x = features
+    for layer in head_layers(model):
+        x = layer(x)
+    return keras.Model(features, x, name="head")

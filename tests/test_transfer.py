@@ -90,3 +90,32 @@ def test_partial_by_name_and_gradual_schedule():
     assert trainable_blocks("resnet", "partial", freeze_until="stage1_block1") == {"stage2_block1", "stage3_block1"}
     phases = gradual_schedule("resnet", 2)
     assert phases == [set(), {"stage3_block1"}, {"stage2_block1", "stage3_block1"}]
+
+
+def test_cached_feature_linear_probe_matches_the_ordinary_one(tmp_path):
+    """Same init, same batches, no dropout: training the head on stored features is the same maths."""
+    from keras_transfer.data.pipeline import make_input
+    from keras_transfer.models import build_classifier, create_backbone
+    from keras_transfer.runner import train_cached_linear
+    from keras_transfer.train import fit
+
+    cfg = TrainConfig(epochs=3, optimizer="sgd", learning_rate=0.1, weight_decay=0.0, schedule="constant")
+    x, y = tiny_data(48)
+    splits = {"train": (x[:32], y[:32]), "val": (x[32:], y[32:])}
+
+    def fresh():
+        keras.utils.set_random_seed(0)
+        bb = create_backbone("resnet", 8, 1, widths=(4, 8, 8), dropout=0.0)
+        m = build_classifier(bb, "resnet", (8, 8, 1), 10, head_hidden=8, head_dropout=0.0)
+        apply_strategy(m, "resnet", "linear")
+        return m
+
+    ordinary = fresh()
+    compile_model(ordinary, cfg, 4)
+    fit(ordinary, make_input(*splits["train"], 8, True, 0, "memory"), make_input(*splits["val"], 8, False),
+        cfg, str(tmp_path / "ordinary"))
+    cached, _ = train_cached_linear(fresh(), splits, cfg, str(tmp_path / "cached"), 0, 8)
+    for a, b in zip(ordinary.get_weights(), cached.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    xa, _ = tiny_data(8, seed=5)
+    np.testing.assert_allclose(ordinary.predict(xa, verbose=0), cached.predict(xa, verbose=0), rtol=1e-3, atol=1e-4)
