@@ -99,3 +99,25 @@ def test_listing_commands():
     for cmd in ("pretrain", "finetune", "evaluate", "gradcam", "compare", "datasets", "models", "info"):
         r = invoke(cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_resume_a_finetune_run(tmp_path, tiny_config):
+    """A run whose last strategy was interrupted continues it from its checkpoint; finished ones are kept."""
+    ft = str(tmp_path / "ft")
+    r = invoke("finetune", "--config", tiny_config, "--out", ft, "--strategies", "linear,full",
+               "--finetune-epochs", "2", "--no-preview")
+    assert r.exit_code == 0, r.output
+    linear_before = json.load(open(os.path.join(ft, "strategies", "linear", "metrics.json")))
+    # Simulate an interrupted `full`: drop its results and the record of its last epoch, so the
+    # resumed run must continue it from checkpoints/last.keras at epoch 1.
+    full = os.path.join(ft, "strategies", "full")
+    os.remove(os.path.join(full, "metrics.json"))
+    lines = open(os.path.join(full, "history.csv")).read().splitlines()
+    open(os.path.join(full, "history.csv"), "w").write("\n".join(lines[:2]) + "\n")
+    r = invoke("finetune", "--resume", ft)
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output
+    assert json.load(open(os.path.join(ft, "strategies", "linear", "metrics.json"))) == linear_before
+    hist = open(os.path.join(full, "history.csv")).read().splitlines()
+    assert len(hist) == 3  # header + epochs 0 and 1
+    assert os.path.exists(os.path.join(full, "metrics.json"))
