@@ -14,19 +14,38 @@ import keras
 from keras import ops
 
 
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class RandomPadCrop(keras.layers.Layer):
-    """Pad ``pad`` pixels (reflect) and crop back to the input size at a random offset."""
+class RandomImageLayer(keras.layers.Layer):
+    """Base of the augmentation layers: a seed generator, identity at inference, float 0..255 in."""
 
-    def __init__(self, pad=4, seed=None, **kwargs):
+    def __init__(self, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.pad, self.seed = pad, seed
+        self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, x, training=None):
         if not training:
             return x
-        x = ops.cast(x, self.compute_dtype)
+        return self.transform(ops.cast(x, self.compute_dtype))
+
+    def transform(self, x):
+        raise NotImplementedError
+
+    def compute_output_shape(self, s):
+        return s
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class RandomPadCrop(RandomImageLayer):
+    """Pad ``pad`` pixels (reflect) and crop back to the input size at a random offset."""
+
+    def __init__(self, pad=4, seed=None, **kwargs):
+        super().__init__(seed, **kwargs)
+        self.pad = pad
+
+    def transform(self, x):
         shape = ops.shape(x)
         b, h, w = shape[0], shape[1], shape[2]
         p = self.pad
@@ -37,11 +56,8 @@ class RandomPadCrop(keras.layers.Layer):
         xp = ops.take_along_axis(xp, rows[:, :, None, None], axis=1)
         return ops.take_along_axis(xp, cols[:, None, :, None], axis=2)
 
-    def compute_output_shape(self, s):
-        return s
-
     def get_config(self):
-        return {**super().get_config(), "pad": self.pad, "seed": self.seed}
+        return {**super().get_config(), "pad": self.pad}
 
 
 def affine(x, theta, scale, shear, tx, ty, fill_value=0.0):
@@ -79,19 +95,15 @@ def affine(x, theta, scale, shear, tx, ty, fill_value=0.0):
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
-class RandomAffine(keras.layers.Layer):
+class RandomAffine(RandomImageLayer):
     """Random rotation (degrees), translation (fraction) and zoom (fraction), one transform per image."""
 
     def __init__(self, rotation=10.0, translation=0.1, zoom=0.1, fill_value=0.0, seed=None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(seed, **kwargs)
         self.rotation, self.translation, self.zoom = rotation, translation, zoom
-        self.fill_value, self.seed = fill_value, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.fill_value = fill_value
 
-    def call(self, x, training=None):
-        if not training:
-            return x
-        x = ops.cast(x, self.compute_dtype)
+    def transform(self, x):
         shape = ops.shape(x)
         h, w = ops.cast(shape[1], "float32"), ops.cast(shape[2], "float32")
         u = keras.random.uniform((shape[0], 4), -1.0, 1.0, seed=self.seed_generator)
@@ -99,16 +111,13 @@ class RandomAffine(keras.layers.Layer):
         return affine(x, theta, 1.0 + u[:, 1] * self.zoom, ops.zeros_like(theta),
                       u[:, 2] * self.translation * w, u[:, 3] * self.translation * h, self.fill_value)
 
-    def compute_output_shape(self, s):
-        return s
-
     def get_config(self):
         return {**super().get_config(), "rotation": self.rotation, "translation": self.translation,
-                "zoom": self.zoom, "fill_value": self.fill_value, "seed": self.seed}
+                "zoom": self.zoom, "fill_value": self.fill_value}
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
-class JitRandAugment(keras.layers.Layer):
+class JitRandAugment(RandomImageLayer):
     """RandAugment (Cubuk et al. 2020) written with `keras.ops` so models keep XLA.
 
     Each image gets ``num_ops`` operations drawn uniformly from: identity,
@@ -120,9 +129,8 @@ class JitRandAugment(keras.layers.Layer):
     NUM_CHOICES = 10
 
     def __init__(self, num_ops=2, magnitude=0.5, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.num_ops, self.magnitude, self.seed = num_ops, magnitude, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        super().__init__(seed, **kwargs)
+        self.num_ops, self.magnitude = num_ops, magnitude
 
     def _one(self, x, choice, sign):
         m = self.magnitude
@@ -151,10 +159,7 @@ class JitRandAugment(keras.layers.Layer):
             out = ops.where(ops.equal(choice, i)[:, None, None, None], cand, out)
         return ops.clip(out, 0.0, 255.0)
 
-    def call(self, x, training=None):
-        if not training:
-            return x
-        x = ops.cast(x, self.compute_dtype)
+    def transform(self, x):
         b = ops.shape(x)[0]
         for _ in range(self.num_ops):
             choice = keras.random.randint((b,), 0, self.NUM_CHOICES, seed=self.seed_generator)
@@ -162,12 +167,8 @@ class JitRandAugment(keras.layers.Layer):
             x = self._one(x, choice, sign)
         return x
 
-    def compute_output_shape(self, s):
-        return s
-
     def get_config(self):
-        return {**super().get_config(), "num_ops": self.num_ops, "magnitude": self.magnitude,
-                "seed": self.seed}
+        return {**super().get_config(), "num_ops": self.num_ops, "magnitude": self.magnitude}
 
 
 PRESETS = ("none", "mild", "strong")
