@@ -64,17 +64,6 @@ def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True):
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def folder_dataset(path, image_size, batch_size, color_mode="rgb", shuffle=True, seed=0):
-    """A tf.data pipeline over an image folder, via Keras' image-directory utility."""
-    import tensorflow as tf
-
-    ds = keras.utils.image_dataset_from_directory(
-        path, image_size=image_size, batch_size=None, color_mode=color_mode, shuffle=shuffle,
-        seed=seed, label_mode="int")
-    ds = ds.map(lambda a, b: (tf.cast(tf.round(a), tf.uint8), b), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
 def choose_input_path(x, requested="auto"):
     """``memory`` when arrays fit comfortably (or TF is absent), else ``tfdata``."""
     if requested in ("memory", "tfdata"):
