@@ -2,7 +2,50 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
+
+
+def cache_root():
+    """``$KTRANSFER_CACHE_DIR``, default ``~/.cache/keras_transfer``."""
+    return os.environ.get("KTRANSFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "keras_transfer")
+
+
+def enable_compilation_cache(path=None):
+    """Keep compiled programs on disk, so a second run of the same model skips most compilation.
+
+    JAX: its persistent compilation cache (XLA executables keyed by program, devices and flags).
+    torch: Inductor's FX-graph and kernel caches under the same folder. TensorFlow: XLA's
+    persistent cache directory, when set before TensorFlow compiles its first cluster.
+
+    Args:
+        path: str or None. Cache folder; default ``$KTRANSFER_COMPILE_CACHE`` or
+            ``<cache root>/compile``. ``$KTRANSFER_COMPILE_CACHE=off`` turns the cache off.
+
+    Returns:
+        The folder used, or None when off.
+    """
+    path = path or os.environ.get("KTRANSFER_COMPILE_CACHE") or os.path.join(cache_root(), "compile")
+    if path.lower() in ("off", "0", "none", "false"):
+        return None
+    b = keras.config.backend()
+    folder = os.path.join(path, b)
+    os.makedirs(folder, exist_ok=True)
+    if b == "jax":
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    elif b == "torch":
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", folder)
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    elif b == "tensorflow":
+        flag = f"--tf_xla_persistent_cache_directory={folder}"
+        if "tf_xla_persistent_cache_directory" not in os.environ.get("TF_XLA_FLAGS", ""):
+            os.environ["TF_XLA_FLAGS"] = (os.environ.get("TF_XLA_FLAGS", "") + " " + flag).strip()
+    return folder
 
 
 def backend_info():

@@ -1,8 +1,10 @@
 """Training-throughput benchmark: this package's path against plain Keras, same model, same process.
 
-Throughput excludes compilation: the first epoch (tracing/XLA or torch.compile) is timed apart as
-``compile_s``, then ``steps`` steps are timed batch by batch. Inputs are uint8 arrays of the
-benchmarked shape (pixel values do not change the arithmetic).
+Throughput excludes compilation: a first 2-step epoch (tracing/XLA or torch.compile) is timed apart
+as ``compile_s``, then ``repeats`` epochs of ``steps`` steps are timed, alternating ours and plain Keras;
+img/s is batch / median step time. Inputs
+are uint8 arrays of the benchmarked shape (pixel values do not change the arithmetic). With timm
+importable, timm's ``efficientnet_b0`` in plain PyTorch (eager and compiled) gives reference rows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from keras_transfer.config import TrainConfig
 from keras_transfer.data.augment import augmentation_layers
-from keras_transfer.data.pipeline import ArrayBatches
+from keras_transfer.data.pipeline import ArrayBatches, fit_input
 from keras_transfer.models import build_classifier, create_backbone
 from keras_transfer.train import SparseSmoothedCrossentropy, compile_model, set_precision
 from keras_transfer.transfer import apply_strategy, parameter_counts
@@ -62,26 +64,47 @@ def _model(name, size, channels, strategy, augment, widths):
     return m
 
 
-def _timed_fit(model, data, steps, batch):
-    timer = _StepTimer()
-    t0 = time.perf_counter()
-    # Epoch 1: compilation + warm-up (1 step more than steps_per_execution needs).
-    model.fit(data, epochs=1, steps_per_epoch=2, verbose=0) if not isinstance(data, tuple) else \
-        model.fit(*data, batch_size=batch, epochs=1, steps_per_epoch=2, verbose=0)
-    compile_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    if isinstance(data, tuple):
-        model.fit(*data, batch_size=batch, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
-    else:
-        model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
-    total = time.perf_counter() - t1
-    step = float(np.median(timer.times)) if timer.times else total / steps
-    return {"compile_s": compile_s, "img_per_s": steps * batch / total, "step_ms": 1000 * step}
+class _Timed:
+    """One model and its input, compiled on a 2-step epoch, then timed epoch by epoch."""
+
+    def __init__(self, model, data, steps, batch):
+        self.model, self.steps, self.batch = model, steps, batch
+        self.arrays = isinstance(data, tuple)
+        self.data = data if self.arrays else fit_input(data, repeat=True)[0]
+        self.rates, self.step_ms = [], []
+        t0 = time.perf_counter()
+        self._run(2)  # compilation (XLA / torch.compile) and warm-up
+        self.compile_s = time.perf_counter() - t0
+
+    def _run(self, n, callbacks=()):
+        kw = {"epochs": 1, "steps_per_epoch": n, "verbose": 0, "callbacks": list(callbacks), "shuffle": False}
+        if self.arrays:
+            return self.model.fit(*self.data, batch_size=self.batch, **kw)
+        return self.model.fit(self.data, **kw)
+
+    def epoch(self):
+        timer = _StepTimer()
+        t1 = time.perf_counter()
+        self._run(self.steps, [timer])
+        self.rates.append(self.steps * self.batch / (time.perf_counter() - t1))
+        self.step_ms.extend(1000 * t for t in timer.times)
+
+    def result(self):
+        # The headline is batch / median step time (input wait included: the step fetches its batch).
+        # It resists the bimodal epochs seen on 2-core CPUs (whole epochs at ~0.6x on both paths).
+        step = float(np.median(self.step_ms))
+        return {"compile_s": self.compile_s, "img_per_s": 1000 * self.batch / step, "step_ms": step,
+                "epoch_img_per_s": float(np.median(self.rates)), "epoch_img_per_s_runs": self.rates}
 
 
 def bench_case(name, size, strategy, batch, steps, precision="float32", augment="none", widths=(64, 128, 256),
-               jit=True):
-    """One row: ours vs plain Keras for a model, input size, strategy and batch size."""
+               jit=True, repeats=3):
+    """One row: ours vs plain Keras for a model, input size, strategy and batch size.
+
+    Ours is the package's path (`ArrayBatches`, through `fit_input`, and `compile_model`); plain
+    Keras is the same model compiled with Adam and fed the numpy arrays through ``model.fit``.
+    Timed epochs alternate between the two, so drift of the machine (clock, other load) hits both.
+    """
     set_precision(precision)
     channels = 3
     n = batch * (steps + 2)
@@ -94,23 +117,154 @@ def bench_case(name, size, strategy, batch, steps, precision="float32", augment=
     compile_model(ours, TrainConfig(optimizer="adam", schedule="constant", precision=precision, jit_compile=jit,
                                     weight_decay=0.0), steps)
     trainable, frozen = parameter_counts(ours)
-    r_ours = _timed_fit(ours, ArrayBatches(x, y, batch, shuffle=True), steps, batch)
-    del ours
-    keras.backend.clear_session()
-
     keras.utils.set_random_seed(0)
     plain = _model(name, size, channels, strategy, augment, widths)
-    plain.compile(keras.optimizers.Adam(1e-3), SparseSmoothedCrossentropy(0.0), jit_compile=jit)
-    r_plain = _timed_fit(plain, (x, y), steps, batch)
-    del plain
+    plain.compile(keras.optimizers.Adam(1e-3), SparseSmoothedCrossentropy(0.0),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=jit)
+    timed = [_Timed(ours, ArrayBatches(x, y, batch, shuffle=True), steps, batch), _Timed(plain, (x, y), steps, batch)]
+    for _ in range(repeats):
+        for t in timed:
+            t.epoch()
+    r_ours, r_plain = (t.result() for t in timed)
+    del ours, plain, timed
     keras.backend.clear_session()
     mem, mem_kind = _peak_memory_mb()
     return {"model": name, "size": size, "strategy": strategy, "batch": batch, "steps": steps,
-            "precision": precision, "augment": augment, "backend": keras.config.backend(),
+            "repeats": repeats, "precision": precision, "augment": augment, "backend": keras.config.backend(),
             "trainable_params": trainable, "non_trainable_params": frozen,
             "ours": r_ours, "plain_keras": r_plain,
             "ratio_ours_over_plain": r_ours["img_per_s"] / r_plain["img_per_s"],
             "peak_memory_mb": mem, "memory_kind": mem_kind}
+
+
+def bench_torch_module(make_module, size, batch, steps, precision="float32", compiled=False, repeats=3):
+    """Training throughput of a plain PyTorch module (the reference rows, e.g. timm's EfficientNet-B0).
+
+    Data sit on the device already (uint8 -> float in the step), channels_last, Adam, cross-entropy;
+    ``mixed_bfloat16`` runs the forward pass under ``torch.autocast(bfloat16)``.
+
+    Args:
+        make_module: callable returning a ``torch.nn.Module`` with 10 outputs.
+        compiled: bool. Wrap the module in ``torch.compile``.
+
+    Returns:
+        ``{"compile_s", "img_per_s", "epoch_img_per_s_runs", "step_ms", "peak_memory_mb", "memory_kind"}``;
+        img/s is the median of the timed repeats (a per-step sync would slow the GPU down).
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    module = make_module().to(device).to(memory_format=torch.channels_last).train()
+    step_module = torch.compile(module) if compiled else module
+    opt = torch.optim.Adam(module.parameters(), 1e-3)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    autocast = precision == "mixed_bfloat16"
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(step_module(x.float() / 255.0), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(2):
+        step()
+    sync()
+    compile_s = time.perf_counter() - t0
+    rates, step_ms = [], []
+    for _ in range(repeats):
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        total = time.perf_counter() - t1
+        rates.append(steps * batch / total)
+        step_ms.append(1000 * total / steps)
+    if device == "cuda":
+        mem, kind = torch.cuda.max_memory_allocated() / 2**20, "device"
+    else:
+        mem, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"
+    return {"compile_s": compile_s, "img_per_s": float(np.median(rates)), "epoch_img_per_s_runs": rates,
+            "step_ms": float(np.median(step_ms)), "peak_memory_mb": mem, "memory_kind": kind}
+
+
+def timm_available():
+    try:
+        import timm  # noqa: F401
+    except Exception:  # absent, or its torchvision does not load against this torch
+        return False
+    return True
+
+
+def bench_timm(size, batch, steps, precision="float32", repeats=3):
+    """timm ``efficientnet_b0`` (10 classes), eager and ``torch.compile``-d: reference rows for the table."""
+    import timm
+
+    rows = []
+    for compiled in (False, True):
+        r = bench_torch_module(lambda: timm.create_model("efficientnet_b0", num_classes=10), size, batch, steps,
+                               precision, compiled, repeats)
+        rows.append({"library": "timm", "model": "efficientnet_b0", "compiled": compiled, "size": size,
+                     "batch": batch, "steps": steps, "precision": precision, **r})
+    return rows
+
+
+def bench_cached_probe(cfg, pretrained, out_dir, seeds=(0,), echo=None):
+    """Linear probe two ways on the same data and seeds: ordinary (the frozen backbone runs every
+    epoch) and on cached features (it runs once). Augmentation is off, so both see the same images.
+
+    Returns:
+        rows ``{"seed", "cached", "accuracy", "macro_f1", "wall_time"}``; runs under ``out_dir``.
+    """
+    import dataclasses
+    import os
+
+    from keras_transfer import runner
+
+    rows = []
+    for seed in seeds:
+        for cached in (False, True):
+            c = dataclasses.replace(
+                cfg, seed=seed, data=dataclasses.replace(cfg.data, augment="none"),
+                transfer=dataclasses.replace(cfg.transfer, strategies=("linear",), cached_features=cached))
+            run_dir = os.path.join(out_dir, f"seed{seed}-{'cached' if cached else 'ordinary'}")
+            r = runner.finetune(c, run_dir, pretrained=pretrained)["linear"]
+            rows.append({"seed": seed, "cached": cached, "accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"],
+                         "wall_time": r["wall_time"], "epochs": r["epochs"], "n_test": r["n"]})
+            if echo:
+                echo(f"seed {seed} {'cached  ' if cached else 'ordinary'} accuracy {r['accuracy']:.4f} "
+                     f"wall {r['wall_time']:.1f} s")
+    return rows
+
+
+def probe_markdown(env, cfg, pretrained, rows):
+    def stats(cached, key):
+        v = np.array([r[key] for r in rows if r["cached"] == cached])
+        return v.mean(), (v.std(ddof=1) if len(v) > 1 else float("nan"))
+
+    lines = [f"Measured {env['date']} on {env['backend']} ({'; '.join(env['backend_info'])}), Keras {env['keras']}, "
+             f"{env['cpu_count']} CPU cores.", "",
+             f"Linear probe on `{cfg.data.target}` ({cfg.data.per_class or 'all'} images per class, "
+             f"{cfg.finetune.epochs} epochs, augmentation off) over the frozen backbone of `{pretrained}`; "
+             f"seeds {sorted({r['seed'] for r in rows})}.", "",
+             "| probe | accuracy (mean ± std) | macro-F1 | wall time s (mean) |", "|---|---:|---:|---:|"]
+    for cached in (False, True):
+        a, sa = stats(cached, "accuracy")
+        f, _ = stats(cached, "macro_f1")
+        w, _ = stats(cached, "wall_time")
+        lines.append(f"| {'cached features' if cached else 'ordinary'} | {a:.4f} ± {sa:.4f} | {f:.4f} | {w:.1f} |")
+    lines += ["", "| seed | probe | accuracy | wall s |", "|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {'cached' if r['cached'] else 'ordinary'} | {r['accuracy']:.4f} | "
+                     f"{r['wall_time']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def environment():
@@ -122,9 +276,11 @@ def environment():
             "backend": keras.config.backend(), "backend_info": backend_info()}
 
 
-def markdown_table(env, rows):
+def markdown_table(env, rows, reference_rows=()):
     lines = [f"Measured {env['date']} on {env['backend']} ({'; '.join(env['backend_info'])}), Keras "
              f"{env['keras']}, {env['cpu_count']} CPU cores, {env['machine']}.", "",
+             "Throughput excludes compilation: batch / median step time over all timed steps, input wait "
+             "included (whole-epoch rates in the JSON).", "",
              "| model | size | strategy | batch | precision | ours img/s | plain Keras img/s | ours/plain "
              "| step ms (ours) | compile s (ours / plain) | peak memory MB |",
              "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -134,4 +290,12 @@ def markdown_table(env, rows):
                      f"{r['ratio_ours_over_plain']:.3f} | {r['ours']['step_ms']:.1f} | "
                      f"{r['ours']['compile_s']:.1f} / {r['plain_keras']['compile_s']:.1f} | "
                      f"{r['peak_memory_mb']:.0f} ({r['memory_kind']}) |")
+    if reference_rows:
+        lines += ["", "Reference: plain PyTorch (full fine-tune, Adam, data on the device, channels_last).", "",
+                  "| library | model | compiled | size | batch | precision | img/s | step ms | compile s "
+                  "| peak memory MB |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+        for r in reference_rows:
+            lines.append(f"| {r['library']} | {r['model']} | {r['compiled']} | {r['size']} | {r['batch']} | "
+                         f"{r['precision']} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {r['compile_s']:.1f} | "
+                         f"{r['peak_memory_mb']:.0f} ({r['memory_kind']}) |")
     return "\n".join(lines) + "\n"

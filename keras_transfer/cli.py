@@ -9,6 +9,7 @@ import sys
 import click
 
 from keras_transfer import config as config_lib
+from keras_transfer.data.augment import PRESETS
 from keras_transfer.errors import KTransferError
 
 
@@ -48,10 +49,11 @@ def _run_options(fn):
         click.option("--channels", type=int, help="Backbone input channels (1 or 3)."),
         click.option("--weights", help="none, imagenet, or a weights file (keras.applications models)."),
         click.option("--width", "widths", help="Residual CNN stage widths, e.g. 64,128,256."),
-        click.option("--augment", type=click.Choice(["none", "mild", "strong"]), help="Augmentation preset."),
+        click.option("--augment", type=click.Choice(list(PRESETS)), help="Augmentation preset."),
         click.option("--per-class", type=int, help="Low-data study: target training images per class."),
         click.option("--fraction", type=float, help="Low-data study: fraction of target training set."),
         click.option("--batch-size", type=int),
+        click.option("--tta", type=click.Choice(["none", "flip"]), help="Test-time augmentation at evaluation."),
         click.option("--input-path", type=click.Choice(["auto", "memory", "tfdata"])),
         click.option("--pretrain-epochs", type=int),
         click.option("--finetune-epochs", type=int),
@@ -74,7 +76,7 @@ def _resolve(config_path, o, **transfer):
     overrides = {
         "data": {"source": o.get("source"), "target": o.get("target"), "data_dir": o.get("data_dir"),
                  "augment": o.get("augment"), "per_class": o.get("per_class"), "fraction": o.get("fraction"),
-                 "batch_size": o.get("batch_size"), "input_path": o.get("input_path")},
+                 "batch_size": o.get("batch_size"), "input_path": o.get("input_path"), "tta": o.get("tta")},
         "model": {"name": o.get("model_name"), "input_size": o.get("input_size"), "channels": o.get("channels"),
                   "weights": o.get("weights"), "widths": widths},
         "pretrain": {"epochs": o.get("pretrain_epochs"), "precision": precision, "jit_compile": jit},
@@ -341,11 +343,18 @@ def models(size):
 @click.option("--steps", type=int, default=20, show_default=True, help="Timed steps after compilation.")
 @click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32",
               show_default=True)
-@click.option("--augment", type=click.Choice(["none", "mild", "strong"]), default="none", show_default=True)
+@click.option("--augment", type=click.Choice(list(PRESETS)), default="none", show_default=True)
 @click.option("--jit/--no-jit", default=True, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed epochs per row; the median counts.")
+@click.option("--timm/--no-timm", "with_timm", default=None,
+              help="Reference rows from timm's efficientnet_b0 (eager, compiled); default: when timm imports "
+                   "and efficientnet_b0 is benchmarked.")
+@click.option("--compile-cache/--no-compile-cache", default=False, show_default=True,
+              help="Use the persistent compilation cache (a second run then shows the cached compile time).")
 @click.option("--out", type=click.Path(), default="benchmarks", show_default=True)
 @_fail_cleanly
-def bench(models_, size, strategies, batch_size, steps, precision, augment, jit, out):
+def bench(models_, size, strategies, batch_size, steps, precision, augment, jit, repeats, with_timm, compile_cache,
+          out):
     """Training throughput (img/s), step time, compile time, peak memory: ours vs plain Keras.
 
     Writes benchmarks/bench-<backend>-<time>.json and .md with hardware, versions and date.
@@ -356,20 +365,65 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
     from keras_transfer.io import atomic_write_text, write_json
     from keras_transfer.models import get_spec
 
+    if compile_cache:
+        from keras_transfer.backend import enable_compilation_cache
+
+        click.echo(f"compilation cache: {enable_compilation_cache()}")
+    names = models_.split(",")
+    for name in names:
+        get_spec(name)  # unknown names fail here, before any timing
     rows = []
-    for name in models_.split(","):
+    for name in names:
         side = size or (32 if name == "resnet" else get_spec(name).default_size)
         for strategy in strategies.split(","):
-            r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment, jit=jit)
+            r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment, jit=jit,
+                                     repeats=repeats)
             rows.append(r)
             click.echo(f"{name} {side} {strategy:8s} ours {r['ours']['img_per_s']:9.1f} img/s  plain "
                        f"{r['plain_keras']['img_per_s']:9.1f} img/s  ratio {r['ratio_ours_over_plain']:.3f}  "
                        f"compile {r['ours']['compile_s']:.1f} s")
+    reference = []
+    if with_timm is None:
+        with_timm = "efficientnet_b0" in names and bench_lib.timm_available()
+    if with_timm:
+        if not bench_lib.timm_available():
+            raise KTransferError("--timm: expected an importable timm (with a torchvision matching torch). "
+                                 "Received: import failed")
+        side = size or get_spec("efficientnet_b0").default_size
+        reference = bench_lib.bench_timm(side, batch_size, steps, precision, repeats)
+        for r in reference:
+            click.echo(f"timm efficientnet_b0 {side} {'compiled' if r['compiled'] else 'eager':8s} "
+                       f"{r['img_per_s']:9.1f} img/s  compile {r['compile_s']:.1f} s")
     env = bench_lib.environment()
     stem = os.path.join(out, f"bench-{env['backend']}-{_time.strftime('%Y%m%d-%H%M%S')}")
-    write_json(stem + ".json", {"environment": env, "rows": rows})
-    atomic_write_text(stem + ".md", bench_lib.markdown_table(env, rows))
+    write_json(stem + ".json", {"environment": env, "rows": rows, "reference_rows": reference})
+    atomic_write_text(stem + ".md", bench_lib.markdown_table(env, rows, reference))
     click.echo(f"wrote {stem}.json and .md")
+
+
+@main.command("bench-probe")
+@_run_options
+@click.option("--pretrained", type=click.Path(), required=True, help="Pretrained MODEL.keras or pretrain run dir.")
+@click.option("--seeds", default="0,1,2", show_default=True)
+@_fail_cleanly
+def bench_probe(config_path, pretrained, seeds, **o):
+    """Linear probe, ordinary vs cached features, on the same data and seeds: accuracy and wall time.
+
+    Writes <out>/probe.json and probe.md (default out: runs/bench-probe-<time>).
+    """
+    from keras_transfer import bench as bench_lib
+    from keras_transfer.io import atomic_write_text, new_run_dir, write_json
+
+    cfg = _resolve(config_path, o)
+    o.pop("resume_dir", None)
+    out = new_run_dir(o.get("out"), "bench-probe", o.get("overwrite"))
+    seed_list = [int(s) for s in seeds.split(",")]
+    rows = bench_lib.bench_cached_probe(cfg, pretrained, out, seed_list, echo=click.echo)
+    env = bench_lib.environment()
+    write_json(os.path.join(out, "probe.json"), {"environment": env, "config": config_lib.to_dict(cfg),
+                                                 "pretrained": pretrained, "rows": rows})
+    atomic_write_text(os.path.join(out, "probe.md"), bench_lib.probe_markdown(env, cfg, pretrained, rows))
+    click.echo(f"wrote {out}/probe.md")
 
 
 @main.command()

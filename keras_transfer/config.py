@@ -30,6 +30,7 @@ class DataConfig:
         flips: bool or None. Horizontal flips in ``strong`` (None: off for digits/letters).
         input_path: str. ``auto``, ``memory`` or ``tfdata``.
         batch_size: int.
+        tta: str. Test-time augmentation at evaluation: ``none`` or ``flip``.
     """
 
     source: str = "mnist_5k"
@@ -42,6 +43,7 @@ class DataConfig:
     flips: bool | None = None
     input_path: str = "auto"
     batch_size: int = 64
+    tta: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,8 @@ class ModelConfig:
         input_size: int or None. Backbone input side (None: the model's default).
         channels: int or None. Backbone input channels (None: the model's default).
         weights: str or None. ``none``, ``imagenet`` or a weights file (applications).
-        widths, blocks_per_stage, batch_norm, dropout, pooling: residual CNN knobs.
+        widths, blocks_per_stage, batch_norm, dropout, pooling: residual CNN knobs (``widths``
+            also sets airbench's three conv groups).
         head_hidden: int. Hidden units of the MLP head (0: linear head).
         head_dropout: float.
     """
@@ -71,6 +74,8 @@ class ModelConfig:
     head_dropout: float = 0.2
 
     def backbone_options(self):
+        if self.name == "airbench":
+            return {"widths": tuple(self.widths)}
         if self.name != "resnet":
             return {}
         return {"widths": tuple(self.widths), "blocks_per_stage": self.blocks_per_stage,
@@ -89,9 +94,11 @@ class TrainConfig:
         nesterov: bool. SGD.
         weight_decay: float. Decoupled weight decay (Keras optimizers' ``weight_decay``).
         label_smoothing: float.
-        schedule: str. ``cosine`` (linear warmup then cosine, per step), ``plateau``
-            (ReduceLROnPlateau on val loss) or ``constant``.
-        warmup_epochs: int. For ``cosine``.
+        schedule: str. ``cosine`` (linear warmup then cosine, per step), ``triangle`` (linear from
+            ``start_factor`` x lr up to lr over the warmup, then linearly down to ``end_factor`` x lr, per
+            step, as airbench), ``plateau`` (ReduceLROnPlateau on val loss) or ``constant``.
+        warmup_epochs: float. For ``cosine`` and ``triangle``.
+        start_factor, end_factor: float. For ``triangle``.
         early_stopping: int or None. Patience in epochs on validation accuracy.
         precision: str. ``float32``, ``mixed_bfloat16`` or ``mixed_float16``.
         jit_compile: bool or str. ``auto`` or a bool.
@@ -106,7 +113,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     schedule: str = "plateau"
-    warmup_epochs: int = 0
+    warmup_epochs: float = 0
+    start_factor: float = 0.0
+    end_factor: float = 0.0
     early_stopping: int | None = None
     precision: str = "float32"
     jit_compile: object = "auto"

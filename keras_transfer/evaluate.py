@@ -49,9 +49,21 @@ def classification_metrics(y_true, probs, class_names, top_k=(1, 5)):
     return out
 
 
-def evaluate_model(model, x, y, class_names, batch_size=256):
-    """Run ``model`` on uint8 images and return `(metrics, probs)`."""
-    probs = softmax(predict_logits(model, x, batch_size))
+def evaluate_model(model, x, y, class_names, batch_size=256, tta="none"):
+    """Run ``model`` on uint8 images and return `(metrics, probs)`.
+
+    Args:
+        tta: str. Test-time augmentation: ``none``, or ``flip`` (mean of the logits of each
+            image and of its left-right mirror).
+    """
+    if tta not in ("none", "flip"):
+        from keras_transfer.errors import ConfigError
+
+        raise ConfigError(f"Unknown test-time augmentation: expected none or flip. Received: {tta!r}")
+    logits = predict_logits(model, x, batch_size)
+    if tta == "flip":
+        logits = (logits + predict_logits(model, np.ascontiguousarray(x[:, :, ::-1]), batch_size)) / 2
+    probs = softmax(logits)
     return classification_metrics(y, probs, class_names), probs
 
 

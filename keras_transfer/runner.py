@@ -9,13 +9,21 @@ import keras
 import numpy as np
 
 from keras_transfer import plots
+from keras_transfer.backend import enable_compilation_cache
 from keras_transfer.data import load_dataset, train_val_test
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input
 from keras_transfer.errors import ConfigError, DataError
 from keras_transfer.evaluate import evaluate_model
 from keras_transfer.io import read_json, save_model, write_json
-from keras_transfer.models import build_classifier, channel_stats, copy_backbone, create_backbone, get_spec
+from keras_transfer.models import (
+    build_classifier,
+    channel_stats,
+    copy_backbone,
+    create_backbone,
+    get_spec,
+    initialise_from_data,
+)
 from keras_transfer.train import compile_model, fit, read_history, resume_state, set_precision
 from keras_transfer.transfer import (
     STRATEGIES,
@@ -55,9 +63,9 @@ def _classifier(backbone, mcfg, ds, x_train, dcfg, seed):
                             head_dropout=mcfg.head_dropout, seed=seed)
 
 
-def _evaluate_and_plot(model, ds, splits, stage_dir, label, history):
+def _evaluate_and_plot(model, ds, splits, stage_dir, label, history, tta="none"):
     x_te, y_te = splits["test"]
-    metrics, probs = evaluate_model(model, x_te, y_te, ds.class_names)
+    metrics, probs = evaluate_model(model, x_te, y_te, ds.class_names, tta=tta)
     plots.confusion_matrix_figure(metrics["confusion_matrix"], ds.class_names,
                                   os.path.join(stage_dir, "confusion_matrix.png"),
                                   title=f"{label}: confusion matrix on {ds.name} test (row-normalised)")
@@ -65,6 +73,12 @@ def _evaluate_and_plot(model, ds, splits, stage_dir, label, history):
     plots.misclassified_figure(x_te, y_te, probs, ds.class_names, os.path.join(stage_dir, "misclassified.png"),
                                title=f"{label}: misclassified {ds.name} test images, most confident first")
     return metrics
+
+
+def _val_input(splits, batch_size, seed, input_path):
+    """The validation input, or None with ``val: 0`` (train on the whole training split)."""
+    x_val, y_val = splits["val"]
+    return make_input(x_val, y_val, batch_size, False, seed, input_path) if len(x_val) else None
 
 
 def train_stage(model, spec_name, splits, tcfg, stage_dir, seed, input_path, batch_size, strategy="full",
@@ -90,15 +104,14 @@ def train_stage(model, spec_name, splits, tcfg, stage_dir, seed, input_path, bat
                 set_trainable_blocks(model, spec_name, blocks)
                 compile_model(model, tcfg, steps)  # recompile after every change of trainable
                 fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, max(start, epoch)),
-                    make_input(*splits["val"], batch_size, False, seed, input_path), tcfg, stage_dir,
+                    _val_input(splits, batch_size, seed, input_path), tcfg, stage_dir,
                     initial_epoch=max(start, epoch), epochs=end)
             epoch = end
     elif start < tcfg.epochs:
         if not resume or start == 0:
             compile_model(model, tcfg, steps)
         fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, start),
-            make_input(*splits["val"], batch_size, False, seed, input_path), tcfg, stage_dir,
-            initial_epoch=start)
+            _val_input(splits, batch_size, seed, input_path), tcfg, stage_dir, initial_epoch=start)
     return model, time.perf_counter() - t0
 
 
@@ -117,12 +130,13 @@ def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size):
     head = head_model(model)
     compile_model(head, tcfg, -(-len(feats["train"]) // batch_size))
     fit(head, make_input(feats["train"], splits["train"][1], batch_size, True, seed, "memory"),
-        make_input(feats["val"], splits["val"][1], batch_size, False, seed, "memory"), tcfg, stage_dir)
+        _val_input({"val": (feats["val"], splits["val"][1])}, batch_size, seed, "memory"), tcfg, stage_dir)
     return model, time.perf_counter() - t0
 
 
 def pretrain(cfg, run_dir, echo=None, resume=False):
     """Pretrain the backbone on ``cfg.data.source``; writes ``run_dir/model.keras``."""
+    enable_compilation_cache()
     set_precision(cfg.pretrain.precision)
     keras.utils.set_random_seed(cfg.seed)
     ds, splits = _splits(cfg.data.source, cfg.data, cfg.seed, low_data=False)
@@ -130,19 +144,37 @@ def pretrain(cfg, run_dir, echo=None, resume=False):
     backbone = create_backbone(m.name, m.input_size, m.channels or ds.image_shape[-1], m.weights,
                                **m.backbone_options())
     model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed)
+    initialise_from_data(model, m.name, splits["train"][0])
     _log(f"pretrain {m.name} on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
          f"{len(splits['test'][0])} test, {cfg.pretrain.epochs} epochs", echo)
     model, wall = train_stage(model, m.name, splits, cfg.pretrain, run_dir, cfg.seed, cfg.data.input_path,
                               cfg.data.batch_size, resume=resume, echo=echo)
     history = read_history(os.path.join(run_dir, "history.csv"))
-    metrics = _evaluate_and_plot(model, ds, splits, run_dir, f"pretrain {ds.name}", history)
+    metrics = _evaluate_and_plot(model, ds, splits, run_dir, f"pretrain {ds.name}", history, cfg.data.tta)
     trainable, frozen = parameter_counts(model)
     metrics.update(dataset=ds.name, model=m.name, wall_time=wall, trainable_params=trainable,
-                   non_trainable_params=frozen, backend=keras.config.backend())
+                   non_trainable_params=frozen, backend=keras.config.backend(),
+                   **epoch_timing(history.get("epoch_time", [])))
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
     save_model(model, os.path.join(run_dir, "model.keras"))
-    _log(f"  pretrain test accuracy {metrics['accuracy']:.4f} ({wall:.1f} s)", echo)
+    timing = (f"; first epoch {metrics['first_epoch_s']:.1f} s, training without compilation "
+              f"{metrics['train_s_without_compile']:.1f} s" if "first_epoch_s" in metrics else "")
+    _log(f"  pretrain test accuracy {metrics['accuracy']:.4f} ({wall:.1f} s{timing})", echo)
     return model, metrics
+
+
+def epoch_timing(epoch_times):
+    """Split training time into compilation and training, from per-epoch times (seconds).
+
+    The first epoch holds the compilation; its training share is taken to be the median of the
+    later epochs. Returns ``{}`` with fewer than 2 epochs.
+    """
+    if len(epoch_times) < 2:
+        return {}
+    steady = float(np.median(epoch_times[1:]))
+    return {"first_epoch_s": float(epoch_times[0]), "epoch_s_median": steady,
+            "compile_s_estimate": max(0.0, float(epoch_times[0]) - steady),
+            "train_s_without_compile": float(np.sum(epoch_times[1:])) + steady}
 
 
 def load_pretrained(path):
@@ -160,6 +192,7 @@ def load_pretrained(path):
 
 def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
     """Pretrain (unless ``pretrained`` is given), then fine-tune every strategy and report."""
+    enable_compilation_cache()
     for s in cfg.transfer.strategies:
         if s not in STRATEGIES:
             raise ConfigError(f"Unknown strategy: expected some of {STRATEGIES}. Received: {s!r}")
@@ -193,6 +226,8 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
         # scratch: the same architecture with a fresh initialisation.
         backbone = copy_backbone(source_backbone, channels, fresh=strategy == "scratch")
         model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed)
+        if strategy == "scratch":
+            initialise_from_data(model, spec_name, splits["train"][0])
         apply_strategy(model, spec_name, strategy, cfg.transfer.freeze_until, cfg.transfer.train_last_k)
         phases = gradual_schedule(spec_name, cfg.transfer.gradual_phases) if strategy == "gradual" else None
         trainable, frozen = parameter_counts(model)
@@ -204,7 +239,7 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
             model, wall = train_stage(model, spec_name, splits, cfg.finetune, stage_dir, cfg.seed,
                                       cfg.data.input_path, cfg.data.batch_size, strategy, phases, resume, echo)
         history = read_history(os.path.join(stage_dir, "history.csv"))
-        metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history)
+        metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
         metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall,
                        trainable_params=trainable, non_trainable_params=frozen,
                        backend=keras.config.backend(), epochs=len(history.get("epoch", [])))

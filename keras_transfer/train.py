@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
 from keras_transfer.io import save_model
 
@@ -41,17 +42,43 @@ def set_precision(precision):
     keras.config.set_dtype_policy(precision)
 
 
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class TriangularSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Piecewise linear per step: ``start`` -> ``peak`` over ``warmup_steps``, then -> ``end`` at ``total_steps``."""
+
+    def __init__(self, start, peak, end, warmup_steps, total_steps):
+        self.start, self.peak, self.end = float(start), float(peak), float(end)
+        self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        up = self.start + (self.peak - self.start) * step / max(self.warmup_steps, 1)
+        frac = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        down = self.peak + (self.end - self.peak) * ops.minimum(frac, 1.0)
+        return ops.where(step < self.warmup_steps, up, down)
+
+    def get_config(self):
+        return {"start": self.start, "peak": self.peak, "end": self.end, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps}
+
+
 def learning_rate(cfg, steps_per_epoch):
+    if cfg.schedule == "triangle":
+        total = max(1, cfg.epochs * steps_per_epoch)
+        warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+        return TriangularSchedule(cfg.start_factor * cfg.learning_rate, cfg.learning_rate,
+                                  cfg.end_factor * cfg.learning_rate, warmup, total)
     if cfg.schedule == "cosine":
         total = max(1, cfg.epochs * steps_per_epoch)
-        warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+        warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
         if warmup:
             return keras.optimizers.schedules.CosineDecay(
                 0.0, total - warmup, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warmup)
         return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total)
     if cfg.schedule in ("plateau", "constant"):
         return cfg.learning_rate
-    raise ConfigError(f"Unknown schedule: expected cosine, plateau or constant. Received: {cfg.schedule!r}")
+    raise ConfigError(f"Unknown schedule: expected cosine, triangle, plateau or constant. "
+                      f"Received: {cfg.schedule!r}")
 
 
 def make_optimizer(cfg, steps_per_epoch):
@@ -168,7 +195,7 @@ def read_history(path):
     out = {}
     for r in rows:
         for k, v in r.items():
-            out.setdefault(k, []).append(float(v) if v not in ("", None) else float("nan"))
+            out.setdefault(k, []).append(float(v) if v not in ("", "NA", None) else float("nan"))
     return out
 
 
@@ -177,7 +204,7 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
 
     Args:
         model: compiled keras.Model.
-        train, val: inputs for ``fit`` (see `keras_transfer.data.pipeline.make_input`).
+        train, val: inputs for ``fit`` (see `keras_transfer.data.pipeline.make_input`); ``val`` may be None.
         cfg: TrainConfig.
         stage_dir: str. Receives ``history.csv``, ``checkpoints/{last,best}.keras``.
         initial_epoch: int. Epoch to start from (resume or gradual phases).
@@ -196,8 +223,10 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     # CSVLogger must see epoch_time: it is filled by EpochTimer, which runs first.
     # shuffle=False: the input (ArrayBatches, tf.data) shuffles itself, seeded per epoch; Keras' own
     # batch-order shuffle on torch would draw from torch's global RNG and break resume equality.
+    train, steps = fit_input(train, repeat=True)
+    val = fit_input(val, repeat=False)[0] if val is not None else None
     return model.fit(train, validation_data=val, epochs=epochs or cfg.epochs, initial_epoch=initial_epoch,
-                     callbacks=callbacks, verbose=verbose, shuffle=False)
+                     steps_per_epoch=steps, callbacks=callbacks, verbose=verbose, shuffle=False)
 
 
 def resume_state(stage_dir):

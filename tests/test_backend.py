@@ -15,3 +15,57 @@ def test_backend_info_names_the_backend():
     lines = backend_info()
     assert lines[0].startswith(keras.config.backend())
     assert lines[1].startswith("devices:")
+
+
+_COMPILE_TWICE = """
+import os, sys
+import keras
+from keras_transfer.backend import enable_compilation_cache
+from tests.conftest import tiny_data, tiny_model
+
+folder = enable_compilation_cache(sys.argv[1])
+m = tiny_model()
+m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+x, y = tiny_data(16)
+m.fit(x, y, batch_size=8, epochs=1, verbose=0)
+print(sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs))
+"""
+
+
+def test_compilation_cache_is_written_once_and_reused_by_the_next_process(tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    if keras.config.backend() == "torch":
+        pytest.skip("torch.compile is off by default on CPU (minutes per model); Inductor's cache is its own")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _COMPILE_TWICE, str(tmp_path)], capture_output=True,
+                             text=True, env=env, cwd=root, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    import ast
+
+    first = ast.literal_eval(run())
+    second = ast.literal_eval(run())
+    if keras.config.backend() == "jax":
+        # Small programs (initialisers) are cached only when their compilation took long enough,
+        # which depends on the machine's load; the training step must be read back, not compiled again.
+        steps = [f for f in first if f.startswith("jit_train_step")]
+        assert len(steps) == 1, f"expected the train step in the cache. Received: {first}"
+        assert [f for f in second if f.startswith("jit_train_step")] == steps
+    else:
+        assert first, "the first process wrote no compiled program"
+        assert second == first, "the second process compiled again instead of reading the cache"
+
+
+def test_compilation_cache_can_be_turned_off(monkeypatch):
+    from keras_transfer.backend import enable_compilation_cache
+
+    monkeypatch.setenv("KTRANSFER_COMPILE_CACHE", "off")
+    assert enable_compilation_cache() is None

@@ -37,6 +37,22 @@ def test_memory_and_tfdata_paths_give_identical_batches():
         assert xb.dtype == np.uint8
 
 
+@pytest.mark.parametrize("initial_epoch", [0, 1])
+def test_tf_twin_of_array_batches_serves_the_same_batches_epoch_after_epoch(initial_epoch):
+    pytest.importorskip("tensorflow")
+    x, y = tiny_data(50)  # 50 = 3 x 16 + 2: a ragged last batch each epoch
+    mem = ArrayBatches(x, y, 16, shuffle=True, seed=3, initial_epoch=initial_epoch)
+    it = mem.as_tf_dataset(repeat=True).as_numpy_iterator()
+    for _ in range(3):
+        for i in range(len(mem)):
+            xb, yb = next(it)
+            np.testing.assert_array_equal(xb, mem[i][0])
+            np.testing.assert_array_equal(yb, mem[i][1])
+        mem.on_epoch_end()
+    once = list(ArrayBatches(x, y, 16, shuffle=False).as_tf_dataset(repeat=False).as_numpy_iterator())
+    assert len(once) == 4 and np.array_equal(np.concatenate([b[1] for b in once]), y)
+
+
 def test_auto_path_prefers_memory_for_small_arrays():
     x, _ = tiny_data(4)
     assert choose_input_path(x) == "memory"

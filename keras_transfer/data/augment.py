@@ -171,14 +171,15 @@ class JitRandAugment(RandomImageLayer):
         return {**super().get_config(), "num_ops": self.num_ops, "magnitude": self.magnitude}
 
 
-PRESETS = ("none", "mild", "strong")
+PRESETS = ("none", "mild", "translate", "strong")
 
 
 def augmentation_layers(preset, channels, flips=True, seed=None):
     """The list of layers for an augmentation preset.
 
     Args:
-        preset: str. ``none``; ``mild`` (small rotation/translation/zoom, no flips);
+        preset: str. ``none``; ``mild`` (small rotation/translation/zoom, no flips); ``translate``
+            (pad-2 reflect random crop, horizontal flip when ``flips``: airbench's augmentation);
             ``strong`` (pad-4 random crop, horizontal flip when ``flips``, RandAugment
             for RGB, RandomErasing p=0.1), as in the CIFAR-10 seed.
         channels: int. Image channels (RandAugment needs 3).
@@ -193,6 +194,11 @@ def augmentation_layers(preset, channels, flips=True, seed=None):
         return []
     if preset == "mild":
         return [RandomAffine(10.0, 0.08, 0.08, seed=seed, name="aug_affine")]
+    if preset == "translate":
+        layers = [RandomPadCrop(2, seed=seed, name="aug_padcrop")]
+        if flips:
+            layers.append(keras.layers.RandomFlip("horizontal", seed=seed, name="aug_flip"))
+        return layers
     layers = [RandomPadCrop(4, seed=seed, name="aug_padcrop")]
     if flips:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed, name="aug_flip"))

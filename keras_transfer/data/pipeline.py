@@ -36,9 +36,11 @@ class ArrayBatches(keras.utils.PyDataset):
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        self.order = self.epoch_order(epoch)
+
+    def epoch_order(self, epoch):
         n = len(self.x)
-        self.order = (np.random.default_rng([self.seed, epoch]).permutation(n)
-                      if self.shuffle else np.arange(n))
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(n) if self.shuffle else np.arange(n)
 
     def __len__(self):
         return -(-len(self.x) // self.batch_size)
@@ -50,6 +52,49 @@ class ArrayBatches(keras.utils.PyDataset):
 
     def on_epoch_end(self):
         self.set_epoch(self.epoch + 1)
+
+    def as_tf_dataset(self, repeat):
+        """The same batches, in the same order, as a tf.data pipeline (for the TensorFlow backend).
+
+        Keras turns a `PyDataset` into a Python generator on TensorFlow, which costs more than a
+        cheap training step (a linear probe). Here Python runs once per epoch, to draw the epoch's
+        permutation; slicing, batching and prefetching run in tf.data, as for plain Keras arrays.
+
+        Args:
+            repeat: bool. Serve epoch after epoch without end (pass ``steps_per_epoch=len(self)``
+                to ``fit``); else one epoch.
+        """
+        import tensorflow as tf
+
+        first = self.epoch
+        epochs = tf.data.Dataset.range(first, 2**62) if repeat else tf.data.Dataset.range(first, first + 1)
+
+        def batches_of(epoch):
+            order = tf.numpy_function(self.epoch_order, [epoch], tf.int64, stateful=False)
+            order = tf.ensure_shape(order, [len(self.x)])
+            return tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
+
+        indices = epochs.flat_map(batches_of)
+        if self.shuffle:
+            indices = indices.map(tf.sort)
+        arrays = tf.data.Dataset.from_tensors((self.x, self.y)).repeat()
+        ds = tf.data.Dataset.zip((indices, arrays)).map(
+            lambda i, xy: (tf.gather(xy[0], i), tf.gather(xy[1], i)), num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True)
+        if not repeat:  # a known length: Keras then stops after the last batch instead of running out
+            ds = ds.apply(tf.data.experimental.assert_cardinality(len(self)))
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def fit_input(data, repeat):
+    """``(data, steps_per_epoch)`` to hand to ``fit`` for an input from `make_input`.
+
+    On TensorFlow an `ArrayBatches` becomes its tf.data twin (same batches); elsewhere it is used
+    as it is (Keras feeds a `PyDataset` to JAX and torch without TensorFlow).
+    """
+    if isinstance(data, ArrayBatches) and keras.config.backend() == "tensorflow":
+        return data.as_tf_dataset(repeat), (len(data) if repeat else None)
+    return data, None
 
 
 def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True):

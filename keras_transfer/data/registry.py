@@ -54,6 +54,7 @@ class DatasetSpec:
     files: dict = dataclasses.field(default_factory=dict)  # name -> (url, sha256)
     reader: object = None  # (dir) -> (x_tr, y_tr, x_te, y_te)
     embedded: bool = False
+    system_dirs: tuple = ()  # read-only system copies (e.g. a Debian data package), tried before downloading
 
 
 def _idx_reader(prefix="", transpose=False, label_offset=0):
@@ -153,7 +154,7 @@ REGISTRY = {s.name: s for s in [
                                                "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
                  "t10k-labels-idx1-ubyte.gz": (_FMNIST_URL + "t10k-labels-idx1-ubyte.gz",
                                                "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5")},
-                _idx_reader()),
+                _idx_reader(), system_dirs=("/usr/share/datasets/fashion-mnist",)),
     DatasetSpec("emnist_letters", "EMNIST Letters (NIST IDX; transposed, labels 1..26 -> 0..25)",
                 (28, 28, 1), tuple(LETTERS), {"train": 124800, "test": 20800},
                 {"emnist-letters-train-images-idx3-ubyte.gz": (_EMNIST_URL + "gzip.zip",
@@ -199,8 +200,9 @@ def extraction_dir(archive, name):
 
     st = os.stat(archive)
     key = hashlib.sha1(f"{os.path.abspath(archive)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    root = os.environ.get("KTRANSFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                  "keras_transfer")
+    from keras_transfer.backend import cache_root
+
+    root = cache_root()
     return os.path.join(root, "extracted", f"{name}-{key}")
 
 
@@ -267,6 +269,10 @@ def load_dataset(name, data_dir=None, download=True):
     try:
         x_tr, y_tr, x_te, y_te = spec.reader(d)
     except FileNotFoundError:
+        for system in spec.system_dirs:
+            if os.path.isdir(system):
+                x_tr, y_tr, x_te, y_te = spec.reader(system)
+                return Dataset(name, x_tr, y_tr, x_te, y_te, list(spec.class_names))
         if not download or name in _UNVERIFIED_DOWNLOADS:
             raise DataError(_missing_message(spec, d)) from None
         for fname, (url, sha) in spec.files.items():

@@ -71,8 +71,11 @@ def create_backbone(name, input_size=None, channels=None, weights=None, **option
     if ch != spec.channels and spec.value_range != "unit":
         raise ConfigError(f"{name} takes {spec.channels}-channel input only; use channel_mode "
                           f"'repeat'. Received: channels={ch}")
-    if name != "resnet" and options:
-        raise ConfigError(f"Options {sorted(options)} apply to 'resnet' only. Received model: {name!r}")
+    allowed = {"resnet": {"widths", "blocks_per_stage", "batch_norm", "dropout", "pooling"},
+               "airbench": {"widths"}}.get(name, set())
+    if set(options) - allowed:
+        raise ConfigError(f"Options {sorted(set(options) - allowed)} do not apply to {name!r}: expected some of "
+                          f"{sorted(allowed)}. Received: {sorted(options)}")
     return spec.builder((size, size, ch), weights, **options)
 
 
@@ -155,6 +158,21 @@ def copy_backbone(backbone, channels=None, fresh=False):
             weights[0] = weights[0].sum(axis=2, keepdims=True)
         clone.get_layer(src.name).set_weights(weights)
     return clone
+
+
+def backbone_inputs(model, x, batch_size=256):
+    """What the classifier's backbone receives for uint8 images ``x`` (preprocessing, no augmentation)."""
+    backbone = model.get_layer("backbone")
+    i = model.layers.index(backbone)
+    pre = keras.Model(model.input, model.layers[i - 1].output)
+    return np.asarray(pre.predict(x, batch_size=batch_size, verbose=0))
+
+
+def initialise_from_data(model, spec_name, x, n=5000):
+    """Run the backbone's data-dependent initialisation (if its spec has one) on ``n`` training images."""
+    spec = get_spec(spec_name)
+    if spec.data_init is not None:
+        spec.data_init(model.get_layer("backbone"), backbone_inputs(model, x[:n]))
 
 
 def head_layers(model):

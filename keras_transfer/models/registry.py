@@ -29,6 +29,9 @@ class ModelSpec:
             (the backbone normalises inside, as keras.applications EfficientNet).
         blocks: tuple of str. Layer-name prefixes of the blocks, input to output.
         gradcam_layer: str. Output of the last spatial layer (Grad-CAM target).
+        description: str.
+        data_init: callable ``(backbone, x) -> None`` or None. Data-dependent initialisation on
+            normalised training images ``x``, run before training from scratch.
     """
 
     name: str
@@ -40,6 +43,7 @@ class ModelSpec:
     blocks: tuple
     gradcam_layer: str
     description: str = ""
+    data_init: object = None
 
     def block_of(self, layer_name):
         """The block whose name is the longest prefix of ``layer_name``, or ``None``."""
@@ -96,6 +100,27 @@ def resnet_blocks(widths=(64, 128, 256), blocks_per_stage=1):
 register_model(ModelSpec(
     "resnet", _resnet_builder, 32, 8, 3, "unit", resnet_blocks(), "stage3_block1_out",
     "CIFAR-10 seed residual CNN (Conv-BN-ELU-SpatialDropout-Conv-BN + skip; 64/128/256)"))
+
+
+def _airbench_builder(input_shape, weights=None, widths=(64, 256, 256), **_):
+    from keras_transfer.models.airbench import airbench_cnn
+
+    model = airbench_cnn(input_shape, tuple(widths))
+    if weights not in (None, "none"):
+        model.load_weights(weights)
+    return model
+
+
+def _airbench_init(backbone, x):
+    from keras_transfer.models.airbench import init_whitening
+
+    init_whitening(backbone, x)
+
+
+register_model(ModelSpec(
+    "airbench", _airbench_builder, 32, 16, 3, "unit", ("whiten", "group1", "group2", "group3", "pool"),
+    "group3_gelu2", "fast CIFAR-10 net after airbench94 (whitening conv, 64/256/256 conv groups)",
+    data_init=_airbench_init))
 
 
 def _applications_builder(fn_name, file_name):

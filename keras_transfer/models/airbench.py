@@ -1,0 +1,106 @@
+"""A fast CIFAR-10 network after airbench94 (Keller Jordan, 2024), as a Keras functional model.
+
+    whiten: 2x2 conv, 24 filters, frozen, set from the eigenvectors of training patches
+            (`init_whitening`), + a trainable bias -> GELU
+    group1..3: conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU   (64 / 256 / 256)
+    pool:   global max pool -> x 1/9
+
+BatchNorm has no learned scale (airbench freezes it at 1) and momentum 0.4 in Keras' convention
+(0.6 in torch's). Convolutions start from a partial identity (airbench's dirac init). Left out of
+airbench94: the 64x learning rate of BN biases, Lookahead/EMA and multi-crop test-time
+augmentation; the fast recipe (`experiments/cifar10_fast.yaml`) uses flip test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class Bias(layers.Layer):
+    """Adds a learned per-channel bias (so that a conv kernel can stay frozen while its bias trains)."""
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+
+    def call(self, x):
+        return x + keras.ops.cast(self.bias, x.dtype)
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class PartialDirac(keras.initializers.Initializer):
+    """Conv kernel whose first ``min(in, out)`` filters are identities; the rest uniform(+-1/sqrt(fan_in)).
+
+    The default initialisation of a torch conv, with ``torch.nn.init.dirac_`` on its first
+    ``in_channels`` filters, as airbench does.
+    """
+
+    def __init__(self, seed=None):
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        kh, kw, cin, cout = shape
+        bound = 1.0 / np.sqrt(kh * kw * cin)
+        w = keras.random.uniform(shape, -bound, bound, dtype=dtype, seed=self.seed)
+        n = min(cin, cout)
+        eye = np.zeros(shape, "float32")
+        eye[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
+        keep = np.ones(shape, "float32")
+        keep[..., :n] = 0.0
+        return w * keras.ops.convert_to_tensor(keep, dtype) + keras.ops.convert_to_tensor(eye, dtype)
+
+    def get_config(self):
+        return {"seed": self.seed}
+
+
+def airbench_cnn(input_shape=(32, 32, 3), widths=(64, 256, 256), name="backbone"):
+    """Build the network (no head); blocks ``whiten``, ``group1..3``, ``pool``.
+
+    Args:
+        input_shape: tuple. (H, W, C) of normalised float inputs; H, W >= 16.
+        widths: tuple of 3 int. Filters of the three conv groups.
+    """
+    c = input_shape[-1]
+    inputs = keras.Input(input_shape, name="backbone_input")
+    x = layers.Conv2D(2 * 4 * c, 2, padding="valid", use_bias=False, trainable=False, name="whiten_conv")(inputs)
+    x = Bias(name="whiten_bias")(x)
+    x = layers.Activation("gelu", name="whiten_gelu")(x)
+    for i, w in enumerate(widths, start=1):
+        for j in (1, 2):
+            x = layers.Conv2D(w, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
+                              name=f"group{i}_conv{j}")(x)
+            if j == 1:
+                x = layers.MaxPooling2D(2, name=f"group{i}_pool")(x)
+            x = layers.BatchNormalization(momentum=0.4, epsilon=1e-12, scale=False, name=f"group{i}_bn{j}")(x)
+            x = layers.Activation("gelu", name=f"group{i}_gelu{j}")(x)
+    x = layers.GlobalMaxPooling2D(name="pool")(x)
+    x = layers.Rescaling(1.0 / 9.0, name="pool_scale")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def patches_2x2(x):
+    """All 2x2 patches of NHWC images, flattened to (N * (H-1) * (W-1), 4 * C), in (h, w, c) order."""
+    p = np.stack([x[:, i:i + x.shape[1] - 1, j:j + x.shape[2] - 1] for i in (0, 1) for j in (0, 1)], axis=3)
+    return p.reshape(-1, 4 * x.shape[-1])
+
+
+def init_whitening(backbone, x, eps=5e-4):
+    """Set ``whiten_conv`` so that its outputs are decorrelated, unit-variance on the images ``x``.
+
+    The kernel holds the eigenvectors of the (uncentred) 2x2-patch covariance, divided by the square
+    root of their eigenvalues, each twice with opposite signs (GELU then keeps both halves).
+
+    Args:
+        backbone: keras.Model from `airbench_cnn`.
+        x: float array (N, H, W, C). Normalised training images, as the backbone sees them.
+    """
+    conv = backbone.get_layer("whiten_conv")
+    p = patches_2x2(np.asarray(x, "float64"))
+    cov = p.T @ p / len(p)
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1]
+    filters = vectors[:, order] / np.sqrt(values[order] + eps)  # (4C, 4C): one filter per column
+    kernel = np.concatenate([filters, -filters], axis=1).reshape(2, 2, x.shape[-1], -1)
+    conv.kernel.assign(kernel.astype("float32"))

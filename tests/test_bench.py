@@ -1,0 +1,76 @@
+import json
+import os
+
+import keras
+import pytest
+from click.testing import CliRunner
+
+from keras_transfer import bench
+from keras_transfer.cli import main
+
+JIT = keras.config.backend() != "torch"  # torch.compile costs minutes per model on CPU
+
+
+def test_bench_case_measures_ours_and_plain_keras_on_the_same_model():
+    r = bench.bench_case("resnet", 16, "linear", batch=8, steps=2, widths=(4, 8, 8), jit=JIT, repeats=2)
+    for side in ("ours", "plain_keras"):
+        assert r[side]["img_per_s"] > 0 and r[side]["step_ms"] > 0 and r[side]["compile_s"] > 0
+        assert len(r[side]["epoch_img_per_s_runs"]) == 2
+    assert r["ratio_ours_over_plain"] == pytest.approx(r["ours"]["img_per_s"] / r["plain_keras"]["img_per_s"])
+    # linear probe: only the head trains (3 -> ... -> 8 hidden -> 10 logits on 8 pooled features)
+    assert r["trainable_params"] == (8 * 256 + 256) + (256 * 10 + 10)
+    assert r["non_trainable_params"] > 0 and r["peak_memory_mb"] > 0
+
+
+def test_torch_reference_rows_time_a_plain_torch_module():
+    torch = pytest.importorskip("torch")
+
+    def tiny():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 10))
+
+    r = bench.bench_torch_module(tiny, 16, batch=4, steps=2, repeats=2)
+    assert r["img_per_s"] > 0 and len(r["epoch_img_per_s_runs"]) == 2 and r["step_ms"] > 0
+    assert r["memory_kind"] in ("device", "host RSS")
+
+
+def test_bench_command_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--size", "16", "--batch-size", "4", "--steps", "1", "--repeats", "1", "--strategies",
+            "linear", "--no-timm", "--out", str(out)] + ([] if JIT else ["--no-jit"])
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    (js,) = [f for f in os.listdir(out) if f.endswith(".json")]
+    data = json.load(open(out / js))
+    assert data["environment"]["backend"] == keras.config.backend() and len(data["rows"]) == 1
+    md = open(out / js.replace(".json", ".md")).read()
+    assert "| resnet | 16 | linear | 4 |" in md
+
+
+def test_bench_refuses_an_unknown_model_in_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "--model", "resnet,vgg99", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "vgg99" in r.output and len(r.output.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_bench_probe_compares_ordinary_and_cached_linear_probes(tmp_path, digits_npz):
+    import yaml
+
+    cfg = {"model": {"input_size": 8, "widths": [4, 8, 8], "head_hidden": 8},
+           "pretrain": {"epochs": 1}, "finetune": {"epochs": 3},
+           "data": {"batch_size": 32, "per_class": 5, "source": f"npz:{digits_npz}", "target": f"npz:{digits_npz}"}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    pre = str(tmp_path / "pre")
+    r = CliRunner().invoke(main, ["pretrain", "--config", str(path), "--out", pre], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "probe"
+    r = CliRunner().invoke(main, ["bench-probe", "--config", str(path), "--pretrained", pre, "--seeds", "0",
+                                  "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rows = json.load(open(out / "probe.json"))["rows"]
+    assert [row["cached"] for row in rows] == [False, True]
+    ordinary, cached = rows
+    # Same frozen features, same head initialisation and batches: the same predictions up to float noise.
+    assert abs(ordinary["accuracy"] - cached["accuracy"]) <= 2 / ordinary["n_test"]
+    assert "| cached features |" in open(out / "probe.md").read()

@@ -1,0 +1,128 @@
+"""The fast CIFAR-10 preset's parts: airbench network, whitening init, schedule, flip TTA, preset file."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_transfer import config as config_lib
+from keras_transfer.models import build_classifier, create_backbone, initialise_from_data
+from keras_transfer.models.airbench import PartialDirac, patches_2x2
+from tests.conftest import tiny_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_airbench_has_airbench94s_shape_and_size():
+    bb = create_backbone("airbench", 32, 3)
+    assert bb.output.shape[-1] == 256
+    names = [layer.name for layer in bb.layers]
+    assert names.index("whiten_conv") < names.index("group1_conv1") < names.index("group3_conv2")
+    # whiten 2x2x3x24 (frozen) + its bias; six 3x3 convs without bias; BN: beta + moving mean and var
+    convs = 9 * (24 * 64 + 64 * 64 + 64 * 256 + 3 * 256 * 256)
+    assert bb.count_params() == 288 + 24 + convs + 3 * (2 * 64 + 4 * 256) == 1_971_384
+    assert not bb.get_layer("whiten_conv").trainable
+
+
+def test_whitening_init_decorrelates_training_patches():
+    rng = np.random.default_rng(0)
+    # Correlated channels and pixels, as in natural images.
+    base = rng.normal(size=(64, 17, 17, 1))
+    x = np.concatenate([base, 0.8 * base + 0.2 * rng.normal(size=base.shape), rng.normal(size=base.shape)], -1)
+    x = (x[:, 1:] + x[:, :-1])[:, :, 1:] + (x[:, 1:] + x[:, :-1])[:, :, :-1]
+    bb = create_backbone("airbench", 16, 3)
+    from keras_transfer.models.airbench import init_whitening
+
+    init_whitening(bb, x, eps=0.0)
+    kernel = keras.ops.convert_to_numpy(bb.get_layer("whiten_conv").kernel).reshape(12, 24)
+    out = patches_2x2(x) @ kernel[:, :12]  # the positive half of the filters
+    cov = out.T @ out / len(out)
+    np.testing.assert_allclose(cov, np.eye(12), atol=1e-6)
+    np.testing.assert_allclose(kernel[:, 12:], -kernel[:, :12])
+
+
+def test_initialise_from_data_runs_on_what_the_backbone_sees():
+    x, y = tiny_data(40, shape=(16, 16, 3))
+    bb = create_backbone("airbench", 16, 3, widths=(8, 8, 8))
+    model = build_classifier(bb, "airbench", (16, 16, 3), 10, mean=[0.5] * 3, std=[0.25] * 3, head_hidden=0)
+    before = keras.ops.convert_to_numpy(bb.get_layer("whiten_conv").kernel).copy()
+    initialise_from_data(model, "airbench", x)
+    after = keras.ops.convert_to_numpy(bb.get_layer("whiten_conv").kernel)
+    assert not np.allclose(before, after)
+    seen = (x / 255.0 - 0.5) / 0.25
+    out = patches_2x2(seen) @ after.reshape(12, 24)[:, :12]
+    assert np.abs(np.diag(out.T @ out / len(out)) - 1).max() < 0.05
+
+
+def test_partial_dirac_starts_as_identity_on_the_first_filters():
+    w = keras.ops.convert_to_numpy(PartialDirac(seed=1)((3, 3, 4, 6)))
+    for i in range(4):
+        expected = np.zeros((3, 3, 4))
+        expected[1, 1, i] = 1
+        np.testing.assert_array_equal(w[..., i], expected)
+    assert np.abs(w[..., 4:]).max() <= 1 / np.sqrt(36) and np.abs(w[..., 4:]).min() > 0
+
+
+def test_triangle_schedule_goes_up_then_down_linearly():
+    from keras_transfer.train import TriangularSchedule, learning_rate
+
+    cfg = config_lib.TrainConfig(epochs=10, learning_rate=1.5, schedule="triangle", warmup_epochs=2.3,
+                                 start_factor=0.2, end_factor=0.07)
+    sched = learning_rate(cfg, 10)
+    assert isinstance(sched, TriangularSchedule)
+    lr = [float(keras.ops.convert_to_numpy(sched(s))) for s in (0, 23, 100, 200)]
+    np.testing.assert_allclose(lr, [0.3, 1.5, 0.105, 0.105], rtol=1e-6)
+    mid = float(keras.ops.convert_to_numpy(sched(61)))
+    np.testing.assert_allclose(mid, 1.5 + (0.105 - 1.5) * (61 - 23) / 77, rtol=1e-6)
+    restored = TriangularSchedule.from_config(sched.get_config())
+    assert float(keras.ops.convert_to_numpy(restored(23))) == pytest.approx(1.5)
+
+
+def test_flip_tta_averages_the_logits_of_image_and_mirror():
+    from keras_transfer.evaluate import evaluate_model, predict_logits, softmax
+    from tests.conftest import tiny_model
+
+    model = tiny_model()
+    x, y = tiny_data(12)
+    _, probs = evaluate_model(model, x, y, [str(i) for i in range(10)], tta="flip")
+    expected = softmax((predict_logits(model, x) + predict_logits(model, x[:, :, ::-1])) / 2)
+    np.testing.assert_allclose(probs, expected, rtol=1e-6)
+    from keras_transfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="expected none or flip"):
+        evaluate_model(model, x, y, [str(i) for i in range(10)], tta="crop")
+
+
+def test_fast_preset_file_resolves_to_the_airbench_recipe():
+    cfg = config_lib.load(os.path.join(ROOT, "experiments", "cifar10_fast.yaml"))
+    assert cfg.model.name == "airbench" and cfg.data.source == "cifar10" and cfg.data.val == 0
+    assert cfg.pretrain.schedule == "triangle" and cfg.pretrain.precision == "mixed_bfloat16"
+    assert cfg.data.tta == "flip" and cfg.data.augment == "translate"
+
+
+def test_fast_recipe_pretrains_end_to_end_on_tiny_data(tmp_path, digits_npz):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from keras_transfer.cli import main
+
+    preset = yaml.safe_load(open(os.path.join(ROOT, "experiments", "cifar10_fast.yaml")))
+    preset["data"].update(source=f"npz:{digits_npz}", batch_size=64)
+    preset["model"].update(input_size=16, channels=1, widths=[8, 8, 8])
+    preset["pretrain"].update(epochs=3, warmup_epochs=0.5, precision="float32",
+                              jit_compile=keras.config.backend() != "torch")
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["pretrain", "--config", str(path), "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = json.load(open(out / "metrics.json"))
+    assert m["model"] == "airbench" and 0.0 <= m["accuracy"] <= 1.0
+    assert m["first_epoch_s"] > 0 and m["train_s_without_compile"] > 0
+    assert m["compile_s_estimate"] == pytest.approx(max(0.0, m["first_epoch_s"] - m["epoch_s_median"]))
+    assert "training without compilation" in r.output
+    model = keras.saving.load_model(out / "model.keras")
+    assert not model.get_layer("backbone").get_layer("whiten_conv").trainable
