@@ -98,12 +98,14 @@ class _Timed:
 
 
 def bench_case(name, size, strategy, batch, steps, precision="float32", augment="none", widths=(64, 128, 256),
-               jit=True, repeats=3):
+               jit="auto", repeats=3):
     """One row: ours vs plain Keras for a model, input size, strategy and batch size.
 
     Ours is the package's path (`ArrayBatches`, through `fit_input`, and `compile_model`); plain
     Keras is the same model compiled with Adam and fed the numpy arrays through ``model.fit``.
     Timed epochs alternate between the two, so drift of the machine (clock, other load) hits both.
+    ``jit``: ``"auto"`` (both sides take Keras' default: XLA on JAX, on TensorFlow only with an
+    accelerator, eager torch) or a bool forced on both.
     """
     set_precision(precision)
     channels = 3
@@ -126,6 +128,7 @@ def bench_case(name, size, strategy, batch, steps, precision="float32", augment=
         for t in timed:
             t.epoch()
     r_ours, r_plain = (t.result() for t in timed)
+    r_ours["jit_compile"], r_plain["jit_compile"] = bool(ours.jit_compile), bool(plain.jit_compile)
     del ours, plain, timed
     keras.backend.clear_session()
     mem, mem_kind = _peak_memory_mb()
@@ -276,19 +279,24 @@ def environment():
             "backend": keras.config.backend(), "backend_info": backend_info()}
 
 
+def _on_off(flag):
+    return "?" if flag is None else ("on" if flag else "off")
+
+
 def markdown_table(env, rows, reference_rows=()):
     lines = [f"Measured {env['date']} on {env['backend']} ({'; '.join(env['backend_info'])}), Keras "
              f"{env['keras']}, {env['cpu_count']} CPU cores, {env['machine']}.", "",
              "Throughput excludes compilation: batch / median step time over all timed steps, input wait "
              "included (whole-epoch rates in the JSON).", "",
              "| model | size | strategy | batch | precision | ours img/s | plain Keras img/s | ours/plain "
-             "| step ms (ours) | compile s (ours / plain) | peak memory MB |",
-             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| step ms (ours) | compile s (ours / plain) | XLA / torch.compile | peak memory MB |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} | {r['strategy']} | {r['batch']} | {r['precision']} | "
                      f"{r['ours']['img_per_s']:.1f} | {r['plain_keras']['img_per_s']:.1f} | "
                      f"{r['ratio_ours_over_plain']:.3f} | {r['ours']['step_ms']:.1f} | "
                      f"{r['ours']['compile_s']:.1f} / {r['plain_keras']['compile_s']:.1f} | "
+                     f"{_on_off(r['ours'].get('jit_compile'))} / {_on_off(r['plain_keras'].get('jit_compile'))} | "
                      f"{r['peak_memory_mb']:.0f} ({r['memory_kind']}) |")
     if reference_rows:
         lines += ["", "Reference: plain PyTorch (full fine-tune, Adam, data on the device, channels_last).", "",

@@ -344,7 +344,9 @@ def models(size):
 @click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32",
               show_default=True)
 @click.option("--augment", type=click.Choice(list(PRESETS)), default="none", show_default=True)
-@click.option("--jit/--no-jit", default=True, show_default=True)
+@click.option("--jit/--no-jit", default=None,
+              help="Force XLA / torch.compile on or off on both sides (default: Keras' auto: XLA on JAX, on "
+                   "TensorFlow only with a GPU/TPU, eager torch).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed epochs per row; the median counts.")
 @click.option("--timm/--no-timm", "with_timm", default=None,
               help="Reference rows from timm's efficientnet_b0 (eager, compiled); default: when timm imports "
@@ -376,7 +378,8 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
     for name in names:
         side = size or (32 if name == "resnet" else get_spec(name).default_size)
         for strategy in strategies.split(","):
-            r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment, jit=jit,
+            r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment,
+                                     jit="auto" if jit is None else jit,
                                      repeats=repeats)
             rows.append(r)
             click.echo(f"{name} {side} {strategy:8s} ours {r['ours']['img_per_s']:9.1f} img/s  plain "

@@ -63,6 +63,23 @@ def save_model(model, path):
             os.remove(tmp)
 
 
+def load_model(path):
+    """``keras.saving.load_model`` with every keras-transfer custom object registered first.
+
+    The backbone modules are imported lazily by the model registry, so a fresh process that
+    only loads a saved model would otherwise not know ``FreezableSpatialDropout2D`` & co.
+    """
+    import keras
+
+    import keras_transfer.data.augment  # noqa: F401  (registers the custom layers and losses)
+    import keras_transfer.models.airbench  # noqa: F401
+    import keras_transfer.models.classifier  # noqa: F401
+    import keras_transfer.models.resnet  # noqa: F401
+    import keras_transfer.train  # noqa: F401
+
+    return keras.saving.load_model(path)
+
+
 def save_figure(fig, path, dpi=110):
     import io
 

@@ -15,7 +15,7 @@ from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input
 from keras_transfer.errors import ConfigError, DataError
 from keras_transfer.evaluate import evaluate_model
-from keras_transfer.io import read_json, save_model, write_json
+from keras_transfer.io import load_model, read_json, save_model, write_json
 from keras_transfer.models import (
     build_classifier,
     channel_stats,
@@ -183,7 +183,7 @@ def load_pretrained(path):
     for c in candidates:
         if os.path.isfile(c):
             try:
-                return keras.saving.load_model(c)
+                return load_model(c)
             except Exception as e:
                 raise DataError(f"Could not load {c}: expected a Keras .keras model. Received: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e

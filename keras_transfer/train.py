@@ -13,7 +13,7 @@ from keras import ops
 
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
-from keras_transfer.io import save_model
+from keras_transfer.io import load_model, save_model
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
@@ -95,15 +95,15 @@ def make_optimizer(cfg, steps_per_epoch):
 
 def compile_model(model, cfg, steps_per_epoch):
     """Compile (or recompile, after a change of ``trainable``) with the recipe ``cfg``."""
-    jit = cfg.jit_compile
-    if jit == "auto":
-        # torch.compile costs minutes per model on a CPU; XLA pays off on JAX and TF.
-        jit = keras.config.backend() != "torch"
+    # "auto" is Keras' own rule: XLA on JAX, on TensorFlow only with an accelerator (on a CPU, XLA ran
+    # EfficientNetB0 7-10x and the residual CNN 1.1-1.5x slower than TF's own kernels; see
+    # benchmarks/), never torch.compile on torch (minutes per model; slower than eager on a GPU).
+    jit = cfg.jit_compile if cfg.jit_compile == "auto" else bool(cfg.jit_compile)
     model.compile(
         optimizer=make_optimizer(cfg, steps_per_epoch),
         loss=SparseSmoothedCrossentropy(cfg.label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=bool(jit),
+        jit_compile=jit,
         steps_per_execution=cfg.steps_per_execution,
     )
     return model
@@ -234,6 +234,6 @@ def resume_state(stage_dir):
     last = os.path.join(stage_dir, "checkpoints", "last.keras")
     if not os.path.exists(last):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
-    model = keras.saving.load_model(last)  # fit() restores the RNG states from checkpoints/rng.npz
+    model = load_model(last)  # fit() restores the RNG states from checkpoints/rng.npz
     history = read_history(os.path.join(stage_dir, "history.csv"))
     return model, len(history.get("epoch", []))

@@ -67,6 +67,49 @@ def test_saved_model_gives_identical_predictions(tmp_path, name):
     assert (loaded.predict(x, verbose=0).argmax(1) == before.argmax(1)).all()
 
 
+@pytest.mark.parametrize("name", ["resnet", "airbench"])
+def test_saved_model_loads_in_a_fresh_process(tmp_path, name):
+    """A new process (``ktransfer finetune --pretrained``, ``evaluate``, ``gradcam``) has not built the
+    backbone, so its custom layers must be registered by the loader itself."""
+    import subprocess
+    import sys
+
+    from keras_transfer.models import build_classifier, create_backbone
+
+    widths = {"resnet": (4, 8, 8), "airbench": (4, 8, 8)}[name]
+    bb = create_backbone(name, 16, widths=widths)
+    model = build_classifier(bb, name, (16, 16, 3), 4, augment=augmentation_layers("strong", 3), head_hidden=8)
+    x, _ = tiny_data(4, (16, 16, 3), k=4)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "p.npy", model.predict(x, verbose=0))
+    code = ("import sys, numpy as np; from keras_transfer.runner import load_pretrained; "
+            "d = sys.argv[1]; m = load_pretrained(d + '/m.keras'); "
+            "np.testing.assert_allclose(m.predict(np.load(d + '/x.npy'), verbose=0), np.load(d + '/p.npy'), "
+            "rtol=1e-5, atol=1e-5)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)), env=os.environ.copy())
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_auto_jit_is_keras_default():
+    """``jit_compile: auto`` follows Keras: XLA on JAX, on TF only with an accelerator (XLA on a CPU ran
+    EfficientNetB0 7-10x slower, see benchmarks/README.md), eager torch."""
+    ours = compile_model(tiny_model(), TrainConfig(epochs=1), 2)
+    plain = tiny_model()
+    plain.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert ours.jit_compile == plain.jit_compile
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        assert ours.jit_compile == bool(tf.config.list_physical_devices("GPU"))
+    else:
+        assert ours.jit_compile is (backend == "jax")
+    assert compile_model(tiny_model(), TrainConfig(epochs=1, jit_compile=False), 2).jit_compile is False
+
+
 def test_precision_policy_and_optimizers():
     from keras_transfer.train import make_optimizer, set_precision
 
