@@ -10,12 +10,9 @@ Keras' input). Same harness as `ktransfer bench` (batch / median step time).
 import argparse
 
 import keras
-import numpy as np
 
-from keras_transfer.bench import _model, _Timed
-from keras_transfer.config import TrainConfig
+from keras_transfer.bench import _Timed, ours_and_plain, synthetic_images
 from keras_transfer.data.pipeline import ArrayBatches
-from keras_transfer.train import SparseSmoothedCrossentropy, compile_model
 
 
 def main():
@@ -27,17 +24,8 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=4)
     a = p.parse_args()
-    n = a.batch * (a.steps + 2)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (n, a.size, a.size, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, n)
-    keras.utils.set_random_seed(0)
-    ours = _model(a.model, a.size, 3, a.strategy, "none", (64, 128, 256))
-    compile_model(ours, TrainConfig(optimizer="adam", schedule="constant", weight_decay=0.0), a.steps)
-    keras.utils.set_random_seed(0)
-    plain = _model(a.model, a.size, 3, a.strategy, "none", (64, 128, 256))
-    plain.compile(keras.optimizers.Adam(1e-3), SparseSmoothedCrossentropy(0.0),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    x, y = synthetic_images(a.batch * (a.steps + 2), a.size)
+    ours, plain = ours_and_plain(a.model, a.size, a.strategy, a.steps)
     timed = {"ours+batches": _Timed(ours, ArrayBatches(x, y, a.batch, shuffle=True), a.steps, a.batch),
              "ours+arrays": _Timed(ours, (x, y), a.steps, a.batch),
              "plain+arrays": _Timed(plain, (x, y), a.steps, a.batch),

@@ -76,8 +76,7 @@ def test_saved_model_loads_in_a_fresh_process(tmp_path, name):
 
     from keras_transfer.models import build_classifier, create_backbone
 
-    widths = {"resnet": (4, 8, 8), "airbench": (4, 8, 8)}[name]
-    bb = create_backbone(name, 16, widths=widths)
+    bb = create_backbone(name, 16, widths=(4, 8, 8))
     model = build_classifier(bb, name, (16, 16, 3), 4, augment=augmentation_layers("strong", 3), head_hidden=8)
     x, _ = tiny_data(4, (16, 16, 3), k=4)
     path = str(tmp_path / "m.keras")
