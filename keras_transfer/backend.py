@@ -48,6 +48,48 @@ def enable_compilation_cache(path=None):
     return folder
 
 
+def has_accelerator():
+    """Whether the active backend computes on a GPU/TPU (not the CPU)."""
+    b = keras.config.backend()
+    if b == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if b == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    if b == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return False
+
+
+def device_gather(*arrays):
+    """Copies ``arrays`` to the compute device once; returns ``take(indices) -> tuple`` of device rows.
+
+    The in-memory input path's accelerator fast path: a batch is then a gather on the device
+    (microseconds) instead of a host gather plus a host-to-device copy per step (milliseconds for
+    a 224x224 batch of 256, a large share of an EfficientNet step on an H100). JAX and torch only:
+    on TensorFlow in-memory batches already run as a tf.data pipeline.
+    """
+    b = keras.config.backend()
+    if b == "jax":
+        import jax
+
+        on_device = [jax.device_put(a) for a in arrays]
+        gather = jax.jit(lambda a, i: a[i])
+        return lambda idx: tuple(gather(a, idx.astype("int32")) for a in on_device)
+    if b == "torch":
+        import torch
+
+        device = keras.ops.convert_to_tensor(0.0).device
+        on_device = [torch.as_tensor(a).to(device) for a in arrays]
+        return lambda idx: tuple(a[torch.as_tensor(idx).to(device)] for a in on_device)
+    raise NotImplementedError(f"device_gather has no {b!r} version; use host arrays")
+
+
 def backend_info():
     """Lines describing the backend library version and its devices."""
     b = keras.config.backend()

@@ -149,6 +149,50 @@ def bench_case(name, size, strategy, batch, steps, precision="float32", augment=
             "peak_memory_mb": mem, "memory_kind": mem_kind}
 
 
+def bench_cached_linear(name, size, batch, steps, precision="float32", repeats=3, probe_epochs=10,
+                        widths=(64, 128, 256)):
+    """The cached-feature linear probe's throughput, for the same model, data size and batch.
+
+    The frozen backbone runs once over the data (``predict``, timed after a warm-up pass), then the
+    head trains on the stored features (timed epochs after a compiling one). A probe of
+    ``probe_epochs`` epochs over N images then takes N / extract + probe_epochs * N / head seconds;
+    ``img_per_s`` is its effective rate, ``probe_epochs * N`` images over that time, to compare with
+    the ordinary probe's per-epoch training rate (which pays the backbone every epoch).
+    """
+    from keras_transfer.transfer import feature_extractor, head_model
+
+    set_precision(precision)
+    n = batch * (steps + 2)  # as in bench_case: the head's 2-step compiling epoch and timed epochs fit in it
+    x, y = synthetic_images(n, size)
+    keras.utils.set_random_seed(0)
+    model = _model(name, size, 3, "linear", "none", widths)
+    extractor = feature_extractor(model)
+    t0 = time.perf_counter()
+    extractor.predict(x[:2 * batch], batch_size=batch, verbose=0)
+    extract_compile_s = time.perf_counter() - t0
+    extract = []
+    for _ in range(repeats):
+        t1 = time.perf_counter()
+        feats = np.asarray(extractor.predict(x, batch_size=batch, verbose=0))
+        extract.append(n / (time.perf_counter() - t1))
+    head = head_model(model)
+    compile_model(head, TrainConfig(optimizer="adam", schedule="constant", precision=precision,
+                                    weight_decay=0.0), steps)
+    timed = _Timed(head, ArrayBatches(feats, y, batch, shuffle=True), steps, batch)
+    for _ in range(repeats):
+        timed.epoch()
+    r_head = timed.result()
+    r_extract = float(np.median(extract))
+    effective = probe_epochs / (1 / r_extract + probe_epochs / r_head["epoch_img_per_s"])
+    del model, extractor, head, timed
+    keras.backend.clear_session()
+    return {"model": name, "size": size, "strategy": "linear (cached features)", "batch": batch, "steps": steps,
+            "repeats": repeats, "precision": precision, "backend": keras.config.backend(),
+            "feature_dim": int(feats.shape[-1]), "extract_img_per_s": r_extract, "extract_runs": extract,
+            "extract_compile_s": extract_compile_s, "head": r_head, "probe_epochs": probe_epochs,
+            "img_per_s": effective}
+
+
 def bench_torch_module(make_module, size, batch, steps, precision="float32", compiled=False, repeats=3):
     """Training throughput of a plain PyTorch module (the reference rows, e.g. timm's EfficientNet-B0).
 
@@ -292,7 +336,7 @@ def _on_off(flag):
     return "on" if flag else "off"
 
 
-def markdown_table(env, rows, reference_rows=()):
+def markdown_table(env, rows, reference_rows=(), cached_rows=()):
     lines = [f"Measured {env['date']} on {env['backend']} ({'; '.join(env['backend_info'])}), Keras "
              f"{env['keras']}, {env['cpu_count']} CPU cores, {env['machine']}.", "",
              "Throughput excludes compilation: batch / median step time over all timed steps, input wait "
@@ -307,6 +351,16 @@ def markdown_table(env, rows, reference_rows=()):
                      f"{r['ours']['compile_s']:.1f} / {r['plain_keras']['compile_s']:.1f} | "
                      f"{_on_off(r['ours']['jit_compile'])} / {_on_off(r['plain_keras']['jit_compile'])} | "
                      f"{r['peak_memory_mb']:.0f} ({r['memory_kind']}) |")
+    if cached_rows:
+        lines += ["", "Cached-feature linear probe (`--cached-features`): the frozen backbone runs once, the head "
+                  "trains on stored features. Effective img/s = a probe of E epochs over N images, E * N over "
+                  "(one extraction pass + E head epochs).", "",
+                  "| model | size | batch | precision | extraction img/s | head img/s | E | effective img/s |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|"]
+        for r in cached_rows:
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | "
+                         f"{r['extract_img_per_s']:.1f} | {r['head']['epoch_img_per_s']:.1f} | {r['probe_epochs']} | "
+                         f"{r['img_per_s']:.1f} |")
     if reference_rows:
         lines += ["", "Reference: plain PyTorch (full fine-tune, Adam, data on the device, channels_last).", "",
                   "| library | model | compiled | size | batch | precision | img/s | step ms | compile s "

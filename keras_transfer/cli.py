@@ -53,7 +53,8 @@ def _run_options(fn):
         click.option("--per-class", type=int, help="Low-data study: target training images per class."),
         click.option("--fraction", type=float, help="Low-data study: fraction of target training set."),
         click.option("--batch-size", type=int),
-        click.option("--tta", type=click.Choice(["none", "flip"]), help="Test-time augmentation at evaluation."),
+        click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]),
+                     help="Test-time augmentation at evaluation."),
         click.option("--input-path", type=click.Choice(["auto", "memory", "tfdata"])),
         click.option("--pretrain-epochs", type=int),
         click.option("--finetune-epochs", type=int),
@@ -353,10 +354,12 @@ def models(size):
                    "and efficientnet_b0 is benchmarked.")
 @click.option("--compile-cache/--no-compile-cache", default=False, show_default=True,
               help="Use the persistent compilation cache (a second run then shows the cached compile time).")
+@click.option("--cached-probe-epochs", "probe_epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also time the cached-feature linear probe, as a probe of this many epochs (0: skip).")
 @click.option("--out", type=click.Path(), default="benchmarks", show_default=True)
 @_fail_cleanly
 def bench(models_, size, strategies, batch_size, steps, precision, augment, jit, repeats, with_timm, compile_cache,
-          out):
+          probe_epochs, out):
     """Training throughput (img/s), step time, compile time, peak memory: ours vs plain Keras.
 
     Writes benchmarks/bench-<backend>-<time>.json and .md with hardware, versions and date.
@@ -385,6 +388,15 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
             click.echo(f"{name} {side} {strategy:8s} ours {r['ours']['img_per_s']:9.1f} img/s  plain "
                        f"{r['plain_keras']['img_per_s']:9.1f} img/s  ratio {r['ratio_ours_over_plain']:.3f}  "
                        f"compile {r['ours']['compile_s']:.1f} s")
+    cached = []
+    if probe_epochs:
+        for name in names:
+            side = size or (32 if name == "resnet" else get_spec(name).default_size)
+            r = bench_lib.bench_cached_linear(name, side, batch_size, steps, precision, repeats, probe_epochs)
+            cached.append(r)
+            click.echo(f"{name} {side} linear, cached features: extraction {r['extract_img_per_s']:9.1f} img/s, "
+                       f"head {r['head']['epoch_img_per_s']:9.1f} img/s, a {probe_epochs}-epoch probe "
+                       f"{r['img_per_s']:9.1f} img/s")
     reference = []
     if with_timm is None:
         with_timm = "efficientnet_b0" in names and bench_lib.timm_available()
@@ -399,8 +411,9 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
                        f"{r['img_per_s']:9.1f} img/s  compile {r['compile_s']:.1f} s")
     env = bench_lib.environment()
     stem = os.path.join(out, f"bench-{env['backend']}-{_time.strftime('%Y%m%d-%H%M%S')}")
-    write_json(stem + ".json", {"environment": env, "rows": rows, "reference_rows": reference})
-    atomic_write_text(stem + ".md", bench_lib.markdown_table(env, rows, reference))
+    write_json(stem + ".json", {"environment": env, "rows": rows, "cached_probe_rows": cached,
+                                "reference_rows": reference})
+    atomic_write_text(stem + ".md", bench_lib.markdown_table(env, rows, reference, cached))
     click.echo(f"wrote {stem}.json and .md")
 
 

@@ -14,6 +14,8 @@ import yaml
 from keras_transfer.errors import ConfigError
 from keras_transfer.transfer import TransferConfig
 
+TTA_MODES = ("none", "flip", "flip_translate")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -30,7 +32,7 @@ class DataConfig:
         flips: bool or None. Horizontal flips in ``strong`` (None: off for digits/letters).
         input_path: str. ``auto``, ``memory`` or ``tfdata``.
         batch_size: int.
-        tta: str. Test-time augmentation at evaluation: ``none`` or ``flip``.
+        tta: str. Test-time augmentation at evaluation: ``none``, ``flip`` or ``flip_translate``.
     """
 
     source: str = "mnist_5k"
@@ -44,6 +46,11 @@ class DataConfig:
     input_path: str = "auto"
     batch_size: int = 64
     tta: str = "none"
+
+    def __post_init__(self):
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"Unknown test-time augmentation (data.tta): expected one of {', '.join(TTA_MODES)}. "
+                              f"Received: {self.tta!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from keras_transfer.config import TTA_MODES
+
 
 def predict_logits(model, x, batch_size=256):
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
@@ -49,21 +51,41 @@ def classification_metrics(y_true, probs, class_names, top_k=(1, 5)):
     return out
 
 
+def _flip_logits(model, x, batch_size):
+    return (predict_logits(model, x, batch_size)
+            + predict_logits(model, np.ascontiguousarray(x[:, :, ::-1]), batch_size)) / 2
+
+
+def tta_logits(model, x, batch_size=256, tta="none"):
+    """Logits of ``model`` on uint8 images ``x`` under test-time augmentation ``tta``.
+
+    ``flip``: mean of the logits of each image and its left-right mirror. ``flip_translate``
+    (airbench94's multi-crop TTA): half the ``flip`` logits plus half the mean ``flip`` logits
+    of the image shifted one pixel up-left and one pixel down-right (reflect padding).
+    """
+    if tta not in TTA_MODES:
+        from keras_transfer.errors import ConfigError
+
+        raise ConfigError(f"Unknown test-time augmentation: expected one of {', '.join(TTA_MODES)}. "
+                          f"Received: {tta!r}")
+    if tta == "none":
+        return predict_logits(model, x, batch_size)
+    logits = _flip_logits(model, x, batch_size)
+    if tta == "flip_translate":
+        h, w = x.shape[1:3]
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        shifted = [np.ascontiguousarray(padded[:, dy:dy + h, dx:dx + w]) for dy, dx in ((0, 0), (2, 2))]
+        logits = 0.5 * logits + 0.25 * sum(_flip_logits(model, s, batch_size) for s in shifted)
+    return logits
+
+
 def evaluate_model(model, x, y, class_names, batch_size=256, tta="none"):
     """Run ``model`` on uint8 images and return `(metrics, probs)`.
 
     Args:
-        tta: str. Test-time augmentation: ``none``, or ``flip`` (mean of the logits of each
-            image and of its left-right mirror).
+        tta: str. Test-time augmentation (`tta_logits`): ``none``, ``flip`` or ``flip_translate``.
     """
-    if tta not in ("none", "flip"):
-        from keras_transfer.errors import ConfigError
-
-        raise ConfigError(f"Unknown test-time augmentation: expected none or flip. Received: {tta!r}")
-    logits = predict_logits(model, x, batch_size)
-    if tta == "flip":
-        logits = (logits + predict_logits(model, np.ascontiguousarray(x[:, :, ::-1]), batch_size)) / 2
-    probs = softmax(logits)
+    probs = softmax(tta_logits(model, x, batch_size, tta))
     return classification_metrics(y, probs, class_names), probs
 
 

@@ -22,6 +22,15 @@ def test_bench_case_measures_ours_and_plain_keras_on_the_same_model():
     assert r["non_trainable_params"] > 0 and r["peak_memory_mb"] > 0
 
 
+def test_cached_probe_row_is_one_extraction_plus_head_epochs():
+    r = bench.bench_cached_linear("resnet", 16, batch=8, steps=2, repeats=2, probe_epochs=10, widths=(4, 8, 8))
+    extract, head = r["extract_img_per_s"], r["head"]["epoch_img_per_s"]
+    assert extract > 0 and head > 0 and len(r["extract_runs"]) == 2 and r["feature_dim"] == 8
+    # 10 epochs over N images take N / extract + 10 N / head seconds
+    assert r["img_per_s"] == pytest.approx(10 / (1 / extract + 10 / head))
+    assert r["img_per_s"] < min(head, 10 * extract)
+
+
 def test_torch_reference_rows_time_a_plain_torch_module():
     torch = pytest.importorskip("torch")
 
@@ -37,14 +46,15 @@ def test_torch_reference_rows_time_a_plain_torch_module():
 def test_bench_command_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--size", "16", "--batch-size", "4", "--steps", "1", "--repeats", "1", "--strategies",
-            "linear", "--no-timm", "--out", str(out)] + ([] if JIT else ["--no-jit"])
+            "linear", "--no-timm", "--cached-probe-epochs", "3", "--out", str(out)] + ([] if JIT else ["--no-jit"])
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     (js,) = [f for f in os.listdir(out) if f.endswith(".json")]
     data = json.load(open(out / js))
     assert data["environment"]["backend"] == keras.config.backend() and len(data["rows"]) == 1
+    assert len(data["cached_probe_rows"]) == 1 and data["cached_probe_rows"][0]["probe_epochs"] == 3
     md = open(out / js.replace(".json", ".md")).read()
-    assert "| resnet | 16 | linear | 4 |" in md
+    assert "| resnet | 16 | linear | 4 |" in md and "Cached-feature linear probe" in md
 
 
 def test_bench_refuses_an_unknown_model_in_one_line(tmp_path):

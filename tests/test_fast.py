@@ -90,8 +90,27 @@ def test_flip_tta_averages_the_logits_of_image_and_mirror():
     np.testing.assert_allclose(probs, expected, rtol=1e-6)
     from keras_transfer.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="expected none or flip"):
+    with pytest.raises(ConfigError, match="expected one of none, flip, flip_translate. Received: 'crop'"):
         evaluate_model(model, x, y, [str(i) for i in range(10)], tta="crop")
+
+
+def test_flip_translate_tta_is_airbench_multicrop():
+    from keras_transfer.evaluate import evaluate_model, predict_logits, softmax
+    from tests.conftest import tiny_model
+
+    model = tiny_model()
+    x, y = tiny_data(12)
+    _, probs = evaluate_model(model, x, y, [str(i) for i in range(10)], tta="flip_translate")
+
+    def flip(v):
+        return (predict_logits(model, v) + predict_logits(model, v[:, :, ::-1])) / 2
+
+    h, w = x.shape[1:3]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    up_left, down_right = padded[:, :h, :w], padded[:, 2:, 2:]
+    assert np.array_equal(up_left[:, 1:, 1:], x[:, :-1, :-1])  # content moved one pixel down-right
+    expected = softmax(0.5 * flip(x) + 0.25 * flip(up_left) + 0.25 * flip(down_right))
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_fast_preset_file_resolves_to_the_airbench_recipe():

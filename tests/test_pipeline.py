@@ -79,3 +79,27 @@ def test_in_memory_training_never_imports_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          env={**os.environ, "KERAS_BACKEND": backend}, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_device_gather_gives_the_host_batches_and_trains():
+    import keras
+
+    if keras.config.backend() == "tensorflow":
+        pytest.skip("device_gather is for JAX and torch: TensorFlow's in-memory batches run as tf.data")
+    x, y = tiny_data(40)
+    host = ArrayBatches(x, y, 16, shuffle=True, seed=2)
+    dev = ArrayBatches(x, y, 16, shuffle=True, seed=2, on_device=True)
+    assert dev.on_device and not host.on_device  # "auto" stays on the host on this CPU-only machine
+    for _ in range(2):  # two epochs: the device copy follows the epoch's permutation
+        for i in range(len(host)):
+            (hx, hy), (dx, dy) = host[i], dev[i]
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(dx), hx)
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(dy), hy)
+            assert keras.ops.convert_to_numpy(dx).dtype == np.uint8
+        host.on_epoch_end()
+        dev.on_epoch_end()
+    model = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                              keras.layers.Dense(int(y.max()) + 1)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(dev, epochs=1, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["loss"][0])

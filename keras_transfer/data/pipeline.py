@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_transfer import backend
+
 IN_MEMORY_LIMIT_BYTES = 2 << 30
 
 
@@ -26,12 +28,21 @@ class ArrayBatches(keras.utils.PyDataset):
         shuffle: bool.
         seed: int.
         initial_epoch: int. Epoch index of the first epoch served.
+        on_device: ``"auto"``, True or False. Keep a copy of the arrays on the accelerator and
+            gather each batch there (`backend.device_gather`): ``"auto"`` does so on JAX and torch
+            when a GPU/TPU computes and ``x`` is at most `IN_MEMORY_LIMIT_BYTES`. The batches are
+            the same either way; only where they are gathered changes.
     """
 
-    def __init__(self, x, y, batch_size, shuffle=True, seed=0, initial_epoch=0):
+    def __init__(self, x, y, batch_size, shuffle=True, seed=0, initial_epoch=0, on_device="auto"):
         super().__init__(workers=1, use_multiprocessing=False)
         self.x, self.y = x, np.asarray(y, dtype=np.int32)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        if on_device == "auto":
+            on_device = (keras.config.backend() in ("jax", "torch") and x.nbytes <= IN_MEMORY_LIMIT_BYTES
+                         and backend.has_accelerator())
+        self.on_device = bool(on_device)
+        self._take = None  # device copies are made at the first batch, not for a TF-bound dataset
         self.set_epoch(initial_epoch)
 
     def set_epoch(self, epoch):
@@ -48,6 +59,10 @@ class ArrayBatches(keras.utils.PyDataset):
     def __getitem__(self, i):
         idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size]) if self.shuffle \
             else self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        if self.on_device:
+            if self._take is None:
+                self._take = backend.device_gather(self.x, self.y)
+            return self._take(idx)
         return self.x[idx], self.y[idx]
 
     def on_epoch_end(self):
