@@ -1,11 +1,11 @@
-"""Experiment: how much of the torch backend's gap to timm is Keras' unfused BatchNormalization?
+"""How much of the torch backend's gap to timm is Keras' unfused BatchNormalization?
 
 On torch, Keras computes BatchNormalization from elementwise ops (moments, then subtract / rsqrt /
-multiply / add, and the same again backwards). This script swaps every BatchNormalization of
-keras.applications EfficientNetB0 for a subclass whose training call is torch's fused
-``native_batch_norm`` (moving statistics updated with Keras' rule and biased variance), checks
-that both give the same outputs in training and inference mode, and times a training epoch of
-each, alternating. It is an experiment, not package code: the package does not use it yet.
+multiply / add, and the same again backwards). This script builds keras.applications EfficientNetB0
+twice: with Keras' BatchNormalization, and with every one swapped for the package's BatchNormalization
+(`keras_transfer.models.norm.BatchNormalization`, what `create_backbone` builds), whose training call is torch's fused
+``native_batch_norm`` (moving statistics updated with Keras' rule and biased variance). It checks
+that both give the same outputs and times a training epoch of each, alternating.
 
     KERAS_BACKEND=torch python benchmarks/torch_fused_bn.py --batch 16 --steps 5 --repeats 3
 """
@@ -19,27 +19,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-class FusedBatchNorm(keras.layers.BatchNormalization):
-    """BatchNormalization whose training call is torch's fused kernel (channels-last 4-D inputs)."""
-
-    def call(self, inputs, training=None, mask=None):
-        import torch
-
-        if not (training and self.trainable) or inputs.ndim != 4 or self.axis not in (-1, 3):
-            return super().call(inputs, training=training, mask=mask)
-        x = inputs.permute(0, 3, 1, 2)  # an NHWC tensor is a channels_last NCHW view: no copy
-        dtype = x.dtype
-        if dtype != self.gamma.value.dtype:
-            x = x.float()
-        y, mean, invstd = torch.native_batch_norm(
-            x, self.gamma.value if self.scale else None, self.beta.value if self.center else None,
-            None, None, True, 0.0, self.epsilon)
-        with torch.no_grad():
-            var = invstd.pow(-2) - self.epsilon  # biased batch variance, as Keras keeps it
-            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + var * (1.0 - self.momentum))
-        return y.to(dtype).permute(0, 2, 3, 1)
+from keras_transfer.models.norm import BatchNormalization as FusedBatchNormalization
+from keras_transfer.models.norm import use_fused_batch_norm  # noqa: E402
 
 
 def build(fused, size):
@@ -47,12 +28,7 @@ def build(fused, size):
     base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(size, size, 3),
                                              pooling="avg")
     if fused:
-        def swap(layer):
-            if type(layer) is keras.layers.BatchNormalization:
-                return FusedBatchNorm.from_config(layer.get_config())
-            return layer.__class__.from_config(layer.get_config())
-
-        base = keras.models.clone_model(base, clone_function=swap)
+        base = use_fused_batch_norm(base)
     model = keras.Model(base.input, keras.layers.Dense(10)(base.output))
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -71,7 +47,7 @@ def single_layer_check():
         x64 = x.astype("float64")
         ref = (x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-3)
         errors = []
-        for cls in (keras.layers.BatchNormalization, FusedBatchNorm):
+        for cls in (keras.layers.BatchNormalization, FusedBatchNormalization):
             layer = cls(axis=3)
             layer.build(x.shape)
             errors.append(np.abs(keras.ops.convert_to_numpy(layer(x, training=True)) - ref).max())

@@ -90,6 +90,27 @@ def device_gather(*arrays):
     raise NotImplementedError(f"device_gather has no {b!r} version; use host arrays")
 
 
+def fused_batch_norm(x, gamma, beta, epsilon):
+    """Training-mode batch normalisation of a channels-last 4-D batch in one fused kernel.
+
+    Returns ``(y, batch_mean, biased_batch_variance)``, or None where the backend has no such
+    kernel to call (JAX and TensorFlow: XLA / grappler fuse Keras' own ops). The statistics are
+    computed in float32, as Keras does for low-precision inputs; ``y`` keeps the input dtype.
+    """
+    if keras.config.backend() != "torch":
+        return None
+    import torch
+
+    v = x.permute(0, 3, 1, 2)  # an NHWC tensor is a channels_last NCHW view: no copy
+    dtype = v.dtype
+    weight = None if gamma is None else gamma.value.float()
+    bias = None if beta is None else beta.value.float()
+    y, mean, invstd = torch.native_batch_norm(v.float(), weight, bias, None, None, True, 0.0, epsilon)
+    with torch.no_grad():
+        variance = invstd.pow(-2) - epsilon
+    return y.to(dtype).permute(0, 2, 3, 1), mean.detach(), variance
+
+
 def backend_info():
     """Lines describing the backend library version and its devices."""
     b = keras.config.backend()

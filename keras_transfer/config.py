@@ -110,6 +110,11 @@ class TrainConfig:
         precision: str. ``float32``, ``mixed_bfloat16`` or ``mixed_float16``.
         jit_compile: bool or str. ``auto`` or a bool.
         steps_per_execution: int.
+        ema_momentum: float. Above 0: keep an exponential moving average of the trainable weights
+            (Keras optimizers' ``use_ema``), updated every step with this momentum; the model ends
+            training with the averaged weights.
+        ema_overwrite_every: int or None. With ``ema_momentum``: every this many steps, overwrite
+            the weights with their average (a Lookahead-style pull back, as in airbench94).
     """
 
     epochs: int = 4
@@ -127,6 +132,8 @@ class TrainConfig:
     precision: str = "float32"
     jit_compile: object = "auto"
     steps_per_execution: int = 1
+    ema_momentum: float = 0.0
+    ema_overwrite_every: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,12 +84,16 @@ def learning_rate(cfg, steps_per_epoch):
 def make_optimizer(cfg, steps_per_epoch):
     lr = learning_rate(cfg, steps_per_epoch)
     wd = cfg.weight_decay or None
+    if not 0.0 <= cfg.ema_momentum < 1.0:
+        raise ConfigError(f"ema_momentum: expected 0 (off) or a momentum in (0, 1). Received: {cfg.ema_momentum!r}")
+    ema = {"use_ema": True, "ema_momentum": cfg.ema_momentum,
+           "ema_overwrite_frequency": cfg.ema_overwrite_every} if cfg.ema_momentum else {}
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd, **ema)
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr, weight_decay=wd)
+        return keras.optimizers.Adam(lr, weight_decay=wd, **ema)
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay, **ema)
     raise ConfigError(f"Unknown optimizer: expected sgd, adam or adamw. Received: {cfg.optimizer!r}")
 
 
@@ -225,8 +229,15 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     # batch-order shuffle on torch would draw from torch's global RNG and break resume equality.
     train, steps = fit_input(train, repeat=True)
     val = fit_input(val, repeat=False)[0] if val is not None else None
-    return model.fit(train, validation_data=val, epochs=epochs or cfg.epochs, initial_epoch=initial_epoch,
-                     steps_per_epoch=steps, callbacks=callbacks, verbose=verbose, shuffle=False)
+    history = model.fit(train, validation_data=val, epochs=epochs or cfg.epochs, initial_epoch=initial_epoch,
+                        steps_per_epoch=steps, callbacks=callbacks, verbose=verbose, shuffle=False)
+    if getattr(model.optimizer, "use_ema", False):
+        # fit ends by assigning the moving averages to the weights; on JAX a weight and its average
+        # then share one buffer, which the next jitted call donates, so saving the optimizer failed
+        # with "Array has been deleted". Fresh copies keep the two apart.
+        for v in model.trainable_variables:
+            v.assign(keras.ops.copy(v))
+    return history
 
 
 def resume_state(stage_dir):

@@ -87,3 +87,75 @@ def test_residual_knobs():
     assert "stage2_block2_out" in names and not any("bn" in n or "drop" in n for n in names)
     assert bb.output.shape[-1] == 8 * 8 * 16
     assert os.environ.get("KERAS_BACKEND") == keras.config.backend()
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_fused_batch_norm_matches_keras_batch_normalization(scale):
+    from keras_transfer import backend
+    from keras_transfer.models.norm import BatchNormalization as BatchNorm
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(8, 5, 5, 6)) * 3 + 2).astype("float32")
+    ref, ours = keras.layers.BatchNormalization(momentum=0.8, scale=scale), BatchNorm(momentum=0.8, scale=scale)
+    for layer in (ref, ours):
+        layer.build(x.shape)
+    ours.set_weights([rng.normal(size=w.shape).astype("float32") + (w.shape[0] == 6) for w in ref.get_weights()])
+    ours.moving_variance.assign(np.abs(ours.moving_variance.numpy()) + 0.5)
+    ref.set_weights(ours.get_weights())
+    numpy = keras.ops.convert_to_numpy
+    for training in (True, True, False):  # two training calls move the statistics twice
+        np.testing.assert_allclose(numpy(ours(x, training=training)), numpy(ref(x, training=training)),
+                                   rtol=1e-4, atol=1e-4)
+    for a, b in zip(ours.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    gamma = ours.gamma if scale else None
+    fused = backend.fused_batch_norm(keras.ops.convert_to_tensor(x), gamma, ours.beta, 1e-3)
+    assert (fused is not None) == (keras.config.backend() == "torch")
+    ours.trainable = False  # frozen: inference mode, statistics untouched
+    frozen = [w.copy() for w in ours.get_weights()]
+    np.testing.assert_allclose(numpy(ours(x, training=True)), numpy(ref(x, training=False)), rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours.get_weights(), frozen):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_batch_norm_in_mixed_precision_matches_keras():
+    from keras_transfer.models.norm import BatchNormalization as BatchNorm
+
+    x = (np.random.default_rng(3).normal(size=(8, 5, 5, 6)) * 3 + 2).astype("float32")
+    ref, ours = (cls(dtype="mixed_bfloat16") for cls in (keras.layers.BatchNormalization, BatchNorm))
+    y_ref, y_ours = ref(x, training=True), ours(x, training=True)
+    assert keras.backend.standardize_dtype(y_ours.dtype) == "bfloat16" and ours.moving_mean.dtype == "float32"
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_allclose(numpy(keras.ops.cast(y_ours, "float32")), numpy(keras.ops.cast(y_ref, "float32")),
+                               atol=0.02)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), ref.moving_variance.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_batch_norm_gradients_match_on_torch():
+    if keras.config.backend() != "torch":
+        pytest.skip("the fused kernel is torch's; elsewhere BatchNorm is Keras' layer unchanged")
+    import torch
+
+    from keras_transfer.models.norm import BatchNormalization as BatchNorm
+
+    x0 = torch.tensor(np.random.default_rng(1).normal(size=(4, 3, 3, 5)).astype("float32") * 2 + 1)
+    w = torch.tensor(np.random.default_rng(2).normal(size=(4, 3, 3, 5)).astype("float32"))
+    grads = []
+    for cls in (keras.layers.BatchNormalization, BatchNorm):
+        layer = cls()
+        layer.build(x0.shape)
+        x = x0.clone().to(layer.gamma.value.device).requires_grad_(True)
+        loss = (layer(x, training=True) * w.to(x.device)).sum()
+        gx, gg, gb = torch.autograd.grad(loss, [x, layer.gamma.value, layer.beta.value])
+        grads.append([g.cpu().numpy() for g in (gx, gg, gb)])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_applications_backbones_train_through_the_fused_batch_norm():
+    from keras_transfer.models.norm import BatchNormalization as BatchNorm
+
+    bb = create_backbone("mobilenet_v2", 32, 3)
+    norms = [layer for layer in bb.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(type(layer) is BatchNorm for layer in norms)

@@ -17,6 +17,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from keras_transfer.models import norm
+
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
 class Bias(layers.Layer):
@@ -73,7 +75,7 @@ def airbench_cnn(input_shape=(32, 32, 3), widths=(64, 256, 256), name="backbone"
                               name=f"group{i}_conv{j}")(x)
             if j == 1:
                 x = layers.MaxPooling2D(2, name=f"group{i}_pool")(x)
-            x = layers.BatchNormalization(momentum=0.4, epsilon=1e-12, scale=False, name=f"group{i}_bn{j}")(x)
+            x = norm.BatchNormalization(momentum=0.4, epsilon=1e-12, scale=False, name=f"group{i}_bn{j}")(x)
             x = layers.Activation("gelu", name=f"group{i}_gelu{j}")(x)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Rescaling(1.0 / 9.0, name="pool_scale")(x)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from keras_transfer.models import norm
+
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
 class FreezableSpatialDropout2D(layers.SpatialDropout2D):
@@ -24,7 +26,7 @@ def _conv_bn(x, filters, kernel, stride, batch_norm, name):
     x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batch_norm,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
     if batch_norm:
-        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+        x = norm.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return x
 
 
