@@ -119,20 +119,28 @@ class _Timed:
 
 
 def bench_case(name, size, strategy, batch, steps, precision="float32", augment="none", widths=(64, 128, 256),
-               jit="auto", repeats=3):
+               jit="auto", repeats=3, compile_first="ours"):
     """One row: ours vs plain Keras for a model, input size, strategy and batch size.
 
     Ours is the package's path (`ArrayBatches`, through `fit_input`, and `compile_model`); plain
     Keras is the same model compiled with Adam and fed the numpy arrays through ``model.fit``.
     Timed epochs alternate between the two, so drift of the machine (clock, other load) hits both.
     ``jit``: ``"auto"`` (both sides take Keras' default: XLA on JAX, on TensorFlow only with an
-    accelerator, eager torch) or a bool forced on both.
+    accelerator, eager torch) or a bool forced on both. ``compile_first``: ``"ours"`` or ``"plain"``,
+    the side compiled first; a process's first compilation may pay one-off costs the second reuses
+    (on GPUs, XLA's in-process convolution autotuning), so swapping it tells the two apart.
     """
+    if compile_first not in ("ours", "plain"):
+        raise ValueError(f"compile_first: expected 'ours' or 'plain'. Received: {compile_first!r}")
     set_precision(precision)
     x, y = synthetic_images(batch * (steps + 2), size)
     ours, plain = ours_and_plain(name, size, strategy, steps, precision, augment, widths, jit)
     trainable, frozen = parameter_counts(ours)
-    timed = [_Timed(ours, ArrayBatches(x, y, batch, shuffle=True), steps, batch), _Timed(plain, (x, y), steps, batch)]
+    inputs = {"ours": (ours, ArrayBatches(x, y, batch, shuffle=True)), "plain": (plain, (x, y))}
+    second = "plain" if compile_first == "ours" else "ours"
+    built = {side: _Timed(*inputs[side], steps, batch) for side in (compile_first, second)}
+    timed = [built["ours"], built["plain"]]
+    del inputs, built
     for _ in range(repeats):
         for t in timed:
             t.epoch()
@@ -143,7 +151,7 @@ def bench_case(name, size, strategy, batch, steps, precision="float32", augment=
     mem, mem_kind = _peak_memory_mb()
     return {"model": name, "size": size, "strategy": strategy, "batch": batch, "steps": steps,
             "repeats": repeats, "precision": precision, "augment": augment, "backend": keras.config.backend(),
-            "trainable_params": trainable, "non_trainable_params": frozen,
+            "compiled_first": compile_first, "trainable_params": trainable, "non_trainable_params": frozen,
             "ours": r_ours, "plain_keras": r_plain,
             "ratio_ours_over_plain": r_ours["img_per_s"] / r_plain["img_per_s"],
             "peak_memory_mb": mem, "memory_kind": mem_kind}
@@ -336,19 +344,25 @@ def _on_off(flag):
     return "on" if flag else "off"
 
 
+def _first(row, side):
+    return "*" if row.get("compiled_first", "ours") == side else ""
+
+
 def markdown_table(env, rows, reference_rows=(), cached_rows=()):
     lines = [f"Measured {env['date']} on {env['backend']} ({'; '.join(env['backend_info'])}), Keras "
              f"{env['keras']}, {env['cpu_count']} CPU cores, {env['machine']}.", "",
              "Throughput excludes compilation: batch / median step time over all timed steps, input wait "
              "included (whole-epoch rates in the JSON).", "",
              "| model | size | strategy | batch | precision | ours img/s | plain Keras img/s | ours/plain "
-             "| step ms (ours) | compile s (ours / plain) | XLA / torch.compile | peak memory MB |",
+             "| step ms (ours) | compile s (ours / plain; * = compiled first) | XLA / torch.compile "
+             "| peak memory MB |",
              "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} | {r['strategy']} | {r['batch']} | {r['precision']} | "
                      f"{r['ours']['img_per_s']:.1f} | {r['plain_keras']['img_per_s']:.1f} | "
                      f"{r['ratio_ours_over_plain']:.3f} | {r['ours']['step_ms']:.1f} | "
-                     f"{r['ours']['compile_s']:.1f} / {r['plain_keras']['compile_s']:.1f} | "
+                     f"{r['ours']['compile_s']:.1f}{_first(r, 'ours')} / "
+                     f"{r['plain_keras']['compile_s']:.1f}{_first(r, 'plain')} | "
                      f"{_on_off(r['ours']['jit_compile'])} / {_on_off(r['plain_keras']['jit_compile'])} | "
                      f"{r['peak_memory_mb']:.0f} ({r['memory_kind']}) |")
     if cached_rows:

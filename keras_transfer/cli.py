@@ -356,10 +356,13 @@ def models(size):
               help="Use the persistent compilation cache (a second run then shows the cached compile time).")
 @click.option("--cached-probe-epochs", "probe_epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also time the cached-feature linear probe, as a probe of this many epochs (0: skip).")
+@click.option("--compile-first", type=click.Choice(["ours", "plain"]), default="ours", show_default=True,
+              help="Which side compiles first in each row (the first compilation in a process may pay one-off "
+                   "costs, e.g. XLA's GPU autotuning, that the second reuses).")
 @click.option("--out", type=click.Path(), default="benchmarks", show_default=True)
 @_fail_cleanly
 def bench(models_, size, strategies, batch_size, steps, precision, augment, jit, repeats, with_timm, compile_cache,
-          probe_epochs, out):
+          probe_epochs, compile_first, out):
     """Training throughput (img/s), step time, compile time, peak memory: ours vs plain Keras.
 
     Writes benchmarks/bench-<backend>-<time>.json and .md with hardware, versions and date.
@@ -383,7 +386,7 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
         for strategy in strategies.split(","):
             r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment,
                                      jit="auto" if jit is None else jit,
-                                     repeats=repeats)
+                                     repeats=repeats, compile_first=compile_first)
             rows.append(r)
             click.echo(f"{name} {side} {strategy:8s} ours {r['ours']['img_per_s']:9.1f} img/s  plain "
                        f"{r['plain_keras']['img_per_s']:9.1f} img/s  ratio {r['ratio_ours_over_plain']:.3f}  "

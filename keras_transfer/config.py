@@ -64,6 +64,8 @@ class ModelConfig:
         weights: str or None. ``none``, ``imagenet`` or a weights file (applications).
         widths, blocks_per_stage, batch_norm, dropout, pooling: residual CNN knobs (``widths``
             also sets airbench's three conv groups).
+        bn_bias_lr: float. airbench only: learning-rate multiplier of its BatchNorm biases
+            (airbench94: 64).
         head_hidden: int. Hidden units of the MLP head (0: linear head).
         head_dropout: float.
     """
@@ -77,12 +79,13 @@ class ModelConfig:
     batch_norm: bool = True
     dropout: float = 0.1
     pooling: str = "avg"
+    bn_bias_lr: float = 64.0
     head_hidden: int = 128
     head_dropout: float = 0.2
 
     def backbone_options(self):
         if self.name == "airbench":
-            return {"widths": tuple(self.widths)}
+            return {"widths": tuple(self.widths), "bn_bias_lr": float(self.bn_bias_lr)}
         if self.name != "resnet":
             return {}
         return {"widths": tuple(self.widths), "blocks_per_stage": self.blocks_per_stage,
@@ -114,7 +117,11 @@ class TrainConfig:
             (Keras optimizers' ``use_ema``), updated every step with this momentum; the model ends
             training with the averaged weights.
         ema_overwrite_every: int or None. With ``ema_momentum``: every this many steps, overwrite
-            the weights with their average (a Lookahead-style pull back, as in airbench94).
+            the weights with their average.
+        lookahead_every: int. Above 0: airbench94's Lookahead (`keras_transfer.train.Lookahead`):
+            every this many steps pull the weights back to an average whose factor ramps up as
+            ``lookahead_decay ** lookahead_every * (step / total steps) ** lookahead_power``.
+        lookahead_decay, lookahead_power: float. airbench94: 0.95 and 3.
     """
 
     epochs: int = 4
@@ -134,6 +141,9 @@ class TrainConfig:
     steps_per_execution: int = 1
     ema_momentum: float = 0.0
     ema_overwrite_every: int | None = None
+    lookahead_every: int = 0
+    lookahead_decay: float = 0.95
+    lookahead_power: float = 3.0
 
 
 @dataclasses.dataclass(frozen=True)

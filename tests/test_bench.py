@@ -46,15 +46,19 @@ def test_torch_reference_rows_time_a_plain_torch_module():
 def test_bench_command_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--size", "16", "--batch-size", "4", "--steps", "1", "--repeats", "1", "--strategies",
-            "linear", "--no-timm", "--cached-probe-epochs", "3", "--out", str(out)] + ([] if JIT else ["--no-jit"])
+            "linear", "--no-timm", "--cached-probe-epochs", "3", "--compile-first", "plain", "--out", str(out)]
+    args += [] if JIT else ["--no-jit"]
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     (js,) = [f for f in os.listdir(out) if f.endswith(".json")]
     data = json.load(open(out / js))
     assert data["environment"]["backend"] == keras.config.backend() and len(data["rows"]) == 1
     assert len(data["cached_probe_rows"]) == 1 and data["cached_probe_rows"][0]["probe_epochs"] == 3
+    row = data["rows"][0]
+    assert row["compiled_first"] == "plain"
     md = open(out / js.replace(".json", ".md")).read()
     assert "| resnet | 16 | linear | 4 |" in md and "Cached-feature linear probe" in md
+    assert f"{row['ours']['compile_s']:.1f} / {row['plain_keras']['compile_s']:.1f}* |" in md
 
 
 def test_bench_refuses_an_unknown_model_in_one_line(tmp_path):

@@ -118,6 +118,11 @@ def test_fast_preset_file_resolves_to_the_airbench_recipe():
     assert cfg.model.name == "airbench" and cfg.data.source == "cifar10" and cfg.data.val == 0
     assert cfg.pretrain.schedule == "triangle" and cfg.pretrain.precision == "mixed_bfloat16"
     assert cfg.data.tta == "flip" and cfg.data.augment == "translate"
+    # airbench94's coupled decay (0.0153 per 1024 examples, through momentum 0.85) as Keras' decoupled wd
+    lr, momentum = cfg.pretrain.learning_rate, cfg.pretrain.momentum
+    per_step = 0.0153 * 1024 / (1024 * (1 + 1 / (1 - momentum))) / (1 - momentum)
+    assert cfg.pretrain.weight_decay == pytest.approx(per_step / lr, rel=1e-3)
+    assert cfg.pretrain.lookahead_every == 5 and cfg.model.bn_bias_lr == 64.0
 
 
 def test_fast_recipe_pretrains_end_to_end_on_tiny_data(tmp_path, digits_npz):
@@ -145,3 +150,28 @@ def test_fast_recipe_pretrains_end_to_end_on_tiny_data(tmp_path, digits_npz):
     assert "training without compilation" in r.output
     model = keras.saving.load_model(out / "model.keras")
     assert not model.get_layer("backbone").get_layer("whiten_conv").trainable
+
+
+def test_bias_lr_scale_trains_the_bias_that_much_faster():
+    from keras_transfer.models.airbench import Bias
+
+    def bias_step(scale):
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, Bias(scale)(inputs))
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        x, y = np.zeros((8, 4), "float32"), np.ones((8, 4), "float32")
+        model.train_on_batch(x, y)
+        return keras.ops.convert_to_numpy(model.predict(x[:1], verbose=0))[0]  # the applied bias
+
+    np.testing.assert_allclose(bias_step(64.0), 64 * bias_step(1.0), rtol=1e-5)
+    with pytest.raises(ValueError, match="lr_scale: expected a positive number. Received: 0"):
+        Bias(0)
+
+
+def test_airbench_batchnorm_biases_get_the_configured_multiplier():
+    bb = create_backbone("airbench", 16, 3, widths=(8, 8, 8), bn_bias_lr=16.0)
+    biases = [layer for layer in bb.layers if layer.name.endswith("_bias") and layer.name.startswith("group")]
+    assert len(biases) == 6 and all(b.lr_scale == 16.0 for b in biases)
+    assert all(not bb.get_layer(b.name[:-5]).center for b in biases)
+    clone = keras.Model.from_config(bb.get_config())
+    assert clone.get_layer("group2_bn1_bias").lr_scale == 16.0

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import keras
@@ -151,3 +152,59 @@ def test_ema_ends_training_on_the_averaged_weights_and_saves(tmp_path):
                                atol=1e-6)
     with pytest.raises(ConfigError, match="ema_momentum: expected 0 .off. or a momentum in .0, 1.. Received: 1.0"):
         make_optimizer(TrainConfig(ema_momentum=1.0), 1)
+
+
+def _dense_model():
+    inputs = keras.Input((6,))
+    dense = keras.layers.Dense(3, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    return keras.Model(inputs, dense(inputs))
+
+
+def test_lookahead_pulls_back_on_airbench94s_ramp():
+    """Keras' fit with `Lookahead` against plain SGD steps plus the pull-backs done by hand."""
+    from keras_transfer.train import LookaheadSGD, make_optimizer
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)).astype("float32"), rng.integers(0, 3, 40)
+    every, total, decay = 2, 5, 0.6
+    cfg = TrainConfig(epochs=1, optimizer="sgd", learning_rate=0.5, momentum=0.8, nesterov=True, weight_decay=0.0,
+                      schedule="constant", lookahead_every=every, lookahead_decay=decay, lookahead_power=3.0)
+    opt = make_optimizer(cfg, total)
+    assert isinstance(opt, LookaheadSGD) and opt.total_steps == total
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = _dense_model()
+    model.compile(opt, loss)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    ref = _dense_model()
+    ref.compile(keras.optimizers.SGD(0.5, momentum=0.8, nesterov=True), loss)
+    average = None
+    for step in range(1, total + 1):
+        ref.train_on_batch(x[(step - 1) * 8:step * 8], y[(step - 1) * 8:step * 8])
+        w = ref.get_weights()
+        if average is None:
+            average = w
+        elif step % every == 0:
+            rho = decay ** every * (step / total) ** 3
+            average = [rho * a + (1 - rho) * b for a, b in zip(average, w)]
+            ref.set_weights(average)
+    # the 5th step is not a pull-back step: training ends on the average of step 4, as airbench94's epoch end
+    for a, b in zip(model.get_weights(), average):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(average[0], w[0])  # the pull-back did something
+
+    with pytest.raises(ConfigError, match="at most one of ema_momentum and lookahead_every"):
+        make_optimizer(TrainConfig(ema_momentum=0.9, lookahead_every=5), 1)
+    with pytest.raises(ConfigError, match="Lookahead: expected every >= 1, 0 < decay < 1"):
+        make_optimizer(TrainConfig(lookahead_every=5, lookahead_decay=1.5), 1)
+
+
+def test_lookahead_optimizer_saves_and_resumes(tmp_path):
+    cfg = dataclasses.replace(CFG, lookahead_every=2)
+    keras.utils.set_random_seed(0)
+    model = compile_model(tiny_model(), cfg, 4)
+    x, y = tiny_data(32)
+    fit(model, make_input(x, y, 8, True, 0), None, cfg, str(tmp_path / "la"), epochs=1)
+    model, start = resume_state(str(tmp_path / "la"))
+    assert start == 1 and type(model.optimizer).__name__ == "LookaheadSGD"
+    assert model.optimizer.get_config()["lookahead_every"] == 2 and model.optimizer.total_steps == 12

@@ -60,7 +60,7 @@ def create_backbone(name, input_size=None, channels=None, weights=None, **option
         channels: int or None. Backbone input channels; ``None`` keeps the default.
         weights: None, ``"none"``, ``"imagenet"`` or a path to a weights file.
         **options: builder knobs (``widths``, ``blocks_per_stage``, ``batch_norm``,
-            ``dropout``, ``pooling`` for ``resnet``).
+            ``dropout``, ``pooling`` for ``resnet``; ``widths``, ``bn_bias_lr`` for ``airbench``).
     """
     spec = get_spec(name)
     size = input_size or spec.default_size
@@ -72,7 +72,7 @@ def create_backbone(name, input_size=None, channels=None, weights=None, **option
         raise ConfigError(f"{name} takes {spec.channels}-channel input only; use channel_mode "
                           f"'repeat'. Received: channels={ch}")
     allowed = {"resnet": {"widths", "blocks_per_stage", "batch_norm", "dropout", "pooling"},
-               "airbench": {"widths"}}.get(name, set())
+               "airbench": {"widths", "bn_bias_lr"}}.get(name, set())
     if set(options) - allowed:
         raise ConfigError(f"Options {sorted(set(options) - allowed)} do not apply to {name!r}: expected some of "
                           f"{sorted(allowed)}. Received: {sorted(options)}")

@@ -103,10 +103,10 @@ register_model(ModelSpec(
     "CIFAR-10 seed residual CNN (Conv-BN-ELU-SpatialDropout-Conv-BN + skip; 64/128/256)"))
 
 
-def _airbench_builder(input_shape, weights=None, widths=(64, 256, 256), **_):
+def _airbench_builder(input_shape, weights=None, widths=(64, 256, 256), bn_bias_lr=64.0, **_):
     from keras_transfer.models.airbench import airbench_cnn
 
-    model = airbench_cnn(input_shape, tuple(widths))
+    model = airbench_cnn(input_shape, tuple(widths), bn_bias_lr)
     if weights not in (None, "none"):
         model.load_weights(weights)
     return model
