@@ -83,6 +83,11 @@ class ModelConfig:
     head_hidden: int = 128
     head_dropout: float = 0.2
 
+    def __post_init__(self):
+        if not self.bn_bias_lr > 0:
+            raise ConfigError(f"model.bn_bias_lr: expected a positive learning-rate multiplier. "
+                              f"Received: {self.bn_bias_lr!r}")
+
     def backbone_options(self):
         if self.name == "airbench":
             return {"widths": tuple(self.widths), "bn_bias_lr": float(self.bn_bias_lr)}
@@ -144,6 +149,24 @@ class TrainConfig:
     lookahead_every: int = 0
     lookahead_decay: float = 0.95
     lookahead_power: float = 3.0
+
+    def __post_init__(self):
+        # Checked here, when the config is read, so that a bad value fails before any data or run directory.
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ConfigError(f"ema_momentum: expected 0 (off) or a momentum in (0, 1). "
+                              f"Received: {self.ema_momentum!r}")
+        if self.lookahead_every:
+            check_lookahead(self.lookahead_every, self.lookahead_decay)
+        if self.ema_momentum and self.lookahead_every:
+            raise ConfigError(f"Expected at most one of ema_momentum and lookahead_every. "
+                              f"Received: ema_momentum={self.ema_momentum!r}, lookahead_every={self.lookahead_every!r}")
+
+
+def check_lookahead(every, decay):
+    """Raise a `ConfigError` unless ``every >= 1`` and ``0 < decay < 1`` (see `keras_transfer.train.Lookahead`)."""
+    if int(every) < 1 or not 0.0 < decay < 1.0:
+        raise ConfigError(f"Lookahead: expected every >= 1, 0 < decay < 1. Received: every={every!r}, "
+                          f"decay={decay!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_transfer.config import check_lookahead
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
 from keras_transfer.io import load_model, save_model
@@ -98,9 +99,9 @@ class Lookahead:
                  **kwargs):
         for key in ("use_ema", "ema_momentum", "ema_overwrite_frequency"):  # from get_config on reload
             kwargs.pop(key, None)
-        if int(lookahead_every) < 1 or not 0.0 < lookahead_decay < 1.0 or int(total_steps) < 1:
-            raise ConfigError(f"Lookahead: expected every >= 1, 0 < decay < 1, total_steps >= 1. Received: "
-                              f"every={lookahead_every!r}, decay={lookahead_decay!r}, total_steps={total_steps!r}")
+        check_lookahead(lookahead_every, lookahead_decay)
+        if int(total_steps) < 1:
+            raise ConfigError(f"Lookahead: expected total_steps >= 1. Received: {total_steps!r}")
         super().__init__(*args, use_ema=True, ema_momentum=lookahead_decay,
                          ema_overwrite_frequency=int(lookahead_every), **kwargs)
         self.lookahead_every, self.lookahead_decay = int(lookahead_every), float(lookahead_decay)
@@ -141,27 +142,25 @@ class LookaheadAdamW(Lookahead, keras.optimizers.AdamW):
     """``keras.optimizers.AdamW`` with `Lookahead`."""
 
 
+# name -> (Keras optimizer, the same with `Lookahead`)
+OPTIMIZERS = {"sgd": (keras.optimizers.SGD, LookaheadSGD), "adam": (keras.optimizers.Adam, LookaheadAdam),
+              "adamw": (keras.optimizers.AdamW, LookaheadAdamW)}
+
+
 def make_optimizer(cfg, steps_per_epoch):
     lr = learning_rate(cfg, steps_per_epoch)
-    wd = cfg.weight_decay or None
-    if not 0.0 <= cfg.ema_momentum < 1.0:
-        raise ConfigError(f"ema_momentum: expected 0 (off) or a momentum in (0, 1). Received: {cfg.ema_momentum!r}")
-    if cfg.ema_momentum and cfg.lookahead_every:
-        raise ConfigError(f"Expected at most one of ema_momentum and lookahead_every. "
-                          f"Received: ema_momentum={cfg.ema_momentum!r}, lookahead_every={cfg.lookahead_every!r}")
-    classes = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW}
-    if cfg.optimizer not in classes:
+    if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"Unknown optimizer: expected sgd, adam or adamw. Received: {cfg.optimizer!r}")
+    plain, with_lookahead = OPTIMIZERS[cfg.optimizer]
     kwargs = {"momentum": cfg.momentum, "nesterov": cfg.nesterov} if cfg.optimizer == "sgd" else {}
-    kwargs["weight_decay"] = cfg.weight_decay if cfg.optimizer == "adamw" else wd
+    kwargs["weight_decay"] = cfg.weight_decay if cfg.optimizer == "adamw" else (cfg.weight_decay or None)
     if cfg.lookahead_every:
-        lookahead = {"sgd": LookaheadSGD, "adam": LookaheadAdam, "adamw": LookaheadAdamW}[cfg.optimizer]
-        return lookahead(lr, lookahead_every=cfg.lookahead_every, lookahead_decay=cfg.lookahead_decay,
-                         lookahead_power=cfg.lookahead_power, total_steps=max(1, cfg.epochs * steps_per_epoch),
-                         **kwargs)
+        return with_lookahead(lr, lookahead_every=cfg.lookahead_every, lookahead_decay=cfg.lookahead_decay,
+                              lookahead_power=cfg.lookahead_power, total_steps=max(1, cfg.epochs * steps_per_epoch),
+                              **kwargs)
     if cfg.ema_momentum:
         kwargs.update(use_ema=True, ema_momentum=cfg.ema_momentum, ema_overwrite_frequency=cfg.ema_overwrite_every)
-    return classes[cfg.optimizer](lr, **kwargs)
+    return plain(lr, **kwargs)
 
 
 def compile_model(model, cfg, steps_per_epoch):

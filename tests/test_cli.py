@@ -84,6 +84,23 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     assert len(err) == 1 and expected in err[0] and "Received" in err[0]
 
 
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("model", "bn_bias_lr", 0, "model.bn_bias_lr: expected a positive learning-rate multiplier. Received: 0"),
+    ("pretrain", "lookahead_decay", 1.5, "Lookahead: expected every >= 1, 0 < decay < 1"),
+])
+def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section, key, value, expected):
+
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg.setdefault(section, {}).update({key: value, **({"lookahead_every": 5} if section == "pretrain" else {})})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = CliRunner().invoke(main, ["pretrain", "--config", str(path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    err = r.output.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+    assert not (tmp_path / "o").exists()  # refused when the config is read, before any run directory
+
+
 def test_class_count_mismatch_on_evaluate(tmp_path, tiny_config):
     pre = str(tmp_path / "pre")
     assert invoke("pretrain", "--config", tiny_config, "--out", pre).exit_code == 0
