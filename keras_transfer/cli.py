@@ -176,9 +176,11 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
 @click.option("--dataset", help="Dataset to evaluate on (default: the run's target / source).")
 @click.option("--data-dir", type=click.Path())
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]), default="none", show_default=True,
+              help="Test-time augmentation: average over mirrored (and 1-px shifted) views.")
 @click.option("--out", type=click.Path(), help="Where to write metrics.json and figures (default: beside the model).")
 @_fail_cleanly
-def evaluate(target, dataset, data_dir, split, out):
+def evaluate(target, dataset, data_dir, split, tta, out):
     """Evaluate RUN_DIR or MODEL.keras: accuracy, top-k, per-class P/R/F1, confusion matrix."""
     from keras_transfer import plots
     from keras_transfer.data import load_dataset
@@ -191,11 +193,12 @@ def evaluate(target, dataset, data_dir, split, out):
     ds = load_dataset(dataset, data_dir)
     _check_compatible(model, ds)
     x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
-    metrics, probs = evaluate_model(model, x, y, ds.class_names)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), f"eval-{ds.name}-{split}")
+    metrics, probs = evaluate_model(model, x, y, ds.class_names, tta=tta)
+    suffix = "" if tta == "none" else f"-tta-{tta}"
+    out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), f"eval-{ds.name}-{split}{suffix}")
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "metrics.json"), {"model": model_path, "dataset": ds.name, "split": split,
-                                                   **metrics})
+                                                   "tta": tta, **metrics})
     plots.confusion_matrix_figure(metrics["confusion_matrix"], ds.class_names,
                                   os.path.join(out, "confusion_matrix.png"),
                                   title=f"{ds.name} {split}: confusion matrix (row-normalised)")

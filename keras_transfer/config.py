@@ -15,6 +15,9 @@ from keras_transfer.errors import ConfigError
 from keras_transfer.transfer import TransferConfig
 
 TTA_MODES = ("none", "flip", "flip_translate")
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # keras_transfer.train.OPTIMIZERS
+SCHEDULES = ("cosine", "triangle", "plateau", "constant")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +32,9 @@ class DataConfig:
         per_class: int or None. Low-data study: target training images per class.
         fraction: float or None. Low-data study: stratified fraction of target train.
         augment: str. Preset: ``none``, ``mild``, ``strong``.
-        flips: bool or None. Horizontal flips in ``strong`` (None: off for digits/letters).
+        flips: bool, ``"alternate"`` or None. Horizontal flips in ``translate`` and ``strong`` (None: off
+            for digits/letters). ``alternate``: airbench's alternating flips in the training input
+            instead of random ones (`keras_transfer.data.pipeline.ArrayBatches`; in-memory path only).
         input_path: str. ``auto``, ``memory`` or ``tfdata``.
         batch_size: int.
         tta: str. Test-time augmentation at evaluation: ``none``, ``flip`` or ``flip_translate``.
@@ -42,12 +47,17 @@ class DataConfig:
     per_class: int | None = 20
     fraction: float | None = None
     augment: str = "mild"
-    flips: bool | None = None
+    flips: bool | str | None = None
     input_path: str = "auto"
     batch_size: int = 64
     tta: str = "none"
 
     def __post_init__(self):
+        if self.flips not in (None, True, False, "alternate"):
+            raise ConfigError(f"data.flips: expected true, false, alternate or null. Received: {self.flips!r}")
+        if self.flips == "alternate" and self.input_path == "tfdata":
+            raise ConfigError("data.flips: alternate needs the in-memory input path (data.input_path: memory or "
+                              "auto). Received: input_path 'tfdata'")
         if self.tta not in TTA_MODES:
             raise ConfigError(f"Unknown test-time augmentation (data.tta): expected one of {', '.join(TTA_MODES)}. "
                               f"Received: {self.tta!r}")
@@ -127,6 +137,8 @@ class TrainConfig:
             every this many steps pull the weights back to an average whose factor ramps up as
             ``lookahead_decay ** lookahead_every * (step / total steps) ** lookahead_power``.
         lookahead_decay, lookahead_power: float. airbench94: 0.95 and 3.
+        whiten_bias_epochs: int or None. airbench only: epochs its whitening bias trains before it
+            is held fixed (`keras_transfer.train.FreezeBias`; airbench94: 3). None: it always trains.
     """
 
     epochs: int = 4
@@ -149,9 +161,19 @@ class TrainConfig:
     lookahead_every: int = 0
     lookahead_decay: float = 0.95
     lookahead_power: float = 3.0
+    whiten_bias_epochs: int | None = None
 
     def __post_init__(self):
         # Checked here, when the config is read, so that a bad value fails before any data or run directory.
+        for key, allowed in (("optimizer", OPTIMIZER_NAMES), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"Unknown {key}: expected one of {', '.join(allowed)}. "
+                                  f"Received: {getattr(self, key)!r}")
+        if self.whiten_bias_epochs is not None and (isinstance(self.whiten_bias_epochs, bool)
+                                                    or not isinstance(self.whiten_bias_epochs, int)
+                                                    or self.whiten_bias_epochs < 0):
+            raise ConfigError(f"whiten_bias_epochs: expected null or an integer >= 0. "
+                              f"Received: {self.whiten_bias_epochs!r}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum: expected 0 (off) or a momentum in (0, 1). "
                               f"Received: {self.ema_momentum!r}")
@@ -185,6 +207,12 @@ class RunConfig:
     finetune: TrainConfig = TrainConfig(epochs=25)
     transfer: TransferConfig = TransferConfig()
     seed: int = 0
+
+    def __post_init__(self):
+        for section in ("pretrain", "finetune"):
+            if getattr(self, section).whiten_bias_epochs is not None and self.model.name != "airbench":
+                raise ConfigError(f"{section}.whiten_bias_epochs: expected model.name airbench (the only model with "
+                                  f"a whitening bias). Received: model.name {self.model.name!r}")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "pretrain": TrainConfig,

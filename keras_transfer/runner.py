@@ -52,7 +52,8 @@ def _splits(name, dcfg, seed, low_data):
 
 def _augment(dcfg, ds, seed):
     flips = dcfg.flips if dcfg.flips is not None else ds.name not in NO_FLIP
-    return augmentation_layers(dcfg.augment, ds.image_shape[-1], flips=flips, seed=seed)
+    # flips: alternate flips in the training input (ArrayBatches), not in the model.
+    return augmentation_layers(dcfg.augment, ds.image_shape[-1], flips=flips is True, seed=seed)
 
 
 def _classifier(backbone, mcfg, ds, x_train, dcfg, seed):
@@ -82,8 +83,10 @@ def _val_input(splits, batch_size, seed, input_path):
 
 
 def train_stage(model, spec_name, splits, tcfg, stage_dir, seed, input_path, batch_size, strategy="full",
-                phases=None, resume=False, echo=None):
+                phases=None, resume=False, echo=None, alternate_flips=False):
     """Train one stage (a strategy, or pretraining); gradual runs phases, recompiling each.
+
+    ``alternate_flips``: the training input flips images alternately (``data.flips: alternate``).
 
     Returns:
         ``(model, wall_seconds)``.
@@ -103,14 +106,15 @@ def train_stage(model, spec_name, splits, tcfg, stage_dir, seed, input_path, bat
             if end > start:
                 set_trainable_blocks(model, spec_name, blocks)
                 compile_model(model, tcfg, steps)  # recompile after every change of trainable
-                fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, max(start, epoch)),
+                fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, max(start, epoch),
+                                      alternate_flips),
                     _val_input(splits, batch_size, seed, input_path), tcfg, stage_dir,
                     initial_epoch=max(start, epoch), epochs=end)
             epoch = end
     elif start < tcfg.epochs:
         if not resume or start == 0:
             compile_model(model, tcfg, steps)
-        fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, start),
+        fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, start, alternate_flips),
             _val_input(splits, batch_size, seed, input_path), tcfg, stage_dir, initial_epoch=start)
     return model, time.perf_counter() - t0
 
@@ -148,7 +152,8 @@ def pretrain(cfg, run_dir, echo=None, resume=False):
     _log(f"pretrain {m.name} on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
          f"{len(splits['test'][0])} test, {cfg.pretrain.epochs} epochs", echo)
     model, wall = train_stage(model, m.name, splits, cfg.pretrain, run_dir, cfg.seed, cfg.data.input_path,
-                              cfg.data.batch_size, resume=resume, echo=echo)
+                              cfg.data.batch_size, resume=resume, echo=echo,
+                              alternate_flips=cfg.data.flips == "alternate")
     history = read_history(os.path.join(run_dir, "history.csv"))
     metrics = _evaluate_and_plot(model, ds, splits, run_dir, f"pretrain {ds.name}", history, cfg.data.tta)
     trainable, frozen = parameter_counts(model)
@@ -237,7 +242,8 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
                                               cfg.data.batch_size)
         else:
             model, wall = train_stage(model, spec_name, splits, cfg.finetune, stage_dir, cfg.seed,
-                                      cfg.data.input_path, cfg.data.batch_size, strategy, phases, resume, echo)
+                                      cfg.data.input_path, cfg.data.batch_size, strategy, phases, resume, echo,
+                                      alternate_flips=cfg.data.flips == "alternate")
         history = read_history(os.path.join(stage_dir, "history.csv"))
         metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
         metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall,

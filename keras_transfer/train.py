@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_transfer.config import check_lookahead
+from keras_transfer.config import PRECISIONS, check_lookahead
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
 from keras_transfer.io import load_model, save_model
@@ -37,9 +37,8 @@ class SparseSmoothedCrossentropy(keras.losses.Loss):
 
 def set_precision(precision):
     """Set the global dtype policy before building models."""
-    allowed = ("float32", "mixed_bfloat16", "mixed_float16")
-    if precision not in allowed:
-        raise ConfigError(f"Unknown precision: expected one of {allowed}. Received: {precision!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"Unknown precision: expected one of {', '.join(PRECISIONS)}. Received: {precision!r}")
     keras.config.set_dtype_policy(precision)
 
 
@@ -143,6 +142,7 @@ class LookaheadAdamW(Lookahead, keras.optimizers.AdamW):
 
 
 # name -> (Keras optimizer, the same with `Lookahead`)
+# Name -> (plain, with Lookahead); the names are config.OPTIMIZER_NAMES, which TrainConfig checks.
 OPTIMIZERS = {"sgd": (keras.optimizers.SGD, LookaheadSGD), "adam": (keras.optimizers.Adam, LookaheadAdam),
               "adamw": (keras.optimizers.AdamW, LookaheadAdamW)}
 
@@ -150,7 +150,7 @@ OPTIMIZERS = {"sgd": (keras.optimizers.SGD, LookaheadSGD), "adam": (keras.optimi
 def make_optimizer(cfg, steps_per_epoch):
     lr = learning_rate(cfg, steps_per_epoch)
     if cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"Unknown optimizer: expected sgd, adam or adamw. Received: {cfg.optimizer!r}")
+        raise ConfigError(f"Unknown optimizer: expected one of {', '.join(OPTIMIZERS)}. Received: {cfg.optimizer!r}")
     plain, with_lookahead = OPTIMIZERS[cfg.optimizer]
     kwargs = {"momentum": cfg.momentum, "nesterov": cfg.nesterov} if cfg.optimizer == "sgd" else {}
     kwargs["weight_decay"] = cfg.weight_decay if cfg.optimizer == "adamw" else (cfg.weight_decay or None)
@@ -269,6 +269,46 @@ def read_history(path):
     return out
 
 
+class FreezeBias(keras.callbacks.Callback):
+    """Holds freezable `keras_transfer.models.airbench.Bias` layers fixed from epoch ``epochs`` on
+    (airbench94 trains its whitening bias for 3 epochs), and lets them train again when ``fit`` ends,
+    so the saved model holds the value used since and fine-tunes normally.
+
+    Args:
+        layers: list of freezable ``Bias`` layers.
+        epochs: int. Number of epochs they train first.
+    """
+
+    def __init__(self, layers, epochs):
+        super().__init__()
+        self.bias_layers, self.epochs = list(layers), int(epochs)
+
+    @classmethod
+    def for_model(cls, model, epochs, name="whiten_bias"):
+        """The callback for every freezable Bias layer called ``name`` in ``model`` (nested models too)."""
+        found = [layer for layer in _all_layers(model) if layer.name == name and getattr(layer, "freezable", False)]
+        if not found:
+            raise ConfigError(f"whiten_bias_epochs: expected a model with a freezable {name!r} layer (airbench). "
+                              f"Received: {model.name!r} without one")
+        return cls(found, epochs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch >= self.epochs:  # idempotent, so a run resumed after the freeze keeps the held value
+            for layer in self.bias_layers:
+                layer.freeze()
+
+    def on_train_end(self, logs=None):
+        for layer in self.bias_layers:
+            layer.unfreeze()
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
 def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose=0, extra_callbacks=()):
     """Fit with checkpoints, CSV history and the recipe's callbacks.
 
@@ -285,6 +325,8 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     callbacks = [EpochTimer(), AtomicCheckpoint(ckpt), SeedState(os.path.join(ckpt, "rng.npz"), initial_epoch > 0),
                  keras.callbacks.CSVLogger(os.path.join(stage_dir, "history.csv"), append=initial_epoch > 0),
                  *extra_callbacks]
+    if cfg.whiten_bias_epochs is not None:
+        callbacks.append(FreezeBias.for_model(model, cfg.whiten_bias_epochs))
     if cfg.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6))
     if cfg.early_stopping:

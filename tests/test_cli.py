@@ -51,6 +51,10 @@ def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
     r = invoke("evaluate", ft)
     assert r.exit_code == 0, r.output
     assert "macro avg" in r.output
+    r = invoke("evaluate", pre, "--tta", "flip")
+    assert r.exit_code == 0, r.output
+    (tta_dir,) = [d for d in os.listdir(pre) if d.startswith("eval-") and d.endswith("-test-tta-flip")]
+    assert json.load(open(os.path.join(pre, tta_dir, "metrics.json")))["tta"] == "flip"
 
     r = invoke("gradcam", ft, "-n", "4", "--out", str(tmp_path / "cam.png"))
     assert r.exit_code == 0, r.output and os.path.exists(tmp_path / "cam.png")
@@ -87,6 +91,9 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
 @pytest.mark.parametrize("section,key,value,expected", [
     ("model", "bn_bias_lr", 0, "model.bn_bias_lr: expected a positive learning-rate multiplier. Received: 0"),
     ("pretrain", "lookahead_decay", 1.5, "Lookahead: expected every >= 1, 0 < decay < 1"),
+    ("pretrain", "optimizer", "adagrad", "Unknown optimizer: expected one of sgd, adam, adamw. Received: 'adagrad'"),
+    ("pretrain", "schedule", "step", "Unknown schedule: expected one of cosine, triangle, plateau, constant."),
+    ("data", "flips", "sometimes", "data.flips: expected true, false, alternate or null. Received: 'sometimes'"),
 ])
 def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section, key, value, expected):
 

@@ -19,9 +19,10 @@ def test_airbench_has_airbench94s_shape_and_size():
     assert bb.output.shape[-1] == 256
     names = [layer.name for layer in bb.layers]
     assert names.index("whiten_conv") < names.index("group1_conv1") < names.index("group3_conv2")
-    # whiten 2x2x3x24 (frozen) + its bias; six 3x3 convs without bias; BN: beta + moving mean and var
+    # whiten 2x2x3x24 (frozen) + its bias (+ held copy and gate); six 3x3 convs without bias;
+    # BN: beta + moving mean and var
     convs = 9 * (24 * 64 + 64 * 64 + 64 * 256 + 3 * 256 * 256)
-    assert bb.count_params() == 288 + 24 + convs + 3 * (2 * 64 + 4 * 256) == 1_971_384
+    assert bb.count_params() == 288 + 24 + 25 + convs + 3 * (2 * 64 + 4 * 256) == 1_971_409
     assert not bb.get_layer("whiten_conv").trainable
 
 
@@ -117,7 +118,8 @@ def test_fast_preset_file_resolves_to_the_airbench_recipe():
     cfg = config_lib.load(os.path.join(ROOT, "experiments", "cifar10_fast.yaml"))
     assert cfg.model.name == "airbench" and cfg.data.source == "cifar10" and cfg.data.val == 0
     assert cfg.pretrain.schedule == "triangle" and cfg.pretrain.precision == "mixed_bfloat16"
-    assert cfg.data.tta == "flip" and cfg.data.augment == "translate"
+    assert cfg.data.augment == "translate" and cfg.data.flips == "alternate"
+    assert cfg.pretrain.whiten_bias_epochs == 3
     # airbench94's coupled decay (0.0153 per 1024 examples, through momentum 0.85) as Keras' decoupled wd
     lr, momentum = cfg.pretrain.learning_rate, cfg.pretrain.momentum
     per_step = 0.0153 * 1024 / (1024 * (1 + 1 / (1 - momentum))) / (1 - momentum)
@@ -175,3 +177,58 @@ def test_airbench_batchnorm_biases_get_the_configured_multiplier():
     assert all(not bb.get_layer(b.name[:-5]).center for b in biases)
     clone = keras.Model.from_config(bb.get_config())
     assert clone.get_layer("group2_bn1_bias").lr_scale == 16.0
+
+
+def test_airbench_batchnorm_keeps_six_tenths_of_its_statistics_per_step():
+    # airbench94's BatchNorm(momentum=0.6) hands torch momentum=0.4: running = 0.6 running + 0.4 batch.
+    bb = create_backbone("airbench", 16, 3, widths=(8, 8, 8))
+    probe = keras.Model(bb.input, bb.get_layer("group1_pool").output)
+    x = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype("float32")
+    batch_mean = keras.ops.convert_to_numpy(probe(x)).mean(axis=(0, 1, 2))
+    bn = bb.get_layer("group1_bn1")
+    bn.moving_mean.assign(np.ones(8, "float32"))
+    bb(x, training=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), 0.6 + 0.4 * batch_mean, rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_whitening_bias_is_held_after_its_epochs_and_trains_again_after_fit(tmp_path):
+    from keras_transfer.config import TrainConfig
+    from keras_transfer.data.pipeline import make_input
+    from keras_transfer.train import compile_model, fit
+
+    x, y = tiny_data(32, shape=(16, 16, 3))
+    bb = create_backbone("airbench", 16, 3, widths=(8, 8, 8))
+    model = build_classifier(bb, "airbench", (16, 16, 3), 10, mean=[127.0] * 3, std=[64.0] * 3, head_hidden=0)
+    initialise_from_data(model, "airbench", x)
+    layer = bb.get_layer("whiten_bias")
+    applied, gates, raw = [], [], []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            applied.append(keras.ops.convert_to_numpy(layer(keras.ops.zeros((1, 1, 1, 24))))[0, 0, 0].copy())
+            gates.append(float(keras.ops.convert_to_numpy(layer.gate)))
+            raw.append(keras.ops.convert_to_numpy(layer.bias).copy())
+
+    cfg = TrainConfig(epochs=3, optimizer="sgd", learning_rate=0.5, momentum=0.9, weight_decay=0.01,
+                      schedule="constant", whiten_bias_epochs=1)
+    compile_model(model, cfg, 4)
+    conv_before = keras.ops.convert_to_numpy(bb.get_layer("group1_conv1").kernel).copy()
+    fit(model, make_input(x, y, 8, True, 0), None, cfg, str(tmp_path / "freeze"), extra_callbacks=[Record()])
+    assert gates == [1.0, 0.0, 0.0]
+    assert np.abs(applied[0]).max() > 0  # it trained in epoch 0 ...
+    np.testing.assert_array_equal(applied[1], applied[0])  # ... and was held in epochs 1 and 2,
+    np.testing.assert_array_equal(applied[2], applied[0])
+    assert np.abs(raw[2] - applied[0]).max() > 0  # although decay and momentum still moved the variable
+    conv_after = keras.ops.convert_to_numpy(bb.get_layer("group1_conv1").kernel)
+    assert np.abs(conv_after - conv_before).max() > 0  # while the rest trained
+    # After fit it trains again, holding the value it was frozen at.
+    assert float(keras.ops.convert_to_numpy(layer.gate)) == 1.0
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.bias), applied[2], rtol=1e-6)
+
+
+def test_freeze_needs_an_airbench_model():
+    with pytest.raises(config_lib.ConfigError, match="whiten_bias_epochs: expected model.name airbench"):
+        config_lib.merge(config_lib.RunConfig(), {"pretrain": {"whiten_bias_epochs": 3}})
+    with pytest.raises(config_lib.ConfigError, match="whiten_bias_epochs: expected null or an integer >= 0"):
+        config_lib.TrainConfig(whiten_bias_epochs=-1)

@@ -103,3 +103,66 @@ def test_device_gather_gives_the_host_batches_and_trains():
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(dev, epochs=1, verbose=0, shuffle=False)
     assert np.isfinite(history.history["loss"][0])
+
+
+def _epoch(batches):
+    """The (image, label) pairs of one epoch of ``batches``, as host arrays sorted by label."""
+    import keras
+
+    xs = np.concatenate([keras.ops.convert_to_numpy(batches[i][0]) for i in range(len(batches))])
+    ys = np.concatenate([keras.ops.convert_to_numpy(batches[i][1]) for i in range(len(batches))])
+    order = np.argsort(ys, kind="stable")
+    return xs[order], ys[order]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_alternating_flips_mirror_every_image_each_epoch(on_device):
+    import keras
+
+    if on_device and keras.config.backend() == "tensorflow":
+        pytest.skip("device_gather is for JAX and torch: TensorFlow's in-memory batches run as tf.data")
+    x, y = tiny_data(50)
+    y = np.arange(50)  # one label per image, to find each image again
+    b = ArrayBatches(x, y, 16, shuffle=True, seed=4, alternate_flips=True, on_device=on_device)
+    seen = []
+    for _ in range(3):
+        xs, ys = _epoch(b)
+        np.testing.assert_array_equal(ys, y)
+        seen.append(xs)
+        b.on_epoch_end()
+    mirrored = [np.array([np.array_equal(s[i], x[i, :, ::-1]) for i in range(50)]) for s in seen]
+    kept = [np.array([np.array_equal(s[i], x[i]) for i in range(50)]) for s in seen]
+    assert all((m | k).all() for m, k in zip(mirrored, kept))  # each image as it is or mirrored
+    assert 10 < mirrored[0].sum() < 40  # a random half in epoch 0 ...
+    np.testing.assert_array_equal(mirrored[1], ~mirrored[0])  # ... the other half in epoch 1
+    np.testing.assert_array_equal(mirrored[2], mirrored[0])
+    resumed = ArrayBatches(x, y, 16, shuffle=True, seed=4, alternate_flips=True, initial_epoch=1)
+    np.testing.assert_array_equal(_epoch(resumed)[0], seen[1])
+    np.testing.assert_array_equal(x, tiny_data(50)[0])  # the source arrays are untouched
+
+
+def test_tf_twin_serves_the_same_alternating_flips():
+    pytest.importorskip("tensorflow")
+    x, y = tiny_data(50)
+    mem = ArrayBatches(x, y, 16, shuffle=True, seed=5, alternate_flips=True)
+    it = mem.as_tf_dataset(repeat=True).as_numpy_iterator()
+    for _ in range(2):
+        for i in range(len(mem)):
+            xb, yb = next(it)
+            np.testing.assert_array_equal(xb, mem[i][0])
+            np.testing.assert_array_equal(yb, mem[i][1])
+        mem.on_epoch_end()
+
+
+def test_alternating_flips_need_the_in_memory_path():
+    from keras_transfer.config import DataConfig
+    from keras_transfer.data.pipeline import make_input
+    from keras_transfer.errors import ConfigError
+
+    x, y = tiny_data(8)
+    with pytest.raises(ConfigError, match="alternate needs the in-memory input path"):
+        make_input(x, y, 4, True, path="tfdata", alternate_flips=True)
+    with pytest.raises(ConfigError, match="alternate needs the in-memory input path"):
+        DataConfig(flips="alternate", input_path="tfdata")
+    with pytest.raises(ConfigError, match="data.flips: expected true, false, alternate or null. Received: 'sometimes'"):
+        DataConfig(flips="sometimes")

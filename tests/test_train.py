@@ -208,3 +208,10 @@ def test_lookahead_optimizer_saves_and_resumes(tmp_path):
     model, start = resume_state(str(tmp_path / "la"))
     assert start == 1 and type(model.optimizer).__name__ == "LookaheadSGD"
     assert model.optimizer.get_config()["lookahead_every"] == 2 and model.optimizer.total_steps == 12
+
+
+def test_the_optimizer_names_the_config_accepts_are_the_ones_train_builds():
+    from keras_transfer.config import OPTIMIZER_NAMES
+    from keras_transfer.train import OPTIMIZERS
+
+    assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from keras_transfer import backend
+from keras_transfer.errors import ConfigError
 
 IN_MEMORY_LIMIT_BYTES = 2 << 30
 
@@ -32,12 +33,20 @@ class ArrayBatches(keras.utils.PyDataset):
             gather each batch there (`backend.device_gather`): ``"auto"`` does so on JAX and torch
             when a GPU/TPU computes and ``x`` is at most `IN_MEMORY_LIMIT_BYTES`. The batches are
             the same either way; only where they are gathered changes.
+        alternate_flips: bool. airbench94's alternating horizontal flips (Jordan, 2024):
+            each image gets one random orientation from ``seed``, used in even epochs and mirrored
+            in odd ones, so every image is seen both ways in any two consecutive epochs (random
+            flips repeat an orientation half the time). Use it instead of a ``RandomFlip`` layer.
     """
 
-    def __init__(self, x, y, batch_size, shuffle=True, seed=0, initial_epoch=0, on_device="auto"):
+    def __init__(self, x, y, batch_size, shuffle=True, seed=0, initial_epoch=0, on_device="auto",
+                 alternate_flips=False):
         super().__init__(workers=1, use_multiprocessing=False)
         self.x, self.y = x, np.asarray(y, dtype=np.int32)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        # Per-image orientation of even epochs; its own stream, so the permutations do not change.
+        self.flip_bits = (np.random.default_rng([seed, 0x0F11B]).random(len(x)) < 0.5
+                          if alternate_flips else None)
         if on_device == "auto":
             on_device = (keras.config.backend() in ("jax", "torch") and x.nbytes <= IN_MEMORY_LIMIT_BYTES
                          and backend.has_accelerator())
@@ -62,8 +71,16 @@ class ArrayBatches(keras.utils.PyDataset):
         if self.on_device:
             if self._take is None:
                 self._take = backend.device_gather(self.x, self.y)
-            return self._take(idx)
-        return self.x[idx], self.y[idx]
+            xb, yb = self._take(idx)
+        else:
+            xb, yb = self.x[idx], self.y[idx]
+        if self.flip_bits is None:
+            return xb, yb
+        flip = self.flip_bits[idx] != bool(self.epoch % 2)
+        if self.on_device:
+            return keras.ops.where(flip[:, None, None, None], keras.ops.flip(xb, axis=2), xb), yb
+        xb[flip] = xb[flip, :, ::-1]
+        return xb, yb
 
     def on_epoch_end(self):
         self.set_epoch(self.epoch + 1)
@@ -87,15 +104,23 @@ class ArrayBatches(keras.utils.PyDataset):
         def batches_of(epoch):
             order = tf.numpy_function(self.epoch_order, [epoch], tf.int64, stateful=False)
             order = tf.ensure_shape(order, [len(self.x)])
-            return tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
+            batches = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
+            return batches.map(lambda i: (tf.sort(i) if self.shuffle else i, epoch % 2 == 1))
+
+        bits = np.zeros(len(self.x), bool) if self.flip_bits is None else self.flip_bits
+
+        def gather(batch, arrays):
+            (i, odd_epoch), (x, y, flip_bits) = batch, arrays
+            xb = tf.gather(x, i)
+            if self.flip_bits is not None:
+                flip = tf.not_equal(tf.gather(flip_bits, i), odd_epoch)
+                xb = tf.where(flip[:, None, None, None], tf.reverse(xb, [2]), xb)
+            return xb, tf.gather(y, i)
 
         indices = epochs.flat_map(batches_of)
-        if self.shuffle:
-            indices = indices.map(tf.sort)
-        arrays = tf.data.Dataset.from_tensors((self.x, self.y)).repeat()
-        ds = tf.data.Dataset.zip((indices, arrays)).map(
-            lambda i, xy: (tf.gather(xy[0], i), tf.gather(xy[1], i)), num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True)
+        arrays = tf.data.Dataset.from_tensors((self.x, self.y, bits)).repeat()
+        ds = tf.data.Dataset.zip((indices, arrays)).map(gather, num_parallel_calls=tf.data.AUTOTUNE,
+                                                         deterministic=True)
         if not repeat:  # a known length: Keras then stops after the last batch instead of running out
             ds = ds.apply(tf.data.experimental.assert_cardinality(len(self)))
         return ds.prefetch(tf.data.AUTOTUNE)
@@ -137,8 +162,16 @@ def choose_input_path(x, requested="auto"):
     return "tfdata"
 
 
-def make_input(x, y, batch_size, shuffle, seed=0, path="auto", initial_epoch=0):
-    """The object to pass to ``fit``/``evaluate`` for arrays ``(x, y)`` on the chosen path."""
+def make_input(x, y, batch_size, shuffle, seed=0, path="auto", initial_epoch=0, alternate_flips=False):
+    """The object to pass to ``fit``/``evaluate`` for arrays ``(x, y)`` on the chosen path.
+
+    ``alternate_flips`` (see `ArrayBatches`) needs the in-memory path.
+    """
     if choose_input_path(x, path) == "tfdata":
+        if alternate_flips:
+            raise ConfigError(f"data.flips: alternate needs the in-memory input path (data.input_path: memory or "
+                              f"auto with at most {IN_MEMORY_LIMIT_BYTES >> 30} GiB of images). Received: "
+                              f"input_path {path!r} for {x.nbytes / 2**30:.1f} GiB")
         return tf_dataset(x, y, batch_size, shuffle=shuffle, seed=seed + initial_epoch)
-    return ArrayBatches(x, y, batch_size, shuffle=shuffle, seed=seed, initial_epoch=initial_epoch)
+    return ArrayBatches(x, y, batch_size, shuffle=shuffle, seed=seed, initial_epoch=initial_epoch,
+                        alternate_flips=alternate_flips)

@@ -1,12 +1,13 @@
 """A fast CIFAR-10 network after airbench94 (Keller Jordan, 2024), as a Keras functional model.
 
     whiten: 2x2 conv, 24 filters, frozen, set from the eigenvectors of training patches
-            (`init_whitening`), + a trainable bias -> GELU
+            (`init_whitening`), + a bias (freezable: `train.FreezeBias`) -> GELU
     group1..3: conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU   (64 / 256 / 256)
     pool:   global max pool -> x 1/9
 
-BatchNorm has no learned scale (airbench freezes it at 1) and momentum 0.4 in Keras' convention
-(0.6 in torch's). Its bias is a separate `Bias` layer (``group{i}_bn{j}_bias``) that learns
+BatchNorm has no learned scale (airbench freezes it at 1) and moving statistics that keep 0.6 of
+their value per step (Keras ``momentum=0.6``; airbench's ``BatchNorm(momentum=0.6)`` passes torch
+``momentum=1-0.6``). Its bias is a separate `Bias` layer (``group{i}_bn{j}_bias``) that learns
 ``bn_bias_lr`` (airbench: 64) times faster than the other weights under SGD, which Keras optimizers,
 having no parameter groups, cannot do otherwise. Convolutions start from a partial identity
 (airbench's dirac init). Lookahead and multi-crop test-time augmentation are recipe options
@@ -32,23 +33,56 @@ class Bias(layers.Layer):
             moves the bias ``sqrt(lr_scale)`` times further, so (momentum) SGD trains the bias
             ``lr_scale`` times faster than a plain one; decoupled weight decay shrinks it at the
             same relative rate as other weights. airbench94 gives BatchNorm biases a 64x learning rate.
+        freezable: bool. Add the state that `freeze` needs (two non-trainable weights): a copy of
+            the bias and a gate, so the bias can stop training in the middle of ``fit``, where
+            changing ``trainable`` would need a recompile and a fresh optimizer (and so restart the
+            learning-rate schedule). airbench94 trains its whitening bias for 3 epochs only.
     """
 
-    def __init__(self, lr_scale=1.0, **kwargs):
+    def __init__(self, lr_scale=1.0, freezable=False, **kwargs):
         super().__init__(**kwargs)
         if not lr_scale > 0:
             raise ValueError(f"Bias lr_scale: expected a positive number. Received: {lr_scale!r}")
-        self.lr_scale = float(lr_scale)
+        self.lr_scale, self.freezable = float(lr_scale), bool(freezable)
 
     def build(self, input_shape):
         self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+        if self.freezable:
+            self.frozen_bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", trainable=False,
+                                               name="frozen_bias")
+            self.gate = self.add_weight(shape=(), initializer="ones", trainable=False, name="gate")
+
+    def _trained(self):
+        return self.bias if self.lr_scale == 1.0 else self.bias * np.sqrt(self.lr_scale)
 
     def call(self, x):
-        bias = self.bias if self.lr_scale == 1.0 else self.bias * np.sqrt(self.lr_scale)
+        bias = self._trained()
+        if self.freezable:  # gate 1: trains; gate 0: the stored copy, and no gradient reaches `bias`
+            bias = self.gate * bias + (1.0 - self.gate) * self.frozen_bias
         return x + keras.ops.cast(bias, x.dtype)
 
+    def freeze(self):
+        """Hold the bias at its current value from now on (no-op if already frozen).
+
+        The trainable ``bias`` then gets zero gradients; the optimizer may still move it (momentum,
+        weight decay), but it no longer counts until `unfreeze` writes the held value back.
+        """
+        if not self.freezable:
+            raise ValueError(f"Bias {self.name!r} was built with freezable=False")
+        if float(keras.ops.convert_to_numpy(self.gate)) == 1.0:
+            # Host copies: on JAX, assigning one variable to another shares a buffer that the next
+            # jitted step would donate twice.
+            self.frozen_bias.assign(keras.ops.convert_to_numpy(self._trained()))
+            self.gate.assign(0.0)
+
+    def unfreeze(self):
+        """Write the held value back to the trainable bias and let it train again."""
+        if self.freezable and float(keras.ops.convert_to_numpy(self.gate)) == 0.0:
+            self.bias.assign(keras.ops.convert_to_numpy(self.frozen_bias) / np.sqrt(self.lr_scale))
+            self.gate.assign(1.0)
+
     def get_config(self):
-        return {**super().get_config(), "lr_scale": self.lr_scale}
+        return {**super().get_config(), "lr_scale": self.lr_scale, "freezable": self.freezable}
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
@@ -88,7 +122,7 @@ def airbench_cnn(input_shape=(32, 32, 3), widths=(64, 256, 256), bn_bias_lr=64.0
     c = input_shape[-1]
     inputs = keras.Input(input_shape, name="backbone_input")
     x = layers.Conv2D(2 * 4 * c, 2, padding="valid", use_bias=False, trainable=False, name="whiten_conv")(inputs)
-    x = Bias(name="whiten_bias")(x)
+    x = Bias(freezable=True, name="whiten_bias")(x)
     x = layers.Activation("gelu", name="whiten_gelu")(x)
     for i, w in enumerate(widths, start=1):
         for j in (1, 2):
@@ -96,7 +130,7 @@ def airbench_cnn(input_shape=(32, 32, 3), widths=(64, 256, 256), bn_bias_lr=64.0
                               name=f"group{i}_conv{j}")(x)
             if j == 1:
                 x = layers.MaxPooling2D(2, name=f"group{i}_pool")(x)
-            x = norm.BatchNormalization(momentum=0.4, epsilon=1e-12, center=False, scale=False,
+            x = norm.BatchNormalization(momentum=0.6, epsilon=1e-12, center=False, scale=False,
                                         name=f"group{i}_bn{j}")(x)
             x = Bias(bn_bias_lr, name=f"group{i}_bn{j}_bias")(x)
             x = layers.Activation("gelu", name=f"group{i}_gelu{j}")(x)
