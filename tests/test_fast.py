@@ -118,7 +118,7 @@ def test_fast_preset_file_resolves_to_the_airbench_recipe():
     cfg = config_lib.load(os.path.join(ROOT, "experiments", "cifar10_fast.yaml"))
     assert cfg.model.name == "airbench" and cfg.data.source == "cifar10" and cfg.data.val == 0
     assert cfg.pretrain.schedule == "triangle" and cfg.pretrain.precision == "mixed_bfloat16"
-    assert cfg.data.augment == "translate" and cfg.data.flips == "alternate"
+    assert cfg.data.augment == "translate" and cfg.data.flips == "alternate" and cfg.data.tta == "flip_translate"
     assert cfg.pretrain.whiten_bias_epochs == 3
     # airbench94's coupled decay (0.0153 per 1024 examples, through momentum 0.85) as Keras' decoupled wd
     lr, momentum = cfg.pretrain.learning_rate, cfg.pretrain.momentum

@@ -3,7 +3,7 @@
     whiten: 2x2 conv, 24 filters, frozen, set from the eigenvectors of training patches
             (`init_whitening`), + a bias (freezable: `train.FreezeBias`) -> GELU
     group1..3: conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU   (64 / 256 / 256)
-    pool:   global max pool -> x 1/9
+    pool:   global max pool -> x 1/9 (at 32x32 the final map is 3x3: airbench's MaxPool2d(3))
 
 BatchNorm has no learned scale (airbench freezes it at 1) and moving statistics that keep 0.6 of
 their value per step (Keras ``momentum=0.6``; airbench's ``BatchNorm(momentum=0.6)`` passes torch
