@@ -53,7 +53,7 @@ def _run_options(fn):
         click.option("--per-class", type=int, help="Low-data study: target training images per class."),
         click.option("--fraction", type=float, help="Low-data study: fraction of target training set."),
         click.option("--batch-size", type=int),
-        click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]),
+        click.option("--tta", type=click.Choice(list(config_lib.TTA_MODES)),
                      help="Test-time augmentation at evaluation."),
         click.option("--input-path", type=click.Choice(["auto", "memory", "tfdata"])),
         click.option("--pretrain-epochs", type=int),
@@ -176,7 +176,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
 @click.option("--dataset", help="Dataset to evaluate on (default: the run's target / source).")
 @click.option("--data-dir", type=click.Path())
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(list(config_lib.TTA_MODES)), default="none", show_default=True,
               help="Test-time augmentation: average over mirrored (and 1-px shifted) views.")
 @click.option("--out", type=click.Path(), help="Where to write metrics.json and figures (default: beside the model).")
 @_fail_cleanly

@@ -53,7 +53,8 @@ def _splits(name, dcfg, seed, low_data):
 def _augment(dcfg, ds, seed):
     flips = dcfg.flips if dcfg.flips is not None else ds.name not in NO_FLIP
     # flips: alternate flips in the training input (ArrayBatches), not in the model.
-    return augmentation_layers(dcfg.augment, ds.image_shape[-1], flips=flips is True, seed=seed)
+    return augmentation_layers(dcfg.augment, ds.image_shape[-1], flips=bool(flips) and flips != "alternate",
+                              seed=seed)
 
 
 def _classifier(backbone, mcfg, ds, x_train, dcfg, seed):

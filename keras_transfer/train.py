@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_transfer.config import PRECISIONS, check_lookahead
+from keras_transfer.config import PRECISIONS, SCHEDULES, check_lookahead
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
 from keras_transfer.io import load_model, save_model
@@ -77,8 +77,7 @@ def learning_rate(cfg, steps_per_epoch):
         return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total)
     if cfg.schedule in ("plateau", "constant"):
         return cfg.learning_rate
-    raise ConfigError(f"Unknown schedule: expected cosine, triangle, plateau or constant. "
-                      f"Received: {cfg.schedule!r}")
+    raise ConfigError(f"Unknown schedule: expected one of {', '.join(SCHEDULES)}. Received: {cfg.schedule!r}")
 
 
 class Lookahead:
@@ -141,8 +140,8 @@ class LookaheadAdamW(Lookahead, keras.optimizers.AdamW):
     """``keras.optimizers.AdamW`` with `Lookahead`."""
 
 
-# name -> (Keras optimizer, the same with `Lookahead`)
-# Name -> (plain, with Lookahead); the names are config.OPTIMIZER_NAMES, which TrainConfig checks.
+# name -> (Keras optimizer, the same with `Lookahead`); the names are config.OPTIMIZER_NAMES, which
+# TrainConfig checks.
 OPTIMIZERS = {"sgd": (keras.optimizers.SGD, LookaheadSGD), "adam": (keras.optimizers.Adam, LookaheadAdam),
               "adamw": (keras.optimizers.AdamW, LookaheadAdamW)}
 

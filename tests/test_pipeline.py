@@ -37,18 +37,22 @@ def test_memory_and_tfdata_paths_give_identical_batches():
         assert xb.dtype == np.uint8
 
 
-@pytest.mark.parametrize("initial_epoch", [0, 1])
-def test_tf_twin_of_array_batches_serves_the_same_batches_epoch_after_epoch(initial_epoch):
-    pytest.importorskip("tensorflow")
-    x, y = tiny_data(50)  # 50 = 3 x 16 + 2: a ragged last batch each epoch
-    mem = ArrayBatches(x, y, 16, shuffle=True, seed=3, initial_epoch=initial_epoch)
+def _assert_tf_twin_serves_the_same(mem, epochs):
+    """``mem.as_tf_dataset`` yields ``mem``'s batches, epoch after epoch."""
     it = mem.as_tf_dataset(repeat=True).as_numpy_iterator()
-    for _ in range(3):
+    for _ in range(epochs):
         for i in range(len(mem)):
             xb, yb = next(it)
             np.testing.assert_array_equal(xb, mem[i][0])
             np.testing.assert_array_equal(yb, mem[i][1])
         mem.on_epoch_end()
+
+
+@pytest.mark.parametrize("initial_epoch", [0, 1])
+def test_tf_twin_of_array_batches_serves_the_same_batches_epoch_after_epoch(initial_epoch):
+    pytest.importorskip("tensorflow")
+    x, y = tiny_data(50)  # 50 = 3 x 16 + 2: a ragged last batch each epoch
+    _assert_tf_twin_serves_the_same(ArrayBatches(x, y, 16, shuffle=True, seed=3, initial_epoch=initial_epoch), 3)
     once = list(ArrayBatches(x, y, 16, shuffle=False).as_tf_dataset(repeat=False).as_numpy_iterator())
     assert len(once) == 4 and np.array_equal(np.concatenate([b[1] for b in once]), y)
 
@@ -144,14 +148,7 @@ def test_alternating_flips_mirror_every_image_each_epoch(on_device):
 def test_tf_twin_serves_the_same_alternating_flips():
     pytest.importorskip("tensorflow")
     x, y = tiny_data(50)
-    mem = ArrayBatches(x, y, 16, shuffle=True, seed=5, alternate_flips=True)
-    it = mem.as_tf_dataset(repeat=True).as_numpy_iterator()
-    for _ in range(2):
-        for i in range(len(mem)):
-            xb, yb = next(it)
-            np.testing.assert_array_equal(xb, mem[i][0])
-            np.testing.assert_array_equal(yb, mem[i][1])
-        mem.on_epoch_end()
+    _assert_tf_twin_serves_the_same(ArrayBatches(x, y, 16, shuffle=True, seed=5, alternate_flips=True), 2)
 
 
 def test_alternating_flips_need_the_in_memory_path():
