@@ -1,8 +1,8 @@
 """Training-throughput benchmark: this package's path against plain Keras, same model, same process.
 
-Throughput excludes compilation: a first 2-step epoch (tracing/XLA or torch.compile) is timed apart
-as ``compile_s``, then ``repeats`` epochs of ``steps`` steps are timed, alternating ours and plain Keras;
-img/s is batch / median step time. Inputs
+Throughput excludes compilation: a first epoch of 2 executions (tracing/XLA or torch.compile) is timed
+apart as ``compile_s``, then ``repeats`` epochs of ``steps`` steps are timed, alternating ours and plain
+Keras; img/s is batch / median step time (an execution's time over its ``steps_per_execution`` steps). Inputs
 are uint8 arrays of the benchmarked shape (pixel values do not change the arithmetic). With timm
 importable, timm's ``efficientnet_b0`` in plain PyTorch (eager and compiled) gives reference rows.
 """
@@ -25,15 +25,17 @@ from keras_transfer.transfer import apply_strategy, parameter_counts
 
 
 class _StepTimer(keras.callbacks.Callback):
-    def __init__(self):
+    """Per-step seconds; Keras calls batch hooks once per execution of ``steps_per_execution`` steps."""
+
+    def __init__(self, steps_per_execution=1):
         super().__init__()
-        self.times = []
+        self.times, self.spe = [], steps_per_execution
 
     def on_train_batch_begin(self, batch, logs=None):
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._t)
+        self.times.append((time.perf_counter() - self._t) / self.spe)
 
 
 def _peak_memory_mb():
@@ -71,30 +73,34 @@ def synthetic_images(n, size):
 
 
 def ours_and_plain(name, size, strategy, steps, precision="float32", augment="none", widths=(64, 128, 256),
-                   jit="auto"):
+                   jit="auto", steps_per_execution=1):
     """The same classifier twice, from the same initial weights: ours compiled by ``compile_model``,
     plain Keras by ``model.compile(Adam)``. ``steps``: steps per epoch (for ours' schedule)."""
     keras.utils.set_random_seed(0)
     ours = _model(name, size, 3, strategy, augment, widths)
     compile_model(ours, TrainConfig(optimizer="adam", schedule="constant", precision=precision, jit_compile=jit,
-                                    weight_decay=0.0), steps)
+                                    weight_decay=0.0, steps_per_execution=steps_per_execution), steps)
     keras.utils.set_random_seed(0)
     plain = _model(name, size, 3, strategy, augment, widths)
     plain.compile(keras.optimizers.Adam(1e-3), SparseSmoothedCrossentropy(0.0),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=jit)
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=jit,
+                  steps_per_execution=steps_per_execution)
     return ours, plain
 
 
 class _Timed:
-    """One model and its input, compiled on a 2-step epoch, then timed epoch by epoch."""
+    """One model and its input, compiled on an epoch of 2 executions, then timed epoch by epoch.
+
+    ``data`` holds at least ``steps + 2 * model.steps_per_execution`` batches."""
 
     def __init__(self, model, data, steps, batch):
         self.model, self.steps, self.batch = model, steps, batch
+        self.spe = getattr(model, "steps_per_execution", 1) or 1
         self.arrays = isinstance(data, tuple)
-        self.data = data if self.arrays else fit_input(data, repeat=True)[0]
+        self.data = data if self.arrays else fit_input(data)[0]
         self.rates, self.step_ms = [], []
         t0 = time.perf_counter()
-        self._run(2)  # compilation (XLA / torch.compile) and warm-up
+        self._run(2 * self.spe)  # compilation (XLA / torch.compile) and warm-up, on whole executions
         self.compile_s = time.perf_counter() - t0
 
     def _run(self, n, callbacks=()):
@@ -104,7 +110,7 @@ class _Timed:
         return self.model.fit(self.data, **kw)
 
     def epoch(self):
-        timer = _StepTimer()
+        timer = _StepTimer(self.spe)
         t1 = time.perf_counter()
         self._run(self.steps, [timer])
         self.rates.append(self.steps * self.batch / (time.perf_counter() - t1))
@@ -119,7 +125,7 @@ class _Timed:
 
 
 def bench_case(name, size, strategy, batch, steps, precision="float32", augment="none", widths=(64, 128, 256),
-               jit="auto", repeats=3, compile_first="ours"):
+               jit="auto", repeats=3, compile_first="ours", steps_per_execution=1):
     """One row: ours vs plain Keras for a model, input size, strategy and batch size.
 
     Ours is the package's path (`ArrayBatches`, through `fit_input`, and `compile_model`); plain
@@ -129,12 +135,17 @@ def bench_case(name, size, strategy, batch, steps, precision="float32", augment=
     accelerator, eager torch) or a bool forced on both. ``compile_first``: ``"ours"`` or ``"plain"``,
     the side compiled first; a process's first compilation may pay one-off costs the second reuses
     (on GPUs, XLA's in-process convolution autotuning), so swapping it tells the two apart.
+    ``steps_per_execution``: Keras' option, the same on both sides (JAX and TensorFlow); ``steps``
+    must be a multiple of it, so that every timed execution is a whole one.
     """
     if compile_first not in ("ours", "plain"):
         raise ValueError(f"compile_first: expected 'ours' or 'plain'. Received: {compile_first!r}")
+    if steps_per_execution < 1 or steps % steps_per_execution:
+        raise ValueError(f"steps_per_execution: expected a divisor of steps={steps}. "
+                         f"Received: {steps_per_execution}")
     set_precision(precision)
-    x, y = synthetic_images(batch * (steps + 2), size)
-    ours, plain = ours_and_plain(name, size, strategy, steps, precision, augment, widths, jit)
+    x, y = synthetic_images(batch * (steps + 2 * steps_per_execution), size)
+    ours, plain = ours_and_plain(name, size, strategy, steps, precision, augment, widths, jit, steps_per_execution)
     trainable, frozen = parameter_counts(ours)
     inputs = {"ours": (ours, ArrayBatches(x, y, batch, shuffle=True)), "plain": (plain, (x, y))}
     second = "plain" if compile_first == "ours" else "ours"
@@ -151,7 +162,8 @@ def bench_case(name, size, strategy, batch, steps, precision="float32", augment=
     mem, mem_kind = _peak_memory_mb()
     return {"model": name, "size": size, "strategy": strategy, "batch": batch, "steps": steps,
             "repeats": repeats, "precision": precision, "augment": augment, "backend": keras.config.backend(),
-            "compiled_first": compile_first, "trainable_params": trainable, "non_trainable_params": frozen,
+            "steps_per_execution": steps_per_execution, "compiled_first": compile_first,
+            "trainable_params": trainable, "non_trainable_params": frozen,
             "ours": r_ours, "plain_keras": r_plain,
             "ratio_ours_over_plain": r_ours["img_per_s"] / r_plain["img_per_s"],
             "peak_memory_mb": mem, "memory_kind": mem_kind}
@@ -353,14 +365,15 @@ def markdown_table(env, rows, reference_rows=(), cached_rows=()):
              f"{env['keras']}, {env['cpu_count']} CPU cores, {env['machine']}.", "",
              "Throughput excludes compilation: batch / median step time over all timed steps, input wait "
              "included (whole-epoch rates in the JSON).", "",
-             "| model | size | strategy | batch | precision | ours img/s | plain Keras img/s | ours/plain "
-             "| step ms (ours) | compile s (ours / plain; * = compiled first) | XLA / torch.compile "
+             "| model | size | strategy | batch | precision | steps / execution | ours img/s | plain Keras img/s "
+             "| ours/plain | step ms (ours) | compile s (ours / plain; * = compiled first) | XLA / torch.compile "
              "| peak memory MB |",
-             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} | {r['strategy']} | {r['batch']} | {r['precision']} | "
-                     f"{r['ours']['img_per_s']:.1f} | {r['plain_keras']['img_per_s']:.1f} | "
-                     f"{r['ratio_ours_over_plain']:.3f} | {r['ours']['step_ms']:.1f} | "
+                     f"{r.get('steps_per_execution', 1)} | {r['ours']['img_per_s']:.1f} | "
+                     f"{r['plain_keras']['img_per_s']:.1f} | {r['ratio_ours_over_plain']:.3f} | "
+                     f"{r['ours']['step_ms']:.1f} | "
                      f"{r['ours']['compile_s']:.1f}{_first(r, 'ours')} / "
                      f"{r['plain_keras']['compile_s']:.1f}{_first(r, 'plain')} | "
                      f"{_on_off(r['ours']['jit_compile'])} / {_on_off(r['plain_keras']['jit_compile'])} | "

@@ -62,6 +62,8 @@ def _run_options(fn):
         click.option("--lr", type=float, help="Fine-tuning learning rate."),
         click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"])),
         click.option("--jit/--no-jit", "jit", default=None, help="XLA / torch.compile (default: auto)."),
+        click.option("--steps-per-execution", type=int,
+                     help="Training steps per compiled call (JAX, TensorFlow; default 1)."),
         click.option("--seed", type=int),
     ]
     for opt in reversed(options):
@@ -74,15 +76,18 @@ def _resolve(config_path, o, **transfer):
     widths = tuple(int(w) for w in o["widths"].split(",")) if o.get("widths") else None
     precision = o.get("precision")
     jit = o.get("jit")
+    spe = o.get("steps_per_execution")
     overrides = {
         "data": {"source": o.get("source"), "target": o.get("target"), "data_dir": o.get("data_dir"),
                  "augment": o.get("augment"), "per_class": o.get("per_class"), "fraction": o.get("fraction"),
                  "batch_size": o.get("batch_size"), "input_path": o.get("input_path"), "tta": o.get("tta")},
         "model": {"name": o.get("model_name"), "input_size": o.get("input_size"), "channels": o.get("channels"),
                   "weights": o.get("weights"), "widths": widths},
-        "pretrain": {"epochs": o.get("pretrain_epochs"), "precision": precision, "jit_compile": jit},
+        "pretrain": {"epochs": o.get("pretrain_epochs"), "precision": precision, "jit_compile": jit,
+                     "steps_per_execution": spe},
         "finetune": {"epochs": o.get("finetune_epochs"), "optimizer": o.get("optimizer"),
-                     "learning_rate": o.get("lr"), "precision": precision, "jit_compile": jit},
+                     "learning_rate": o.get("lr"), "precision": precision, "jit_compile": jit,
+                     "steps_per_execution": spe},
         "transfer": transfer,
         "seed": o.get("seed"),
     }
@@ -359,18 +364,22 @@ def models(size):
               help="Use the persistent compilation cache (a second run then shows the cached compile time).")
 @click.option("--cached-probe-epochs", "probe_epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also time the cached-feature linear probe, as a probe of this many epochs (0: skip).")
+@click.option("--steps-per-execution", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Keras' steps_per_execution on both sides (JAX, TensorFlow); must divide --steps.")
 @click.option("--compile-first", type=click.Choice(["ours", "plain"]), default="ours", show_default=True,
               help="Which side compiles first in each row (the first compilation in a process may pay one-off "
                    "costs, e.g. XLA's GPU autotuning, that the second reuses).")
 @click.option("--out", type=click.Path(), default="benchmarks", show_default=True)
 @_fail_cleanly
 def bench(models_, size, strategies, batch_size, steps, precision, augment, jit, repeats, with_timm, compile_cache,
-          probe_epochs, compile_first, out):
+          probe_epochs, steps_per_execution, compile_first, out):
     """Training throughput (img/s), step time, compile time, peak memory: ours vs plain Keras.
 
     Writes benchmarks/bench-<backend>-<time>.json and .md with hardware, versions and date.
     """
     import time as _time
+
+    import keras
 
     from keras_transfer import bench as bench_lib
     from keras_transfer.io import atomic_write_text, write_json
@@ -383,13 +392,20 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
     names = models_.split(",")
     for name in names:
         get_spec(name)  # unknown names fail here, before any timing
+    if steps % steps_per_execution:
+        raise KTransferError(f"--steps-per-execution: expected a divisor of --steps {steps}. "
+                             f"Received: {steps_per_execution}")
+    if steps_per_execution > 1 and keras.config.backend() == "torch":
+        raise KTransferError(f"--steps-per-execution: expected 1 on the torch backend (Keras' torch trainer runs "
+                             f"one step per call). Received: {steps_per_execution}")
     rows = []
     for name in names:
         side = size or (32 if name == "resnet" else get_spec(name).default_size)
         for strategy in strategies.split(","):
             r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment,
                                      jit="auto" if jit is None else jit,
-                                     repeats=repeats, compile_first=compile_first)
+                                     repeats=repeats, compile_first=compile_first,
+                                     steps_per_execution=steps_per_execution)
             rows.append(r)
             click.echo(f"{name} {side} {strategy:8s} ours {r['ours']['img_per_s']:9.1f} img/s  plain "
                        f"{r['plain_keras']['img_per_s']:9.1f} img/s  ratio {r['ratio_ours_over_plain']:.3f}  "

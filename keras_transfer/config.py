@@ -127,7 +127,9 @@ class TrainConfig:
         early_stopping: int or None. Patience in epochs on validation accuracy.
         precision: str. ``float32``, ``mixed_bfloat16`` or ``mixed_float16``.
         jit_compile: bool or str. ``auto`` or a bool.
-        steps_per_execution: int.
+        steps_per_execution: int. Training steps per call of the compiled train function (Keras'
+            ``steps_per_execution``): fewer host round trips when steps are short. JAX and TensorFlow
+            only; Keras' torch trainer runs one step per call.
         ema_momentum: float. Above 0: keep an exponential moving average of the trainable weights
             (Keras optimizers' ``use_ema``), updated every step with this momentum; the model ends
             training with the averaged weights.
@@ -174,6 +176,15 @@ class TrainConfig:
                                                     or self.whiten_bias_epochs < 0):
             raise ConfigError(f"whiten_bias_epochs: expected null or an integer >= 0. "
                               f"Received: {self.whiten_bias_epochs!r}")
+        spe = self.steps_per_execution
+        if isinstance(spe, bool) or not isinstance(spe, int) or spe < 1:
+            raise ConfigError(f"steps_per_execution: expected an integer >= 1. Received: {spe!r}")
+        if spe > 1:
+            import keras
+
+            if keras.config.backend() == "torch":
+                raise ConfigError(f"steps_per_execution: expected 1 on the torch backend (Keras' torch trainer runs "
+                                  f"one step per call; use JAX or TensorFlow for more). Received: {spe}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum: expected 0 (off) or a momentum in (0, 1). "
                               f"Received: {self.ema_momentum!r}")

@@ -334,10 +334,10 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     # CSVLogger must see epoch_time: it is filled by EpochTimer, which runs first.
     # shuffle=False: the input (ArrayBatches, tf.data) shuffles itself, seeded per epoch; Keras' own
     # batch-order shuffle on torch would draw from torch's global RNG and break resume equality.
-    train, steps = fit_input(train, repeat=True)
-    val = fit_input(val, repeat=False)[0] if val is not None else None
+    train, follow = fit_input(train)
+    val = fit_input(val)[0] if val is not None else None
     history = model.fit(train, validation_data=val, epochs=epochs or cfg.epochs, initial_epoch=initial_epoch,
-                        steps_per_epoch=steps, callbacks=callbacks, verbose=verbose, shuffle=False)
+                        callbacks=follow + callbacks, verbose=verbose, shuffle=False)
     if getattr(model.optimizer, "use_ema", False):
         # fit ends by assigning the moving averages to the weights; on JAX a weight and its average
         # then share one buffer, which the next jitted call donates, so saving the optimizer failed

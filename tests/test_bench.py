@@ -22,6 +22,20 @@ def test_bench_case_measures_ours_and_plain_keras_on_the_same_model():
     assert r["non_trainable_params"] > 0 and r["peak_memory_mb"] > 0
 
 
+def test_bench_times_steps_per_execution_on_both_sides():
+    if keras.config.backend() == "torch":
+        r = CliRunner().invoke(main, ["bench", "--steps", "4", "--steps-per-execution", "2", "--no-jit"])
+        assert r.exit_code == 2 and "expected 1 on the torch backend" in r.output
+        return
+    r = bench.bench_case("resnet", 16, "linear", batch=8, steps=4, widths=(4, 8, 8), jit=JIT, repeats=1,
+                         steps_per_execution=2)
+    assert r["steps_per_execution"] == 2
+    for side in ("ours", "plain_keras"):
+        assert r[side]["img_per_s"] > 0 and r[side]["step_ms"] > 0
+    with pytest.raises(ValueError, match="expected a divisor of steps=4. Received: 3"):
+        bench.bench_case("resnet", 16, "linear", batch=8, steps=4, widths=(4, 8, 8), steps_per_execution=3)
+
+
 def test_cached_probe_row_is_one_extraction_plus_head_epochs():
     r = bench.bench_cached_linear("resnet", 16, batch=8, steps=2, repeats=2, probe_epochs=10, widths=(4, 8, 8))
     extract, head = r["extract_img_per_s"], r["head"]["epoch_img_per_s"]
@@ -57,7 +71,7 @@ def test_bench_command_writes_json_and_markdown(tmp_path):
     row = data["rows"][0]
     assert row["compiled_first"] == "plain"
     md = open(out / js.replace(".json", ".md")).read()
-    assert "| resnet | 16 | linear | 4 |" in md and "Cached-feature linear probe" in md
+    assert "| resnet | 16 | linear | 4 | float32 | 1 |" in md and "Cached-feature linear probe" in md
     assert f"{row['ours']['compile_s']:.1f} / {row['plain_keras']['compile_s']:.1f}* |" in md
 
 

@@ -1,6 +1,7 @@
 import json
 import os
 
+import keras
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -31,8 +32,10 @@ def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
     assert {"model.keras", "metrics.json", "history.csv", "config.yaml", "confusion_matrix.png"} <= set(os.listdir(pre))
 
     ft = str(tmp_path / "ft")
+    spe = 1 if keras.config.backend() == "torch" else 2  # Keras' torch trainer runs one step per call
     r = invoke("finetune", "--config", tiny_config, "--pretrained", pre, "--out", ft,
-               "--strategies", "scratch,linear,partial,full,gradual", "--finetune-epochs", "2")
+               "--strategies", "scratch,linear,partial,full,gradual", "--finetune-epochs", "2",
+               "--steps-per-execution", str(spe))
     assert r.exit_code == 0, r.output
     summary = json.load(open(os.path.join(ft, "summary.json")))
     assert set(summary["strategies"]) == {"scratch", "linear", "partial", "full", "gradual"}
@@ -43,6 +46,7 @@ def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
     assert "data:image/png;base64" in open(os.path.join(ft, "report.html")).read()
     resolved = yaml.safe_load(open(os.path.join(ft, "config.yaml")))
     assert resolved["finetune"]["epochs"] == 2 and resolved["model"]["widths"] == [4, 8, 8]  # flag beat file
+    assert resolved["finetune"]["steps_per_execution"] == spe
     for st in s:
         d = os.path.join(ft, "strategies", st)
         expected = {"history.csv", "metrics.json", "model.keras", "confusion_matrix.png", "misclassified.png"}
@@ -94,6 +98,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     ("pretrain", "optimizer", "adagrad", "Unknown optimizer: expected one of sgd, adam, adamw. Received: 'adagrad'"),
     ("pretrain", "schedule", "step", "Unknown schedule: expected one of cosine, triangle, plateau, constant."),
     ("data", "flips", "sometimes", "data.flips: expected true, false, alternate or null. Received: 'sometimes'"),
+    ("pretrain", "steps_per_execution", 0, "steps_per_execution: expected an integer >= 1. Received: 0"),
 ])
 def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section, key, value, expected):
 
@@ -106,6 +111,17 @@ def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section
     err = r.output.strip().splitlines()
     assert len(err) == 1 and expected in err[0]
     assert not (tmp_path / "o").exists()  # refused when the config is read, before any run directory
+
+
+def test_steps_per_execution_on_torch_is_refused_before_the_run_directory(tmp_path, tiny_config):
+    if keras.config.backend() != "torch":
+        pytest.skip("JAX and TensorFlow run several steps per execution (tested in test_train)")
+    r = CliRunner().invoke(main, ["pretrain", "--config", tiny_config, "--steps-per-execution", "4",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    err = r.output.strip().splitlines()
+    assert len(err) == 1 and "expected 1 on the torch backend" in err[0] and "Received: 4" in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_class_count_mismatch_on_evaluate(tmp_path, tiny_config):

@@ -38,11 +38,13 @@ def test_memory_and_tfdata_paths_give_identical_batches():
 
 
 def _assert_tf_twin_serves_the_same(mem, epochs):
-    """``mem.as_tf_dataset`` yields ``mem``'s batches, epoch after epoch."""
-    it = mem.as_tf_dataset(repeat=True).as_numpy_iterator()
+    """``mem.as_tf_dataset`` yields ``mem``'s batches, epoch after epoch: one pass per epoch, each
+    serving the epoch ``mem`` is at when the pass starts, and ending after the epoch's last batch."""
+    ds = mem.as_tf_dataset()
     for _ in range(epochs):
-        for i in range(len(mem)):
-            xb, yb = next(it)
+        batches = list(ds.as_numpy_iterator())
+        assert len(batches) == len(mem)
+        for i, (xb, yb) in enumerate(batches):
             np.testing.assert_array_equal(xb, mem[i][0])
             np.testing.assert_array_equal(yb, mem[i][1])
         mem.on_epoch_end()
@@ -53,7 +55,7 @@ def test_tf_twin_of_array_batches_serves_the_same_batches_epoch_after_epoch(init
     pytest.importorskip("tensorflow")
     x, y = tiny_data(50)  # 50 = 3 x 16 + 2: a ragged last batch each epoch
     _assert_tf_twin_serves_the_same(ArrayBatches(x, y, 16, shuffle=True, seed=3, initial_epoch=initial_epoch), 3)
-    once = list(ArrayBatches(x, y, 16, shuffle=False).as_tf_dataset(repeat=False).as_numpy_iterator())
+    once = list(ArrayBatches(x, y, 16, shuffle=False).as_tf_dataset().as_numpy_iterator())
     assert len(once) == 4 and np.array_equal(np.concatenate([b[1] for b in once]), y)
 
 

@@ -43,6 +43,38 @@ def test_resume_reaches_the_same_weights(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "part" / "checkpoints") if f.startswith(".tmp")]
 
 
+def test_steps_per_execution_trains_exactly_like_one_step_per_call(tmp_path):
+    """5 steps per epoch at 4 steps per execution: the second execution of each epoch is partial.
+    On TensorFlow, an endless input stream made Keras run whole executions, 8 steps per epoch."""
+    if keras.config.backend() == "torch":
+        with pytest.raises(ConfigError, match="steps_per_execution: expected 1 on the torch backend"):
+            TrainConfig(steps_per_execution=4)
+        return
+    cfg = dataclasses.replace(CFG, epochs=2, schedule="triangle", lookahead_every=2)
+    x, y = tiny_data(36)
+    xv, yv = tiny_data(16, seed=1)
+    runs = []
+    for spe in (1, 4):
+        keras.utils.set_random_seed(0)
+        model = tiny_model(augment=augmentation_layers("mild", 1, seed=0))
+        compile_model(model, dataclasses.replace(cfg, steps_per_execution=spe), 5)
+        stage = str(tmp_path / f"spe{spe}")
+        fit(model, make_input(x, y, 8, True, 0), make_input(xv, yv, 8, False), cfg, stage)
+        assert int(model.optimizer.iterations) == 10
+        runs.append((model.get_weights(), read_history(os.path.join(stage, "history.csv"))))
+    (w1, h1), (w4, h4) = runs
+    for a, b in zip(w1, w4):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(h1[key], h4[key], rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_steps_per_execution_must_be_a_positive_integer(value):
+    with pytest.raises(ConfigError, match="steps_per_execution: expected an integer >= 1"):
+        TrainConfig(steps_per_execution=value)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="Cannot resume"):
         resume_state(str(tmp_path))

@@ -85,21 +85,24 @@ class ArrayBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         self.set_epoch(self.epoch + 1)
 
-    def as_tf_dataset(self, repeat):
+    def as_tf_dataset(self):
         """The same batches, in the same order, as a tf.data pipeline (for the TensorFlow backend).
 
         Keras turns a `PyDataset` into a Python generator on TensorFlow, which costs more than a
         cheap training step (a linear probe). Here Python runs once per epoch, to draw the epoch's
         permutation; slicing, batching and prefetching run in tf.data, as for plain Keras arrays.
 
-        Args:
-            repeat: bool. Serve epoch after epoch without end (pass ``steps_per_epoch=len(self)``
-                to ``fit``); else one epoch.
+        The dataset is one epoch long. Each pass over it (Keras starts one per epoch) serves the
+        epoch that ``self.epoch`` holds when the pass starts; in ``fit``, `FollowEpochs` sets it at
+        the beginning of each epoch. Ending each epoch where it ends lets ``steps_per_execution``
+        work: on an endless stream Keras' TensorFlow trainer runs whole executions, so an epoch of
+        5 steps at 4 steps per execution took 8 and ate into the next epoch.
         """
         import tensorflow as tf
 
-        first = self.epoch
-        epochs = tf.data.Dataset.range(first, 2**62) if repeat else tf.data.Dataset.range(first, first + 1)
+        def current_epoch(_):
+            epoch = tf.numpy_function(lambda: np.int64(self.epoch), [], tf.int64, stateful=True)
+            return tf.ensure_shape(epoch, [])  # a known scalar, so the flipped batches keep their shape
 
         def batches_of(epoch):
             order = tf.numpy_function(self.epoch_order, [epoch], tf.int64, stateful=False)
@@ -117,24 +120,37 @@ class ArrayBatches(keras.utils.PyDataset):
                 xb = tf.where(flip[:, None, None, None], tf.reverse(xb, [2]), xb)
             return xb, tf.gather(y, i)
 
-        indices = epochs.flat_map(batches_of)
+        indices = tf.data.Dataset.range(1).map(current_epoch).flat_map(batches_of)
         arrays = tf.data.Dataset.from_tensors((self.x, self.y, bits)).repeat()
         ds = tf.data.Dataset.zip((indices, arrays)).map(gather, num_parallel_calls=tf.data.AUTOTUNE,
                                                          deterministic=True)
-        if not repeat:  # a known length: Keras then stops after the last batch instead of running out
-            ds = ds.apply(tf.data.experimental.assert_cardinality(len(self)))
-        return ds.prefetch(tf.data.AUTOTUNE)
+        # A known length: Keras then stops after the last batch instead of running out.
+        return ds.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(tf.data.AUTOTUNE)
 
 
-def fit_input(data, repeat):
-    """``(data, steps_per_epoch)`` to hand to ``fit`` for an input from `make_input`.
+class FollowEpochs(keras.callbacks.Callback):
+    """Sets an `ArrayBatches`' epoch at the beginning of each epoch of ``fit`` (for its tf.data twin,
+    which Keras does not tell about epochs as it tells a `PyDataset`)."""
 
-    On TensorFlow an `ArrayBatches` becomes its tf.data twin (same batches); elsewhere it is used
-    as it is (Keras feeds a `PyDataset` to JAX and torch without TensorFlow).
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self.batches.epoch:
+            self.batches.set_epoch(epoch)
+
+
+def fit_input(data):
+    """``(data, callbacks)`` to hand to ``fit`` for an input from `make_input`.
+
+    On TensorFlow an `ArrayBatches` becomes its tf.data twin (same batches), with a `FollowEpochs`
+    callback; elsewhere it is used as it is (Keras feeds a `PyDataset` to JAX and torch without
+    TensorFlow, and calls its ``on_epoch_end``).
     """
     if isinstance(data, ArrayBatches) and keras.config.backend() == "tensorflow":
-        return data.as_tf_dataset(repeat), (len(data) if repeat else None)
-    return data, None
+        return data.as_tf_dataset(), [FollowEpochs(data)]
+    return data, []
 
 
 def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True):
