@@ -37,6 +37,9 @@ class DataConfig:
             instead of random ones (`keras_transfer.data.pipeline.ArrayBatches`; in-memory path only).
         input_path: str. ``auto``, ``memory`` or ``tfdata``.
         batch_size: int.
+        drop_last: bool. Training epochs serve only full batches, as airbench94's loader does: the
+            images left over (a different few each epoch, as the order is reshuffled) wait for a
+            later epoch, and every step has one batch shape, so XLA compiles one train step.
         tta: str. Test-time augmentation at evaluation: ``none``, ``flip`` or ``flip_translate``.
     """
 
@@ -50,6 +53,7 @@ class DataConfig:
     flips: bool | str | None = None
     input_path: str = "auto"
     batch_size: int = 64
+    drop_last: bool = False
     tta: str = "none"
 
     def __post_init__(self):
@@ -58,6 +62,8 @@ class DataConfig:
         if self.flips == "alternate" and self.input_path == "tfdata":
             raise ConfigError("data.flips: alternate needs the in-memory input path (data.input_path: memory or "
                               "auto). Received: input_path 'tfdata'")
+        if not isinstance(self.drop_last, bool):
+            raise ConfigError(f"data.drop_last: expected true or false. Received: {self.drop_last!r}")
         if self.tta not in TTA_MODES:
             raise ConfigError(f"Unknown test-time augmentation (data.tta): expected one of {', '.join(TTA_MODES)}. "
                               f"Received: {self.tta!r}")

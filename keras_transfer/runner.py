@@ -77,23 +77,33 @@ def _evaluate_and_plot(model, ds, splits, stage_dir, label, history, tta="none")
     return metrics
 
 
+def _train_input(splits, dcfg, seed, initial_epoch):
+    """The training input: shuffled, seeded per epoch, flipped alternately and cut to full batches as
+    ``dcfg`` says."""
+    x_tr, y_tr = splits["train"]
+    return make_input(x_tr, y_tr, dcfg.batch_size, True, seed, dcfg.input_path, initial_epoch,
+                      alternate_flips=dcfg.flips == "alternate", drop_last=dcfg.drop_last)
+
+
 def _val_input(splits, batch_size, seed, input_path):
     """The validation input, or None with ``val: 0`` (train on the whole training split)."""
     x_val, y_val = splits["val"]
     return make_input(x_val, y_val, batch_size, False, seed, input_path) if len(x_val) else None
 
 
-def train_stage(model, spec_name, splits, tcfg, stage_dir, seed, input_path, batch_size, strategy="full",
-                phases=None, resume=False, echo=None, alternate_flips=False):
+def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy="full", phases=None, resume=False,
+                echo=None):
     """Train one stage (a strategy, or pretraining); gradual runs phases, recompiling each.
 
-    ``alternate_flips``: the training input flips images alternately (``data.flips: alternate``).
+    ``tcfg``: the stage's `TrainConfig`; ``dcfg``: the `DataConfig` (batch size, input path, flips,
+    full batches only).
 
     Returns:
         ``(model, wall_seconds)``.
     """
-    x_tr, y_tr = splits["train"]
-    steps = -(-len(x_tr) // batch_size)
+    n = len(splits["train"][0])
+    steps = n // dcfg.batch_size if dcfg.drop_last else -(-n // dcfg.batch_size)
+    val = _val_input(splits, dcfg.batch_size, seed, dcfg.input_path)
     start = 0
     if resume and os.path.exists(os.path.join(stage_dir, "checkpoints", "last.keras")):
         model, start = resume_state(stage_dir)
@@ -107,16 +117,13 @@ def train_stage(model, spec_name, splits, tcfg, stage_dir, seed, input_path, bat
             if end > start:
                 set_trainable_blocks(model, spec_name, blocks)
                 compile_model(model, tcfg, steps)  # recompile after every change of trainable
-                fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, max(start, epoch),
-                                      alternate_flips),
-                    _val_input(splits, batch_size, seed, input_path), tcfg, stage_dir,
+                fit(model, _train_input(splits, dcfg, seed, max(start, epoch)), val, tcfg, stage_dir,
                     initial_epoch=max(start, epoch), epochs=end)
             epoch = end
     elif start < tcfg.epochs:
         if not resume or start == 0:
             compile_model(model, tcfg, steps)
-        fit(model, make_input(x_tr, y_tr, batch_size, True, seed, input_path, start, alternate_flips),
-            _val_input(splits, batch_size, seed, input_path), tcfg, stage_dir, initial_epoch=start)
+        fit(model, _train_input(splits, dcfg, seed, start), val, tcfg, stage_dir, initial_epoch=start)
     return model, time.perf_counter() - t0
 
 
@@ -152,9 +159,8 @@ def pretrain(cfg, run_dir, echo=None, resume=False):
     initialise_from_data(model, m.name, splits["train"][0])
     _log(f"pretrain {m.name} on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
          f"{len(splits['test'][0])} test, {cfg.pretrain.epochs} epochs", echo)
-    model, wall = train_stage(model, m.name, splits, cfg.pretrain, run_dir, cfg.seed, cfg.data.input_path,
-                              cfg.data.batch_size, resume=resume, echo=echo,
-                              alternate_flips=cfg.data.flips == "alternate")
+    model, wall = train_stage(model, m.name, splits, cfg.pretrain, cfg.data, run_dir, cfg.seed, resume=resume,
+                              echo=echo)
     history = read_history(os.path.join(run_dir, "history.csv"))
     metrics = _evaluate_and_plot(model, ds, splits, run_dir, f"pretrain {ds.name}", history, cfg.data.tta)
     trainable, frozen = parameter_counts(model)
@@ -242,9 +248,8 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
             model, wall = train_cached_linear(model, splits, cfg.finetune, stage_dir, cfg.seed,
                                               cfg.data.batch_size)
         else:
-            model, wall = train_stage(model, spec_name, splits, cfg.finetune, stage_dir, cfg.seed,
-                                      cfg.data.input_path, cfg.data.batch_size, strategy, phases, resume, echo,
-                                      alternate_flips=cfg.data.flips == "alternate")
+            model, wall = train_stage(model, spec_name, splits, cfg.finetune, cfg.data, stage_dir, cfg.seed,
+                                      strategy, phases, resume, echo)
         history = read_history(os.path.join(stage_dir, "history.csv"))
         metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
         metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall,

@@ -99,6 +99,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     ("pretrain", "schedule", "step", "Unknown schedule: expected one of cosine, triangle, plateau, constant."),
     ("data", "flips", "sometimes", "data.flips: expected true, false, alternate or null. Received: 'sometimes'"),
     ("pretrain", "steps_per_execution", 0, "steps_per_execution: expected an integer >= 1. Received: 0"),
+    ("data", "drop_last", "sometimes", "data.drop_last: expected true or false. Received: 'sometimes'"),
 ])
 def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section, key, value, expected):
 

@@ -152,6 +152,8 @@ def test_fast_recipe_pretrains_end_to_end_on_tiny_data(tmp_path, digits_npz):
     assert "training without compilation" in r.output
     model = keras.saving.load_model(out / "model.keras")
     assert not model.get_layer("backbone").get_layer("whiten_conv").trainable
+    # drop_last: full batches only, as airbench94 (400 digits, 40 of them test: 360 // 64 = 5 steps per epoch)
+    assert preset["data"]["drop_last"] and int(model.optimizer.iterations) == 3 * 5
 
 
 def test_bias_lr_scale_trains_the_bias_that_much_faster():

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -5,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_transfer.data.pipeline import ArrayBatches, choose_input_path
+from keras_transfer.data.pipeline import ArrayBatches, choose_input_path, tf_dataset
 from tests.conftest import tiny_data
 
 
@@ -25,7 +26,6 @@ def test_array_batches_cover_each_epoch_and_are_seeded():
 
 def test_memory_and_tfdata_paths_give_identical_batches():
     pytest.importorskip("tensorflow")
-    from keras_transfer.data.pipeline import tf_dataset
 
     x, y = tiny_data(40)
     mem = ArrayBatches(x, y, 16, shuffle=False)
@@ -57,6 +57,28 @@ def test_tf_twin_of_array_batches_serves_the_same_batches_epoch_after_epoch(init
     _assert_tf_twin_serves_the_same(ArrayBatches(x, y, 16, shuffle=True, seed=3, initial_epoch=initial_epoch), 3)
     once = list(ArrayBatches(x, y, 16, shuffle=False).as_tf_dataset().as_numpy_iterator())
     assert len(once) == 4 and np.array_equal(np.concatenate([b[1] for b in once]), y)
+
+
+def test_drop_last_serves_full_batches_and_leaves_out_other_images_each_epoch():
+    from keras_transfer.errors import ConfigError
+
+    x, y = tiny_data(50)  # 3 full batches of 16, 2 images left out per epoch
+    mem = ArrayBatches(x, y, 16, shuffle=True, seed=3, drop_last=True)
+    left_out = []
+    for _ in range(3):
+        assert len(mem) == 3 and all(len(mem[i][1]) == 16 for i in range(3))
+        served = np.concatenate([mem[i][0] for i in range(3)])
+        assert len(np.unique(served.reshape(48, -1), axis=0)) == 48  # no image twice
+        left_out.append(set(mem.order[48:].tolist()))
+        mem.on_epoch_end()
+    assert left_out[0] != left_out[1] != left_out[2]
+    assert len(ArrayBatches(x, y, 16, shuffle=False)) == 4
+    with pytest.raises(ConfigError, match="expected at least one full batch of 64 images. Received: 50"):
+        ArrayBatches(x, y, 64, drop_last=True)
+    if importlib.util.find_spec("tensorflow"):
+        _assert_tf_twin_serves_the_same(ArrayBatches(x, y, 16, shuffle=True, seed=3, drop_last=True), 2)
+        full = list(tf_dataset(x, y, 16, shuffle=True, drop_last=True).as_numpy_iterator())
+        assert [len(b[1]) for b in full] == [16, 16, 16]
 
 
 def test_auto_path_prefers_memory_for_small_arrays():

@@ -37,13 +37,18 @@ class ArrayBatches(keras.utils.PyDataset):
             each image gets one random orientation from ``seed``, used in even epochs and mirrored
             in odd ones, so every image is seen both ways in any two consecutive epochs (random
             flips repeat an orientation half the time). Use it instead of a ``RandomFlip`` layer.
+        drop_last: bool. Serve only full batches: the last ``len(x) % batch_size`` images of each
+            epoch's order are left out (others each epoch when shuffled).
     """
 
     def __init__(self, x, y, batch_size, shuffle=True, seed=0, initial_epoch=0, on_device="auto",
-                 alternate_flips=False):
+                 alternate_flips=False, drop_last=False):
         super().__init__(workers=1, use_multiprocessing=False)
+        if drop_last and len(x) < batch_size:
+            raise ConfigError(f"data.drop_last: expected at least one full batch of {batch_size} images. "
+                              f"Received: {len(x)} training images")
         self.x, self.y = x, np.asarray(y, dtype=np.int32)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, bool(drop_last)
         # Per-image orientation of even epochs; its own stream, so the permutations do not change.
         self.flip_bits = (np.random.default_rng([seed, 0x0F11B]).random(len(x)) < 0.5
                           if alternate_flips else None)
@@ -63,7 +68,7 @@ class ArrayBatches(keras.utils.PyDataset):
         return np.random.default_rng([self.seed, int(epoch)]).permutation(n) if self.shuffle else np.arange(n)
 
     def __len__(self):
-        return -(-len(self.x) // self.batch_size)
+        return len(self.x) // self.batch_size if self.drop_last else -(-len(self.x) // self.batch_size)
 
     def __getitem__(self, i):
         idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size]) if self.shuffle \
@@ -107,7 +112,7 @@ class ArrayBatches(keras.utils.PyDataset):
         def batches_of(epoch):
             order = tf.numpy_function(self.epoch_order, [epoch], tf.int64, stateful=False)
             order = tf.ensure_shape(order, [len(self.x)])
-            batches = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
+            batches = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size, drop_remainder=self.drop_last)
             return batches.map(lambda i: (tf.sort(i) if self.shuffle else i, epoch % 2 == 1))
 
         bits = np.zeros(len(self.x), bool) if self.flip_bits is None else self.flip_bits
@@ -153,7 +158,7 @@ def fit_input(data):
     return data, []
 
 
-def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True):
+def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True, drop_last=False):
     """A tf.data pipeline over arrays: cache, shuffle, batch, prefetch(AUTOTUNE)."""
     import tensorflow as tf
 
@@ -162,7 +167,7 @@ def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True):
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(min(len(x), 50_000), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_last).prefetch(tf.data.AUTOTUNE)
 
 
 def choose_input_path(x, requested="auto"):
@@ -178,16 +183,17 @@ def choose_input_path(x, requested="auto"):
     return "tfdata"
 
 
-def make_input(x, y, batch_size, shuffle, seed=0, path="auto", initial_epoch=0, alternate_flips=False):
+def make_input(x, y, batch_size, shuffle, seed=0, path="auto", initial_epoch=0, alternate_flips=False,
+               drop_last=False):
     """The object to pass to ``fit``/``evaluate`` for arrays ``(x, y)`` on the chosen path.
 
-    ``alternate_flips`` (see `ArrayBatches`) needs the in-memory path.
+    ``alternate_flips`` (see `ArrayBatches`) needs the in-memory path. ``drop_last``: only full batches.
     """
     if choose_input_path(x, path) == "tfdata":
         if alternate_flips:
             raise ConfigError(f"data.flips: alternate needs the in-memory input path (data.input_path: memory or "
                               f"auto with at most {IN_MEMORY_LIMIT_BYTES >> 30} GiB of images). Received: "
                               f"input_path {path!r} for {x.nbytes / 2**30:.1f} GiB")
-        return tf_dataset(x, y, batch_size, shuffle=shuffle, seed=seed + initial_epoch)
+        return tf_dataset(x, y, batch_size, shuffle=shuffle, seed=seed + initial_epoch, drop_last=drop_last)
     return ArrayBatches(x, y, batch_size, shuffle=shuffle, seed=seed, initial_epoch=initial_epoch,
-                        alternate_flips=alternate_flips)
+                        alternate_flips=alternate_flips, drop_last=drop_last)
