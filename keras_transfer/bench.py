@@ -95,7 +95,7 @@ class _Timed:
 
     def __init__(self, model, data, steps, batch):
         self.model, self.steps, self.batch = model, steps, batch
-        self.spe = getattr(model, "steps_per_execution", 1) or 1
+        self.spe = model.steps_per_execution
         self.arrays = isinstance(data, tuple)
         self.data = data if self.arrays else fit_input(data)[0]
         self.rates, self.step_ms = [], []

@@ -379,8 +379,6 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
     """
     import time as _time
 
-    import keras
-
     from keras_transfer import bench as bench_lib
     from keras_transfer.io import atomic_write_text, write_json
     from keras_transfer.models import get_spec
@@ -395,9 +393,7 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
     if steps % steps_per_execution:
         raise KTransferError(f"--steps-per-execution: expected a divisor of --steps {steps}. "
                              f"Received: {steps_per_execution}")
-    if steps_per_execution > 1 and keras.config.backend() == "torch":
-        raise KTransferError(f"--steps-per-execution: expected 1 on the torch backend (Keras' torch trainer runs "
-                             f"one step per call). Received: {steps_per_execution}")
+    config_lib.check_steps_per_execution(steps_per_execution)
     rows = []
     for name in names:
         side = size or (32 if name == "resnet" else get_spec(name).default_size)

@@ -182,15 +182,7 @@ class TrainConfig:
                                                     or self.whiten_bias_epochs < 0):
             raise ConfigError(f"whiten_bias_epochs: expected null or an integer >= 0. "
                               f"Received: {self.whiten_bias_epochs!r}")
-        spe = self.steps_per_execution
-        if isinstance(spe, bool) or not isinstance(spe, int) or spe < 1:
-            raise ConfigError(f"steps_per_execution: expected an integer >= 1. Received: {spe!r}")
-        if spe > 1:
-            import keras
-
-            if keras.config.backend() == "torch":
-                raise ConfigError(f"steps_per_execution: expected 1 on the torch backend (Keras' torch trainer runs "
-                                  f"one step per call; use JAX or TensorFlow for more). Received: {spe}")
+        check_steps_per_execution(self.steps_per_execution)
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum: expected 0 (off) or a momentum in (0, 1). "
                               f"Received: {self.ema_momentum!r}")
@@ -199,6 +191,19 @@ class TrainConfig:
         if self.ema_momentum and self.lookahead_every:
             raise ConfigError(f"Expected at most one of ema_momentum and lookahead_every. "
                               f"Received: ema_momentum={self.ema_momentum!r}, lookahead_every={self.lookahead_every!r}")
+
+
+def check_steps_per_execution(spe):
+    """Raise a `ConfigError` unless ``spe`` is an integer >= 1, and 1 on the torch backend (Keras' torch
+    trainer runs one step per call)."""
+    if isinstance(spe, bool) or not isinstance(spe, int) or spe < 1:
+        raise ConfigError(f"steps_per_execution: expected an integer >= 1. Received: {spe!r}")
+    if spe > 1:
+        import keras
+
+        if keras.config.backend() == "torch":
+            raise ConfigError(f"steps_per_execution: expected 1 on the torch backend (Keras' torch trainer runs "
+                              f"one step per call; use JAX or TensorFlow for more). Received: {spe}")
 
 
 def check_lookahead(every, decay):

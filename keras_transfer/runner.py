@@ -12,7 +12,7 @@ from keras_transfer import plots
 from keras_transfer.backend import enable_compilation_cache
 from keras_transfer.data import load_dataset, train_val_test
 from keras_transfer.data.augment import augmentation_layers
-from keras_transfer.data.pipeline import make_input
+from keras_transfer.data.pipeline import make_input, steps_per_epoch
 from keras_transfer.errors import ConfigError, DataError
 from keras_transfer.evaluate import evaluate_model
 from keras_transfer.io import load_model, read_json, save_model, write_json
@@ -101,8 +101,7 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
     Returns:
         ``(model, wall_seconds)``.
     """
-    n = len(splits["train"][0])
-    steps = n // dcfg.batch_size if dcfg.drop_last else -(-n // dcfg.batch_size)
+    steps = steps_per_epoch(len(splits["train"][0]), dcfg.batch_size, dcfg.drop_last)
     val = _val_input(splits, dcfg.batch_size, seed, dcfg.input_path)
     start = 0
     if resume and os.path.exists(os.path.join(stage_dir, "checkpoints", "last.keras")):
@@ -140,7 +139,7 @@ def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size):
     extractor = feature_extractor(model)
     feats = {k: extractor.predict(splits[k][0], batch_size=256, verbose=0) for k in ("train", "val")}
     head = head_model(model)
-    compile_model(head, tcfg, -(-len(feats["train"]) // batch_size))
+    compile_model(head, tcfg, steps_per_epoch(len(feats["train"]), batch_size))
     fit(head, make_input(feats["train"], splits["train"][1], batch_size, True, seed, "memory"),
         _val_input({"val": (feats["val"], splits["val"][1])}, batch_size, seed, "memory"), tcfg, stage_dir)
     return model, time.perf_counter() - t0

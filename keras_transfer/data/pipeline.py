@@ -16,6 +16,11 @@ from keras_transfer.errors import ConfigError
 IN_MEMORY_LIMIT_BYTES = 2 << 30
 
 
+def steps_per_epoch(n, batch_size, drop_last=False):
+    """Batches in one epoch of ``n`` examples: a ragged last one counts, unless ``drop_last``."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
 class ArrayBatches(keras.utils.PyDataset):
     """Shuffled uint8 batches from in-memory arrays, seeded per epoch.
 
@@ -68,7 +73,7 @@ class ArrayBatches(keras.utils.PyDataset):
         return np.random.default_rng([self.seed, int(epoch)]).permutation(n) if self.shuffle else np.arange(n)
 
     def __len__(self):
-        return len(self.x) // self.batch_size if self.drop_last else -(-len(self.x) // self.batch_size)
+        return steps_per_epoch(len(self.x), self.batch_size, self.drop_last)
 
     def __getitem__(self, i):
         idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size]) if self.shuffle \
