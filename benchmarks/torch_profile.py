@@ -2,7 +2,10 @@
 
 Needs timm (and a torchvision that loads beside the installed torch).
 
-    KERAS_BACKEND=torch python benchmarks/torch_profile.py --batch 16
+    KERAS_BACKEND=torch python benchmarks/torch_profile.py --batch 16 --variant fast
+
+``--variant`` is the Keras model of `torch_fast_layers.py`: ``keras`` (Keras' own layers), ``bn``
+(fused BatchNormalization only) or ``fast`` (what the package builds).
 """
 
 import argparse
@@ -13,7 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from torch_fused_bn import build  # noqa: E402  (beside this script)
+from torch_fast_layers import VARIANTS, build  # noqa: E402  (beside this script)
 
 
 def summary(name, prof, steps, rows):
@@ -29,6 +32,7 @@ def main():
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--variant", default="fast", choices=VARIANTS)
     a = p.parse_args()
     import timm
 
@@ -36,11 +40,11 @@ def main():
     x = rng.integers(0, 256, (a.batch * a.steps, a.size, a.size, 3)).astype("float32")
     y = rng.integers(0, 10, a.batch * a.steps)
 
-    model = build(fused=False, size=a.size)  # the model torch_fused_bn.py times, Keras' own BatchNormalization
+    model = build(a.variant, a.size)
     model.fit(x[:a.batch], y[:a.batch], batch_size=a.batch, epochs=1, verbose=0)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model.fit(x, y, batch_size=a.batch, epochs=1, verbose=0, shuffle=False)
-    summary("Keras (torch backend)", prof, a.steps, a.rows)
+    summary(f"Keras (torch backend, {a.variant} layers)", prof, a.steps, a.rows)
 
     net = timm.create_model("efficientnet_b0", num_classes=10).to(memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(net.parameters(), 1e-3)

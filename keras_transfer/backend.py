@@ -111,6 +111,41 @@ def fused_batch_norm(x, gamma, beta, epsilon):
     return y.to(dtype).permute(0, 2, 3, 1), mean.detach(), variance
 
 
+def conv2d(x, kernel, strides, padding, dilation_rate, depthwise=False):
+    """A channels-last 2-D convolution with a Keras-layout kernel (``(h, w, in / groups, out)``, or
+    ``(h, w, in, multiplier)`` with ``depthwise``), computed without layout copies; None where Keras'
+    own op is the one to use (JAX and TensorFlow, whose compilers pick the layout themselves).
+
+    Keras 3.15's torch ``conv`` makes the NCHW view of a channels-last input contiguous (a copy of the
+    activation), then converts it back to channels_last memory (a second copy), and autograd records
+    both; a contiguous NHWC tensor already is a channels_last NCHW view, which torch's convolution
+    takes as it is. Same arithmetic otherwise, "same" padding included (split as TensorFlow does:
+    the extra pixel on the bottom / right).
+    """
+    if keras.config.backend() != "torch":
+        return None
+    import torch
+    import torch.nn.functional as F
+
+    kernel = keras.ops.convert_to_tensor(kernel)
+    if depthwise:  # (h, w, c, m) -> (h, w, 1, c * m) with c groups, as Keras' depthwise_conv
+        kernel = kernel.reshape(kernel.shape[0], kernel.shape[1], 1, -1)
+    v = x.permute(0, 3, 1, 2)
+    k = kernel.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+    pad = 0
+    if padding == "same":
+        pads = []
+        for n, size, s, d in zip(v.shape[2:], k.shape[2:], strides, dilation_rate):
+            total = max((-(-n // s) - 1) * s + (size - 1) * d + 1 - n, 0)
+            pads.append((total // 2, total - total // 2))
+        if all(a == b for a, b in pads):
+            pad = [a for a, _ in pads]
+        else:
+            v = F.pad(v, (*pads[1], *pads[0]))
+    y = F.conv2d(v, k, None, tuple(strides), pad, tuple(dilation_rate), v.shape[1] // k.shape[1])
+    return y.permute(0, 2, 3, 1)
+
+
 def backend_info():
     """Lines describing the backend library version and its devices."""
     b = keras.config.backend()

@@ -74,7 +74,7 @@ def load_model(path):
     import keras_transfer.data.augment  # noqa: F401  (registers the custom layers and losses)
     import keras_transfer.models.airbench  # noqa: F401
     import keras_transfer.models.classifier  # noqa: F401
-    import keras_transfer.models.norm  # noqa: F401
+    import keras_transfer.models.fast  # noqa: F401
     import keras_transfer.models.resnet  # noqa: F401
     import keras_transfer.train  # noqa: F401
 

@@ -92,7 +92,7 @@ def test_residual_knobs():
 @pytest.mark.parametrize("scale", [True, False])
 def test_fused_batch_norm_matches_keras_batch_normalization(scale):
     from keras_transfer import backend
-    from keras_transfer.models.norm import BatchNormalization as BatchNorm
+    from keras_transfer.models.fast import BatchNormalization as BatchNorm
 
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(8, 5, 5, 6)) * 3 + 2).astype("float32")
@@ -119,7 +119,7 @@ def test_fused_batch_norm_matches_keras_batch_normalization(scale):
 
 
 def test_fused_batch_norm_in_mixed_precision_matches_keras():
-    from keras_transfer.models.norm import BatchNormalization as BatchNorm
+    from keras_transfer.models.fast import BatchNormalization as BatchNorm
 
     x = (np.random.default_rng(3).normal(size=(8, 5, 5, 6)) * 3 + 2).astype("float32")
     ref, ours = (cls(dtype="mixed_bfloat16") for cls in (keras.layers.BatchNormalization, BatchNorm))
@@ -137,7 +137,7 @@ def test_fused_batch_norm_gradients_match_on_torch():
         pytest.skip("the fused kernel is torch's; elsewhere BatchNorm is Keras' layer unchanged")
     import torch
 
-    from keras_transfer.models.norm import BatchNormalization as BatchNorm
+    from keras_transfer.models.fast import BatchNormalization as BatchNorm
 
     x0 = torch.tensor(np.random.default_rng(1).normal(size=(4, 3, 3, 5)).astype("float32") * 2 + 1)
     w = torch.tensor(np.random.default_rng(2).normal(size=(4, 3, 3, 5)).astype("float32"))
@@ -153,9 +153,64 @@ def test_fused_batch_norm_gradients_match_on_torch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_applications_backbones_train_through_the_fused_batch_norm():
-    from keras_transfer.models.norm import BatchNormalization as BatchNorm
+def test_applications_backbones_train_through_the_fast_layers():
+    from keras_transfer.models import fast
 
     bb = create_backbone("mobilenet_v2", 32, 3)
-    norms = [layer for layer in bb.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert norms and all(type(layer) is BatchNorm for layer in norms)
+    for keras_cls, ours in fast.FAST_LAYERS.items():
+        found = [layer for layer in bb.layers if isinstance(layer, keras_cls)]
+        assert found and all(type(layer) is ours for layer in found), keras_cls.__name__
+    for name in ("resnet", "airbench"):
+        convs = [layer for layer in create_backbone(name, 16, 3).layers if isinstance(layer, keras.layers.Conv2D)]
+        assert convs and all(type(layer) is fast.Conv2D for layer in convs)
+
+
+CONV_CASES = [  # (layer, kernel, strides, padding, dilation, groups or depth multiplier, bias)
+    ("conv", 3, 1, "same", 1, 1, False),
+    ("conv", 3, 2, "same", 1, 1, True),   # odd input, stride 2: padding split unevenly
+    ("conv", 2, 1, "same", 1, 1, False),  # even kernel: extra pixel at the bottom / right
+    ("conv", 3, 1, "same", 2, 1, False),
+    ("conv", 1, 2, "valid", 1, 1, True),
+    ("conv", 3, 1, "valid", 1, 2, False),
+    ("depthwise", 3, 2, "same", 1, 2, True),
+    ("depthwise", 5, 1, "same", 1, 1, False),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fast_convolutions_match_keras_outputs_and_gradients(case):
+    """`fast.Conv2D` / `fast.DepthwiseConv2D` (torch: `backend.conv2d`, no layout copies) compute
+    Keras' convolution: outputs on every backend, input and weight gradients on torch."""
+    from keras_transfer import backend
+    from keras_transfer.models import fast
+
+    kind, k, s, padding, d, g, bias = case
+    if kind == "conv":
+        args = dict(filters=6, kernel_size=k, strides=s, padding=padding, dilation_rate=d, groups=g, use_bias=bias)
+        ref, ours = keras.layers.Conv2D(**args), fast.Conv2D(**args)
+    else:
+        args = dict(kernel_size=k, strides=s, padding=padding, dilation_rate=d, depth_multiplier=g, use_bias=bias)
+        ref, ours = keras.layers.DepthwiseConv2D(**args), fast.DepthwiseConv2D(**args)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 7, 6, 4)).astype("float32")
+    for layer in (ref, ours):
+        layer.build(x.shape)
+    ref.set_weights([rng.normal(size=w.shape).astype("float32") for w in ref.get_weights()])
+    ours.set_weights(ref.get_weights())
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_allclose(numpy(ours(x)), numpy(ref(x)), rtol=1e-5, atol=1e-5)
+    direct = backend.conv2d(keras.ops.convert_to_tensor(x), ours.kernel, ours.strides, padding, ours.dilation_rate,
+                            depthwise=kind == "depthwise")
+    assert (direct is not None) == (keras.config.backend() == "torch")
+    if keras.config.backend() != "torch":
+        return
+    import torch
+
+    w = torch.tensor(rng.normal(size=ref(x).shape).astype("float32"))
+    grads = []
+    for layer in (ref, ours):
+        xt = torch.tensor(x).to(layer.kernel.value.device).requires_grad_(True)
+        loss = (layer(xt) * w.to(xt.device)).sum()
+        grads.append([g.cpu().numpy() for g in torch.autograd.grad(loss, [xt] + [v.value for v in layer.weights])])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

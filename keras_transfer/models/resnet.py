@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from keras_transfer.models import norm
+from keras_transfer.models import fast
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
@@ -23,10 +23,10 @@ class FreezableSpatialDropout2D(layers.SpatialDropout2D):
 
 
 def _conv_bn(x, filters, kernel, stride, batch_norm, name):
-    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batch_norm,
+    x = fast.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batch_norm,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
     if batch_norm:
-        x = norm.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+        x = fast.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return x
 
 

@@ -1,13 +1,16 @@
-"""How much of the torch backend's gap to timm is Keras' unfused BatchNormalization?
+"""How much of the torch backend's gap to timm is Keras' own layers? (unfused BatchNorm, layout copies)
 
 On torch, Keras computes BatchNormalization from elementwise ops (moments, then subtract / rsqrt /
-multiply / add, and the same again backwards). This script builds keras.applications EfficientNetB0
-twice: with Keras' BatchNormalization, and with every one swapped for the package's BatchNormalization
-(`keras_transfer.models.norm.BatchNormalization`, what `create_backbone` builds), whose training call is torch's fused
-``native_batch_norm`` (moving statistics updated with Keras' rule and biased variance). It checks
-that both give the same outputs and times a training epoch of each, alternating.
+multiply / add, and the same again backwards), and its convolution copies each channels-last input
+twice (to contiguous NCHW, then back to channels_last memory). This script builds keras.applications
+EfficientNetB0 three ways: Keras' layers (`keras`); every BatchNormalization swapped for the package's
+(`keras_transfer.models.fast.BatchNormalization`: torch's fused ``native_batch_norm``) (`bn`, the
+package until 2026-11-23); and all of the package's fast layers, BatchNormalization, Conv2D and
+DepthwiseConv2D (`fast`: what `create_backbone` builds; `backend.conv2d` hands torch the
+channels-last view as it is). It checks that they give the same outputs and times a training epoch
+of each, alternating.
 
-    KERAS_BACKEND=torch python benchmarks/torch_fused_bn.py --batch 16 --steps 5 --repeats 3
+    KERAS_BACKEND=torch python benchmarks/torch_fast_layers.py --batch 16 --steps 5 --repeats 3
 """
 
 import argparse
@@ -19,16 +22,24 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_transfer.models.norm import BatchNormalization as FusedBatchNormalization
-from keras_transfer.models.norm import use_fused_batch_norm  # noqa: E402
+from keras_transfer.models import fast  # noqa: E402
+from keras_transfer.models.fast import BatchNormalization as FusedBatchNormalization  # noqa: E402
+
+VARIANTS = ("keras", "bn", "fast")
 
 
-def build(fused, size):
+def build(variant, size):
     keras.utils.set_random_seed(0)
     base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(size, size, 3),
                                              pooling="avg")
-    if fused:
-        base = use_fused_batch_norm(base)
+    if variant == "fast":
+        base = fast.use_fast_layers(base)
+    elif variant == "bn":
+        swap = {keras.layers.BatchNormalization: FusedBatchNormalization}
+        clone = keras.models.clone_model(
+            base, clone_function=lambda layer: swap.get(type(layer), type(layer)).from_config(layer.get_config()))
+        clone.set_weights(base.get_weights())
+        base = clone
     model = keras.Model(base.input, keras.layers.Dense(10)(base.output))
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -61,17 +72,23 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default="keras,bn,fast", help=f"comma-separated, of {', '.join(VARIANTS)}")
     a = p.parse_args()
+    variants = a.variants.split(",")
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"Expected --variants from {', '.join(VARIANTS)}. Received: {a.variants!r}")
     if keras.config.backend() != "torch":
         raise SystemExit(f"Expected KERAS_BACKEND=torch. Received: {keras.config.backend()!r}")
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (a.batch * a.steps, a.size, a.size, 3)).astype("float32")
     y = rng.integers(0, 10, a.batch * a.steps)
-    models = {"keras BatchNormalization": build(False, a.size), "fused BatchNormalization": build(True, a.size)}
-    ref, fused = models.values()
-    fused.set_weights(ref.get_weights())
-    u, v = (keras.ops.convert_to_numpy(m(x[:8], training=False)) for m in (ref, fused))
-    print(f"EfficientNetB0, inference: max |logit difference| {np.abs(u - v).max():.2e}")
+    models = {v: build(v, a.size) for v in variants}
+    ref = next(iter(models.values()))
+    u = keras.ops.convert_to_numpy(ref(x[:8], training=False))
+    for k, m in models.items():
+        m.set_weights(ref.get_weights())
+        d = np.abs(keras.ops.convert_to_numpy(m(x[:8], training=False)) - u).max()
+        print(f"EfficientNetB0, inference: max |logit difference| {k} vs {variants[0]}: {d:.2e}")
     single_layer_check()
     for m in models.values():
         m.fit(x[:a.batch * 2], y[:a.batch * 2], batch_size=a.batch, epochs=1, verbose=0)  # warm-up
@@ -82,7 +99,7 @@ def main():
             m.fit(x, y, batch_size=a.batch, epochs=1, verbose=0, shuffle=False)
             rates[k].append(a.batch * a.steps / (time.perf_counter() - t))
     for k, r in rates.items():
-        print(f"{k:26s} {np.median(r):6.1f} img/s (epochs {[round(v, 1) for v in r]})")
+        print(f"{k:6s} {np.median(r):6.1f} img/s (epochs {[round(v, 1) for v in r]})")
 
 
 if __name__ == "__main__":
