@@ -146,6 +146,17 @@ def conv2d(x, kernel, strides, padding, dilation_rate, depthwise=False):
     return y.permute(0, 2, 3, 1)
 
 
+def max_pool2d(x, pool_size, strides, padding):
+    """Channels-last 2-D max pooling without Keras' layout copy (torch; "valid" padding), or None
+    where Keras' own op is the one to use. Keras' torch ``max_pool`` makes the NCHW view contiguous
+    (a copy) and returns an NCHW-ordered result, whose layout the next layers then copy back."""
+    if keras.config.backend() != "torch" or padding != "valid":
+        return None
+    import torch.nn.functional as F
+
+    return F.max_pool2d(x.permute(0, 3, 1, 2), tuple(pool_size), tuple(strides)).permute(0, 2, 3, 1)
+
+
 def backend_info():
     """Lines describing the backend library version and its devices."""
     b = keras.config.backend()

@@ -156,13 +156,16 @@ def test_fused_batch_norm_gradients_match_on_torch():
 def test_applications_backbones_train_through_the_fast_layers():
     from keras_transfer.models import fast
 
-    bb = create_backbone("mobilenet_v2", 32, 3)
-    for keras_cls, ours in fast.FAST_LAYERS.items():
-        found = [layer for layer in bb.layers if isinstance(layer, keras_cls)]
-        assert found and all(type(layer) is ours for layer in found), keras_cls.__name__
-    for name in ("resnet", "airbench"):
-        convs = [layer for layer in create_backbone(name, 16, 3).layers if isinstance(layer, keras.layers.Conv2D)]
-        assert convs and all(type(layer) is fast.Conv2D for layer in convs)
+    L = keras.layers
+    expected = {"mobilenet_v2": (L.BatchNormalization, L.Conv2D, L.DepthwiseConv2D),
+                "resnet": (L.BatchNormalization, L.Conv2D),
+                "airbench": (L.BatchNormalization, L.Conv2D, L.MaxPooling2D)}
+    assert set(fast.FAST_LAYERS) == {cls for classes in expected.values() for cls in classes}
+    for name, classes in expected.items():
+        bb = create_backbone(name, 32, 3)
+        for keras_cls in classes:
+            found = [layer for layer in bb.layers if isinstance(layer, keras_cls)]
+            assert found and all(type(layer) is fast.FAST_LAYERS[keras_cls] for layer in found), (name, keras_cls)
 
 
 CONV_CASES = [  # (layer, kernel, strides, padding, dilation, groups or depth multiplier, bias)
@@ -214,3 +217,23 @@ def test_fast_convolutions_match_keras_outputs_and_gradients(case):
         grads.append([g.cpu().numpy() for g in torch.autograd.grad(loss, [xt] + [v.value for v in layer.weights])])
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool,strides,padding", [(2, None, "valid"), (3, 2, "valid"), (2, 1, "same")])
+def test_fast_max_pooling_matches_keras(pool, strides, padding):
+    from keras_transfer.models import fast
+
+    x = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype("float32")
+    ref, ours = (cls(pool, strides=strides, padding=padding) for cls in (keras.layers.MaxPooling2D, fast.MaxPooling2D))
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_array_equal(numpy(ours(x)), numpy(ref(x)))
+    if keras.config.backend() == "torch":  # the gradient goes to the same maxima
+        import torch
+
+        grads = []
+        for layer in (ref, ours):
+            xt = keras.ops.convert_to_tensor(x).detach().requires_grad_(True)
+            y = layer(xt)
+            (g,) = torch.autograd.grad((y * torch.arange(y.numel(), device=y.device).reshape(y.shape)).sum(), xt)
+            grads.append(g.cpu().numpy())
+        np.testing.assert_array_equal(*grads)

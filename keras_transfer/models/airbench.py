@@ -129,7 +129,7 @@ def airbench_cnn(input_shape=(32, 32, 3), widths=(64, 256, 256), bn_bias_lr=64.0
             x = fast.Conv2D(w, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
                               name=f"group{i}_conv{j}")(x)
             if j == 1:
-                x = layers.MaxPooling2D(2, name=f"group{i}_pool")(x)
+                x = fast.MaxPooling2D(2, name=f"group{i}_pool")(x)
             x = fast.BatchNormalization(momentum=0.6, epsilon=1e-12, center=False, scale=False,
                                         name=f"group{i}_bn{j}")(x)
             x = Bias(bn_bias_lr, name=f"group{i}_bn{j}_bias")(x)

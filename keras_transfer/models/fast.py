@@ -74,14 +74,25 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
         return y if self.activation is None else self.activation(y)
 
 
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class MaxPooling2D(keras.layers.MaxPooling2D):
+    """``keras.layers.MaxPooling2D`` through `backend.max_pool2d` ("valid" padding), as `Conv2D`."""
+
+    def call(self, inputs):
+        if self.data_format == "channels_last":
+            y = backend.max_pool2d(inputs, self.pool_size, self.strides, self.padding)
+            if y is not None:
+                return y
+        return super().call(inputs)
+
+
 FAST_LAYERS = {keras.layers.BatchNormalization: BatchNormalization, keras.layers.Conv2D: Conv2D,
-               keras.layers.DepthwiseConv2D: DepthwiseConv2D}
+               keras.layers.DepthwiseConv2D: DepthwiseConv2D, keras.layers.MaxPooling2D: MaxPooling2D}
 
 
 def use_fast_layers(model):
-    """A copy of a functional ``model`` (a keras.applications network) with each Keras
-    BatchNormalization, Conv2D and DepthwiseConv2D replaced by this module's class, same names and
-    weights."""
+    """A copy of a functional ``model`` (a keras.applications network) with each Keras layer of
+    `FAST_LAYERS` replaced by this module's class of the same name, same names and weights."""
 
     def swap(layer):
         return FAST_LAYERS.get(type(layer), layer.__class__).from_config(layer.get_config())
