@@ -1,5 +1,6 @@
-"""Keras layers with faster calls where the backend needs them: BatchNormalization through a fused
-kernel, convolutions without layout copies (torch). Elsewhere they are Keras' layers unchanged."""
+"""Keras layers with faster calls where the backend needs them (torch): BatchNormalization through a
+fused kernel, convolutions and max pooling without layout copies. Elsewhere they are Keras' layers
+unchanged."""
 
 from __future__ import annotations
 
