@@ -132,23 +132,30 @@ def test_fused_batch_norm_in_mixed_precision_matches_keras():
     np.testing.assert_allclose(ours.moving_variance.numpy(), ref.moving_variance.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def _torch_gradients(layer, x, w, **call_kwargs):
+    """Gradients of ``sum(layer(x) * w)`` with respect to ``x`` and the layer's trainable weights, as
+    numpy arrays (torch backend)."""
+    import torch
+
+    xt = keras.ops.convert_to_tensor(x).detach().requires_grad_(True)
+    y = layer(xt, **call_kwargs)
+    loss = (y * torch.as_tensor(w, device=y.device)).sum()
+    return [g.cpu().numpy() for g in torch.autograd.grad(loss, [xt] + [v.value for v in layer.trainable_weights])]
+
+
 def test_fused_batch_norm_gradients_match_on_torch():
     if keras.config.backend() != "torch":
         pytest.skip("the fused kernel is torch's; elsewhere BatchNorm is Keras' layer unchanged")
-    import torch
-
     from keras_transfer.models.fast import BatchNormalization as BatchNorm
 
-    x0 = torch.tensor(np.random.default_rng(1).normal(size=(4, 3, 3, 5)).astype("float32") * 2 + 1)
-    w = torch.tensor(np.random.default_rng(2).normal(size=(4, 3, 3, 5)).astype("float32"))
+    x = np.random.default_rng(1).normal(size=(4, 3, 3, 5)).astype("float32") * 2 + 1
+    w = np.random.default_rng(2).normal(size=(4, 3, 3, 5)).astype("float32")
     grads = []
     for cls in (keras.layers.BatchNormalization, BatchNorm):
         layer = cls()
-        layer.build(x0.shape)
-        x = x0.clone().to(layer.gamma.value.device).requires_grad_(True)
-        loss = (layer(x, training=True) * w.to(x.device)).sum()
-        gx, gg, gb = torch.autograd.grad(loss, [x, layer.gamma.value, layer.beta.value])
-        grads.append([g.cpu().numpy() for g in (gx, gg, gb)])
+        layer.build(x.shape)
+        grads.append(_torch_gradients(layer, x, w, training=True))  # x, gamma, beta
+    assert len(grads[0]) == 3
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -207,14 +214,9 @@ def test_fast_convolutions_match_keras_outputs_and_gradients(case):
     assert (direct is not None) == (keras.config.backend() == "torch")
     if keras.config.backend() != "torch":
         return
-    import torch
-
-    w = torch.tensor(rng.normal(size=ref(x).shape).astype("float32"))
-    grads = []
-    for layer in (ref, ours):
-        xt = torch.tensor(x).to(layer.kernel.value.device).requires_grad_(True)
-        loss = (layer(xt) * w.to(xt.device)).sum()
-        grads.append([g.cpu().numpy() for g in torch.autograd.grad(loss, [xt] + [v.value for v in layer.weights])])
+    w = rng.normal(size=ref(x).shape).astype("float32")
+    grads = [_torch_gradients(layer, x, w) for layer in (ref, ours)]  # x, kernel (, bias)
+    assert len(grads[0]) == 2 + bias
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -228,12 +230,7 @@ def test_fast_max_pooling_matches_keras(pool, strides, padding):
     numpy = keras.ops.convert_to_numpy
     np.testing.assert_array_equal(numpy(ours(x)), numpy(ref(x)))
     if keras.config.backend() == "torch":  # the gradient goes to the same maxima
-        import torch
-
-        grads = []
-        for layer in (ref, ours):
-            xt = keras.ops.convert_to_tensor(x).detach().requires_grad_(True)
-            y = layer(xt)
-            (g,) = torch.autograd.grad((y * torch.arange(y.numel(), device=y.device).reshape(y.shape)).sum(), xt)
-            grads.append(g.cpu().numpy())
-        np.testing.assert_array_equal(*grads)
+        shape = ref(x).shape
+        w = np.arange(np.prod(shape), dtype="float32").reshape(shape)
+        (g_ref,), (g_ours,) = (_torch_gradients(layer, x, w) for layer in (ref, ours))
+        np.testing.assert_array_equal(g_ours, g_ref)

@@ -127,7 +127,7 @@ def airbench_cnn(input_shape=(32, 32, 3), widths=(64, 256, 256), bn_bias_lr=64.0
     for i, w in enumerate(widths, start=1):
         for j in (1, 2):
             x = fast.Conv2D(w, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
-                              name=f"group{i}_conv{j}")(x)
+                            name=f"group{i}_conv{j}")(x)
             if j == 1:
                 x = fast.MaxPooling2D(2, name=f"group{i}_pool")(x)
             x = fast.BatchNormalization(momentum=0.6, epsilon=1e-12, center=False, scale=False,

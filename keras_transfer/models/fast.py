@@ -91,12 +91,14 @@ FAST_LAYERS = {keras.layers.BatchNormalization: BatchNormalization, keras.layers
                keras.layers.DepthwiseConv2D: DepthwiseConv2D, keras.layers.MaxPooling2D: MaxPooling2D}
 
 
-def use_fast_layers(model):
+def use_fast_layers(model, swaps=None):
     """A copy of a functional ``model`` (a keras.applications network) with each Keras layer of
-    `FAST_LAYERS` replaced by this module's class of the same name, same names and weights."""
+    ``swaps`` (a ``{keras class: our class}`` dict, default `FAST_LAYERS`) replaced by our class of the
+    same name, same names and weights."""
+    swaps = FAST_LAYERS if swaps is None else swaps
 
     def swap(layer):
-        return FAST_LAYERS.get(type(layer), layer.__class__).from_config(layer.get_config())
+        return swaps.get(type(layer), layer.__class__).from_config(layer.get_config())
 
     clone = keras.models.clone_model(model, clone_function=swap)
     clone.set_weights(model.get_weights())

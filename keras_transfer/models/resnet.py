@@ -24,7 +24,7 @@ class FreezableSpatialDropout2D(layers.SpatialDropout2D):
 
 def _conv_bn(x, filters, kernel, stride, batch_norm, name):
     x = fast.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batch_norm,
-                      kernel_initializer="he_normal", name=f"{name}_conv")(x)
+                    kernel_initializer="he_normal", name=f"{name}_conv")(x)
     if batch_norm:
         x = fast.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return x
