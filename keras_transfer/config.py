@@ -11,7 +11,9 @@ import os
 
 import yaml
 
+from keras_transfer.data.registry import check_dataset_name
 from keras_transfer.errors import ConfigError
+from keras_transfer.models import get_spec
 from keras_transfer.transfer import TransferConfig
 
 TTA_MODES = ("none", "flip", "flip_translate")
@@ -57,6 +59,8 @@ class DataConfig:
     tta: str = "none"
 
     def __post_init__(self):
+        check_dataset_name(self.source)  # here, so a bad name is refused before any run directory
+        check_dataset_name(self.target)
         if self.flips not in (None, True, False, "alternate"):
             raise ConfigError(f"data.flips: expected true, false, alternate or null. Received: {self.flips!r}")
         if self.flips == "alternate" and self.input_path == "tfdata":
@@ -100,6 +104,7 @@ class ModelConfig:
     head_dropout: float = 0.2
 
     def __post_init__(self):
+        get_spec(self.name)  # an unknown model is refused before any run directory
         if not self.bn_bias_lr > 0:
             raise ConfigError(f"model.bn_bias_lr: expected a positive learning-rate multiplier. "
                               f"Received: {self.bn_bias_lr!r}")

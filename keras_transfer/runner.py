@@ -26,7 +26,6 @@ from keras_transfer.models import (
 )
 from keras_transfer.train import compile_model, fit, read_history, resume_state, set_precision
 from keras_transfer.transfer import (
-    STRATEGIES,
     apply_strategy,
     feature_extractor,
     gradual_schedule,
@@ -204,11 +203,6 @@ def load_pretrained(path):
 def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
     """Pretrain (unless ``pretrained`` is given), then fine-tune every strategy and report."""
     enable_compilation_cache()
-    for s in cfg.transfer.strategies:
-        if s not in STRATEGIES:
-            raise ConfigError(f"Unknown strategy: expected some of {STRATEGIES}. Received: {s!r}")
-    if cfg.transfer.channel_mode not in ("repeat", "conv"):
-        raise ConfigError(f"Unknown channel_mode: expected repeat or conv. Received: {cfg.transfer.channel_mode!r}")
     if pretrained is None:
         pre_dir = os.path.join(run_dir, "pretrain")
         if resume and os.path.exists(os.path.join(pre_dir, "model.keras")):

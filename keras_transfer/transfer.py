@@ -43,6 +43,13 @@ class TransferConfig:
     channel_mode: str = "repeat"
     cached_features: bool = False
 
+    def __post_init__(self):  # checked here, so bad values are refused before any run directory
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ConfigError(f"Unknown strategy: expected some of {STRATEGIES}. Received: {s!r}")
+        if self.channel_mode not in ("repeat", "conv"):
+            raise ConfigError(f"Unknown channel_mode: expected repeat or conv. Received: {self.channel_mode!r}")
+
 
 def backbone_of(model):
     return model.get_layer("backbone")

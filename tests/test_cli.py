@@ -90,6 +90,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     assert r.exit_code == 2, r.output
     err = r.output.strip().splitlines()
     assert len(err) == 1 and expected in err[0] and "Received" in err[0]
+    assert not (tmp_path / "o").exists()  # refused before any run directory
 
 
 @pytest.mark.parametrize("section,key,value,expected", [

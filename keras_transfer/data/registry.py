@@ -241,6 +241,13 @@ def _prepared_layout(d, name):
     return x_tr, y_tr, x_te, y_te, names
 
 
+def check_dataset_name(name):
+    """Raise a `DataError` unless ``name`` is a registered dataset, ``folder:PATH`` or ``npz:PATH``."""
+    if not (isinstance(name, str) and (name.startswith(("folder:", "npz:")) or name in REGISTRY)):
+        raise DataError(f"Unknown dataset: expected one of {list_datasets()} or folder:PATH / "
+                        f"npz:PATH. Received: {name!r}")
+
+
 def load_dataset(name, data_dir=None, download=True):
     """Load a registered dataset, ``folder:PATH`` or ``npz:PATH`` as a `Dataset`.
 
@@ -252,11 +259,9 @@ def load_dataset(name, data_dir=None, download=True):
             ``~/.keras/datasets/keras_transfer``.
         download: bool. Try the official source when nothing is on disk.
     """
+    check_dataset_name(name)
     if name.startswith("folder:") or name.startswith("npz:"):
         return _load_path_dataset(name)
-    if name not in REGISTRY:
-        raise DataError(f"Unknown dataset: expected one of {list_datasets()} or folder:PATH / "
-                        f"npz:PATH. Received: {name!r}")
     spec = REGISTRY[name]
     if spec.embedded:
         x_tr, y_tr, x_te, y_te = spec.reader(None)
