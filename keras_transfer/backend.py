@@ -90,6 +90,17 @@ def device_gather(*arrays):
     raise NotImplementedError(f"device_gather has no {b!r} version; use host arrays")
 
 
+def _torch_eager():
+    """True on the torch backend outside ``torch.compile``. Inside it (``jit_compile=True``) Inductor
+    chooses layouts itself, as XLA does, and Keras' own ops are the ones to trace: the channels-last
+    views below break Inductor's stride ordering once Dynamo makes spatial sizes symbolic."""
+    if keras.config.backend() != "torch":
+        return False
+    import torch
+
+    return not torch.compiler.is_compiling()
+
+
 def fused_batch_norm(x, gamma, beta, epsilon):
     """Training-mode batch normalisation of a channels-last 4-D batch in one fused kernel.
 
@@ -122,7 +133,7 @@ def conv2d(x, kernel, strides, padding, dilation_rate, depthwise=False):
     takes as it is. Same arithmetic otherwise, "same" padding included (split as TensorFlow does:
     the extra pixel on the bottom / right).
     """
-    if keras.config.backend() != "torch":
+    if not _torch_eager():
         return None
     import torch
     import torch.nn.functional as F
@@ -150,7 +161,7 @@ def max_pool2d(x, pool_size, strides, padding):
     """Channels-last 2-D max pooling without Keras' layout copy (torch; "valid" padding), or None
     where Keras' own op is the one to use. Keras' torch ``max_pool`` makes the NCHW view contiguous
     (a copy) and returns an NCHW-ordered result, whose layout the next layers then copy back."""
-    if keras.config.backend() != "torch" or padding != "valid":
+    if not _torch_eager() or padding != "valid":
         return None
     import torch.nn.functional as F
 

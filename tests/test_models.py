@@ -234,3 +234,22 @@ def test_fast_max_pooling_matches_keras(pool, strides, padding):
         w = np.arange(np.prod(shape), dtype="float32").reshape(shape)
         (g_ref,), (g_ours,) = (_torch_gradients(layer, x, w) for layer in (ref, ours))
         np.testing.assert_array_equal(g_ours, g_ref)
+
+
+
+@pytest.mark.slow  # torch.compile: ~30 s on 2 cores
+def test_residual_cnn_trains_under_jit_compile():
+    """``jit_compile=True`` (XLA; torch.compile, where the fast layers fall back to Keras' ops) runs
+    train steps. On torch, dropout's graph breaks plus a second batch size make Dynamo retrace with
+    symbolic sizes, which broke Inductor on the fast layers' channels-last views."""
+    keras.utils.set_random_seed(0)
+    backbone = create_backbone("resnet", 8, 3, widths=(4, 8, 8))
+    model = keras.Model(backbone.input, keras.layers.Dense(3)(backbone.output))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 6)
+    before = [keras.ops.convert_to_numpy(w).copy() for w in model.weights]
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)  # batches of 4, then 2
+    assert np.isfinite(history.history["loss"][0])
+    unchanged = [w.path for b, w in zip(before, model.weights) if np.allclose(b, keras.ops.convert_to_numpy(w))]
+    assert unchanged == []  # kernels, BN parameters and BN statistics all moved
