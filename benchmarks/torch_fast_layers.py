@@ -1,14 +1,17 @@
-"""How much of the torch backend's gap to timm is Keras' own layers? (unfused BatchNorm, layout copies)
+"""How much of the torch backend's gap to timm is Keras' own layers and calls? (unfused BatchNorm, layout
+copies, per-layer __call__)
 
 On torch, Keras computes BatchNormalization from elementwise ops (moments, then subtract / rsqrt /
 multiply / add, and the same again backwards), and its convolution copies each channels-last input
 twice (to contiguous NCHW, then back to channels_last memory). This script builds keras.applications
-EfficientNetB0 three ways: Keras' layers (`keras`); every BatchNormalization swapped for the package's
+EfficientNetB0 four ways: Keras' layers (`keras`); every BatchNormalization swapped for the package's
 (`keras_transfer.models.fast.BatchNormalization`: torch's fused ``native_batch_norm``) (`bn`, the
-package until 2026-11-23); and all of the package's fast layers, BatchNormalization, Conv2D and
-DepthwiseConv2D (`fast`: what `create_backbone` builds; `backend.conv2d` hands torch the
-channels-last view as it is). It checks that they give the same outputs and times a training epoch
-of each, alternating.
+package until 2026-11-23); all of the package's fast layers (`fast`: what `create_backbone` builds;
+`backend.conv2d` hands torch the channels-last view as it is); and the fast layers called directly
+(`direct`: `models.graph.use_direct_calls`, which `compile_model` installs, skips Keras' per-layer
+``__call__``). It checks that they give the same outputs and times a training epoch of each,
+alternating. Tiny inputs (``--size 32 --batch 2``) time the host-side work per step, which bounds an
+eager step on a GPU.
 
     KERAS_BACKEND=torch python benchmarks/torch_fast_layers.py --batch 16 --steps 5 --repeats 3
 """
@@ -24,19 +27,22 @@ import numpy as np  # noqa: E402
 
 from keras_transfer.models import fast  # noqa: E402
 from keras_transfer.models.fast import BatchNormalization as FusedBatchNormalization  # noqa: E402
+from keras_transfer.models.graph import use_direct_calls  # noqa: E402
 
-VARIANTS = ("keras", "bn", "fast")
+VARIANTS = ("keras", "bn", "fast", "direct")
 
 
 def build(variant, size):
     keras.utils.set_random_seed(0)
     base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(size, size, 3),
                                              pooling="avg")
-    if variant == "fast":
+    if variant in ("fast", "direct"):
         base = fast.use_fast_layers(base)
     elif variant == "bn":
         base = fast.use_fast_layers(base, {keras.layers.BatchNormalization: FusedBatchNormalization})
     model = keras.Model(base.input, keras.layers.Dense(10)(base.output))
+    if variant == "direct":
+        use_direct_calls(model)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 

@@ -168,6 +168,19 @@ def max_pool2d(x, pool_size, strides, padding):
     return F.max_pool2d(x.permute(0, 3, 1, 2), tuple(pool_size), tuple(strides)).permute(0, 2, 3, 1)
 
 
+def zero_pad2d(x, padding):
+    """Zero padding of a channels-last 4-D batch, ``padding = ((top, bottom), (left, right))``, or None
+    where Keras' own op is the one to use (JAX and TensorFlow trace it once). Keras 3.15's ``ops.pad``
+    builds an ``Operation`` object on every call (signature inspection and tree walks, about 1 ms of host
+    time), which on torch happens every step."""
+    if not _torch_eager():
+        return None
+    import torch.nn.functional as F
+
+    (top, bottom), (left, right) = padding
+    return F.pad(x, (0, 0, left, right, top, bottom))
+
+
 def backend_info():
     """Lines describing the backend library version and its devices."""
     b = keras.config.backend()

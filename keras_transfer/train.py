@@ -15,6 +15,7 @@ from keras_transfer.config import PRECISIONS, SCHEDULES, check_lookahead
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
 from keras_transfer.io import load_model, save_model
+from keras_transfer.models.graph import use_direct_calls
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
@@ -168,6 +169,7 @@ def compile_model(model, cfg, steps_per_epoch):
     # EfficientNetB0 7-10x and the residual CNN 1.1-1.5x slower than TF's own kernels; see
     # benchmarks/), never torch.compile on torch (minutes per model; slower than eager on a GPU).
     jit = cfg.jit_compile if cfg.jit_compile == "auto" else bool(cfg.jit_compile)
+    use_direct_calls(model)  # torch: eager steps skip Keras' per-layer __call__ (models/graph.py)
     model.compile(
         optimizer=make_optimizer(cfg, steps_per_epoch),
         loss=SparseSmoothedCrossentropy(cfg.label_smoothing),

@@ -164,7 +164,7 @@ def test_applications_backbones_train_through_the_fast_layers():
     from keras_transfer.models import fast
 
     L = keras.layers
-    expected = {"mobilenet_v2": (L.BatchNormalization, L.Conv2D, L.DepthwiseConv2D),
+    expected = {"mobilenet_v2": (L.BatchNormalization, L.Conv2D, L.DepthwiseConv2D, L.ZeroPadding2D),
                 "resnet": (L.BatchNormalization, L.Conv2D),
                 "airbench": (L.BatchNormalization, L.Conv2D, L.MaxPooling2D)}
     assert set(fast.FAST_LAYERS) == {cls for classes in expected.values() for cls in classes}
@@ -234,6 +234,15 @@ def test_fast_max_pooling_matches_keras(pool, strides, padding):
         w = np.arange(np.prod(shape), dtype="float32").reshape(shape)
         (g_ref,), (g_ours,) = (_torch_gradients(layer, x, w) for layer in (ref, ours))
         np.testing.assert_array_equal(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("padding", [1, ((0, 1), (2, 0))])
+def test_fast_zero_padding_matches_keras(padding):
+    from keras_transfer.models import fast
+
+    x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype("float32")
+    ref, ours = keras.layers.ZeroPadding2D(padding), fast.ZeroPadding2D(padding)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours(x)), keras.ops.convert_to_numpy(ref(x)))
 
 
 

@@ -1,0 +1,151 @@
+"""Eager forward passes of functional models without Keras' per-layer ``__call__`` (torch).
+
+On the torch backend nothing traces the forward pass: each training step runs Python through every
+layer. Keras' ``Layer.__call__`` then costs more than most layers' arithmetic on a GPU's time scale:
+per call it binds the call signature, walks the arguments with ``tree`` (torch's Python pytree), checks
+input specs, resolves ``training`` through the call context and handles masks, name and autocast
+scopes. For EfficientNetB0's 240 layers that is most of the step's host time, and an eager step is
+host-bound once the host cannot queue kernels faster than the device runs them (benchmarks/README.md:
+"Layer calls without Keras' __call__").
+
+`use_direct_calls(model)` makes a functional model walk its graph itself and call each layer's
+``call`` directly wherever ``__call__`` would add nothing for that layer and these inputs: the layer
+is built, keeps Keras' ``__call__``, has no activity regulariser, cannot create a mask, shares the
+model's dtype policy (so the model's own autocast scope is the one ``__call__`` would open) and
+receives tensors of its input dtype; ``training`` is passed as Keras' functional ``call`` passes it.
+Every other layer, and every nested model, is called through ``__call__`` as before (nested
+functional models get their own direct calls). A call without an explicit ``training``, with a mask
+or with extra arguments takes Keras' path, as do models whose graph holds a layer that can create a
+mask. Same layers, same order, same arithmetic: outputs, gradients and batch-norm statistics are
+identical to Keras' (tests/test_graph.py).
+
+JAX and TensorFlow trace the forward pass once into a compiled function, so the Python per layer is
+paid at compile time only: there `use_direct_calls` leaves the model as it is. It relies on Keras'
+functional internals (``_nodes_by_depth``, ``Node.arguments``), pinned with Keras in setup.cfg and
+checked by the tests against Keras' own path.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras.src.layers.merging.base_merge import Merge
+from keras.src.layers.preprocessing.data_layer import DataLayer
+from keras.src.models.functional import Functional
+from keras.src.ops.symbolic_arguments import SymbolicArguments
+
+# DataLayer's __call__ differs from Layer's only inside a tf.data graph (never for torch tensors).
+_KERAS_CALLS = (keras.layers.Layer.__call__, DataLayer.__call__)
+_PLAIN_MASKS = (keras.layers.Layer.compute_mask, Merge.compute_mask)  # no mask in, none out
+
+
+def use_direct_calls(model):
+    """Give ``model`` and every functional model nested in it direct layer calls (torch; in place).
+
+    Returns ``model``. A no-op off torch, for non-functional models (and subclasses with their own
+    ``call``) and where a layer of the model can create a mask (Embedding, Masking). Install again
+    after changing a layer's dtype policy.
+    """
+    if keras.config.backend() != "torch" or not isinstance(model, Functional):
+        return model
+    nested = list(model._flatten_layers(include_self=False))
+    if any(not isinstance(layer, keras.Model) and type(layer).compute_mask not in _PLAIN_MASKS for layer in nested):
+        return model  # masks would have to flow between layers
+    for m in [model, *nested]:
+        if isinstance(m, Functional) and type(m).call is Functional.call:
+            _install(m)
+    return model
+
+
+def _install(model):
+    steps = _plan(model)
+    if steps is None:
+        return
+    keras_call = type(model).call.__get__(model)
+    in_ids = [id(x) for x in model.inputs]
+    out_ids = [id(x) for x in model.outputs]
+    single_output = isinstance(model._outputs_struct, keras.KerasTensor)
+
+    def call(inputs, training=None, mask=None, **kwargs):
+        if training is None or mask is not None or kwargs:
+            return keras_call(inputs, training=training, mask=mask, **kwargs)
+        inputs = model._standardize_inputs(inputs)
+        if any(getattr(x, "_keras_mask", None) is not None for x in inputs):
+            return keras_call(inputs, training=training)
+        values = dict(zip(in_ids, inputs))
+        for node, layer, direct, takes_training, dtype, ids, outs, last_use in steps:
+            if ids is None:
+                args, kw = node.arguments.fill_in(values)
+                tensors = keras.tree.flatten(args)
+            elif isinstance(ids, list):
+                tensors = [values[i] for i in ids]
+                args, kw = (tensors,), {}
+            else:
+                tensors = args = (values[ids],)
+                kw = {}
+            if direct and all(_dtype_name(x.dtype) == dtype for x in tensors):
+                if takes_training:
+                    kw["training"] = training
+                out = layer.call(*args, **kw)
+            else:  # as Keras' functional call does: training goes to every layer's __call__
+                kw["training"] = training
+                out = layer(*args, **kw)
+            if len(outs) == 1:
+                values[outs[0]] = out
+            else:
+                values.update(zip(outs, keras.tree.flatten(out)))
+            for i in last_use:
+                del values[i]
+        outputs = [values[i] for i in out_ids]
+        return outputs[0] if single_output else keras.tree.pack_sequence_as(model._outputs_struct, outputs)
+
+    model.call = call
+
+
+def _dtype_name(dtype, _names={}):  # noqa: B006 (a cache)
+    name = _names.get(dtype)
+    if name is None:
+        name = _names[dtype] = keras.backend.standardize_dtype(dtype)
+    return name
+
+
+def _plan(model):
+    """The layer calls in Keras' order, each as ``(node, layer, direct, takes_training, input dtype,
+    argument ids, output ids)``; None where the model must keep Keras' path."""
+    available = {id(x) for x in model.inputs}
+    steps = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            layer = node.operation
+            if not layer or node.is_input:
+                continue
+            if any(id(x) not in available for x in node.input_tensors):
+                continue  # not computable from the inputs: Keras skips it too
+            if not isinstance(layer, keras.layers.Layer) or layer._call_context_args != {"training"}:
+                return None  # a bare keras.ops operation, or other call-context arguments: Keras' path
+            direct = (not isinstance(layer, keras.Model) and type(layer).__call__ in _KERAS_CALLS and layer.built
+                      and layer.activity_regularizer is None and layer.autocast == model.autocast
+                      and layer.compute_dtype == model.compute_dtype and layer.variable_dtype == model.variable_dtype)
+            steps.append((node, layer, direct, bool(layer._call_has_context_arg.get("training")), layer.input_dtype,
+                          _argument_ids(node.arguments), [id(x) for x in node.outputs]))
+            available.update(id(x) for x in node.outputs)
+    # Each value is dropped after its last use, as torch code drops its locals (Keras keeps them all to
+    # the end of the call: in inference, and for frozen layers, that holds every activation at once).
+    keep = {id(x) for x in model.outputs}
+    seen = set()
+    for i in range(len(steps) - 1, -1, -1):
+        ids = [id(x) for x in steps[i][0].input_tensors]
+        steps[i] = (*steps[i], [j for j in dict.fromkeys(ids) if j not in seen and j not in keep])
+        seen.update(ids)
+    return steps
+
+
+def _argument_ids(arguments: SymbolicArguments):
+    """``id`` of the one positional tensor, a list of ids for one positional list of tensors (merge
+    layers), or None for anything else (filled in by Keras)."""
+    if arguments._single_positional_tensor is not None:
+        return id(arguments._single_positional_tensor)
+    args = arguments.args
+    if (not arguments.kwargs and len(args) == 1 and isinstance(args[0], list)
+            and all(isinstance(x, keras.KerasTensor) for x in args[0])):
+        return [id(x) for x in args[0]]
+    return None
