@@ -90,7 +90,7 @@ def device_gather(*arrays):
     raise NotImplementedError(f"device_gather has no {b!r} version; use host arrays")
 
 
-def _torch_eager():
+def torch_eager():
     """True on the torch backend outside ``torch.compile``. Inside it (``jit_compile=True``) Inductor
     chooses layouts itself, as XLA does, and Keras' own ops are the ones to trace: the channels-last
     views below break Inductor's stride ordering once Dynamo makes spatial sizes symbolic."""
@@ -133,7 +133,7 @@ def conv2d(x, kernel, strides, padding, dilation_rate, depthwise=False):
     takes as it is. Same arithmetic otherwise, "same" padding included (split as TensorFlow does:
     the extra pixel on the bottom / right).
     """
-    if not _torch_eager():
+    if not torch_eager():
         return None
     import torch
     import torch.nn.functional as F
@@ -161,7 +161,7 @@ def max_pool2d(x, pool_size, strides, padding):
     """Channels-last 2-D max pooling without Keras' layout copy (torch; "valid" padding), or None
     where Keras' own op is the one to use. Keras' torch ``max_pool`` makes the NCHW view contiguous
     (a copy) and returns an NCHW-ordered result, whose layout the next layers then copy back."""
-    if not _torch_eager() or padding != "valid":
+    if not torch_eager() or padding != "valid":
         return None
     import torch.nn.functional as F
 
@@ -173,7 +173,7 @@ def zero_pad2d(x, padding):
     where Keras' own op is the one to use (JAX and TensorFlow trace it once). Keras 3.15's ``ops.pad``
     builds an ``Operation`` object on every call (signature inspection and tree walks, about 1 ms of host
     time), which on torch happens every step."""
-    if not _torch_eager():
+    if not torch_eager():
         return None
     import torch.nn.functional as F
 

@@ -25,6 +25,31 @@ def _fail_cleanly(fn):
     return wrapper
 
 
+def keep_freed_host_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    Called once by the ``ktransfer`` command before its work starts; off with
+    ``KTRANSFER_MALLOC_TUNING=off``. A CPU training step allocates and frees activations of tens of MB.
+    By default glibc serves blocks above a dynamic threshold (at most 32 MB) with a fresh ``mmap`` and
+    unmaps them on free, and trims the top of its heap: every such activation then page-faults its
+    memory in again, zero-filled, on every step. PyTorch's CPU guide suggests jemalloc or tcmalloc for
+    this; ``mallopt`` with large mmap and trim thresholds gets the same reuse from glibc itself (the
+    residual CNN's frozen-backbone step at batch 128 on torch: 465 -> 730 img/s,
+    benchmarks/README.md "Host memory reuse"). The price: the process keeps its peak heap until it
+    exits. Returns True where it was applied (Linux with glibc).
+    """
+    if os.environ.get("KTRANSFER_MALLOC_TUNING", "on").lower() in ("off", "0", "false") or sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 30))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="keras-transfer")
 def main():
@@ -32,6 +57,7 @@ def main():
 
     The backend is chosen by KERAS_BACKEND, e.g. `KERAS_BACKEND=jax ktransfer finetune`.
     """
+    keep_freed_host_memory()  # KTRANSFER_MALLOC_TUNING=off keeps glibc's defaults
 
 
 def _run_options(fn):

@@ -354,6 +354,6 @@ def resume_state(stage_dir):
     last = os.path.join(stage_dir, "checkpoints", "last.keras")
     if not os.path.exists(last):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
-    model = load_model(last)  # fit() restores the RNG states from checkpoints/rng.npz
+    model = use_direct_calls(load_model(last))  # fit() restores the RNG states from checkpoints/rng.npz
     history = read_history(os.path.join(stage_dir, "history.csv"))
     return model, len(history.get("epoch", []))

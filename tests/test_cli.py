@@ -163,3 +163,19 @@ def test_resume_a_finetune_run(tmp_path, tiny_config):
     hist = open(os.path.join(full, "history.csv")).read().splitlines()
     assert len(hist) == 3  # header + epochs 0 and 1
     assert os.path.exists(os.path.join(full, "metrics.json"))
+
+
+def test_host_memory_reuse_is_set_on_glibc_and_can_be_turned_off(monkeypatch):
+    import ctypes
+    import sys
+
+    from keras_transfer.cli import keep_freed_host_memory
+
+    monkeypatch.setenv("KTRANSFER_MALLOC_TUNING", "off")
+    assert keep_freed_host_memory() is False
+    monkeypatch.delenv("KTRANSFER_MALLOC_TUNING")
+    try:
+        glibc = sys.platform == "linux" and bool(ctypes.CDLL("libc.so.6").gnu_get_libc_version())
+    except (OSError, AttributeError):
+        glibc = False
+    assert keep_freed_host_memory() is glibc

@@ -249,11 +249,14 @@ def test_fast_zero_padding_matches_keras(padding):
 @pytest.mark.slow  # torch.compile: ~30 s on 2 cores
 def test_residual_cnn_trains_under_jit_compile():
     """``jit_compile=True`` (XLA; torch.compile, where the fast layers fall back to Keras' ops) runs
-    train steps. On torch, dropout's graph breaks plus a second batch size make Dynamo retrace with
-    symbolic sizes, which broke Inductor on the fast layers' channels-last views."""
+    train steps, through direct layer calls as `compile_model` sets them up. On torch, dropout's graph
+    breaks plus a second batch size make Dynamo retrace with symbolic sizes, which broke Inductor on
+    the fast layers' channels-last views."""
+    from keras_transfer.models.graph import use_direct_calls
+
     keras.utils.set_random_seed(0)
     backbone = create_backbone("resnet", 8, 3, widths=(4, 8, 8))
-    model = keras.Model(backbone.input, keras.layers.Dense(3)(backbone.output))
+    model = use_direct_calls(keras.Model(backbone.input, keras.layers.Dense(3)(backbone.output)))
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(6, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 6)
     before = [keras.ops.convert_to_numpy(w).copy() for w in model.weights]

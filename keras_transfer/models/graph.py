@@ -16,7 +16,9 @@ receives tensors of its input dtype; ``training`` is passed as Keras' functional
 Every other layer, and every nested model, is called through ``__call__`` as before (nested
 functional models get their own direct calls). A call without an explicit ``training``, with a mask
 or with extra arguments takes Keras' path, as do models whose graph holds a layer that can create a
-mask. Same layers, same order, same arithmetic: outputs, gradients and batch-norm statistics are
+mask, and so does everything under torch.compile (``jit_compile=True``: Dynamo traces the Python
+anyway, and Inductor failed on the larger graphs with symbolic sizes). Same layers, same order, same
+arithmetic: outputs, gradients and batch-norm statistics are
 identical to Keras' (tests/test_graph.py).
 
 JAX and TensorFlow trace the forward pass once into a compiled function, so the Python per layer is
@@ -32,6 +34,8 @@ from keras.src.layers.merging.base_merge import Merge
 from keras.src.layers.preprocessing.data_layer import DataLayer
 from keras.src.models.functional import Functional
 from keras.src.ops.symbolic_arguments import SymbolicArguments
+
+from keras_transfer import backend
 
 # DataLayer's __call__ differs from Layer's only inside a tf.data graph (never for torch tensors).
 _KERAS_CALLS = (keras.layers.Layer.__call__, DataLayer.__call__)
@@ -66,7 +70,7 @@ def _install(model):
     single_output = isinstance(model._outputs_struct, keras.KerasTensor)
 
     def call(inputs, training=None, mask=None, **kwargs):
-        if training is None or mask is not None or kwargs:
+        if training is None or mask is not None or kwargs or not backend.torch_eager():
             return keras_call(inputs, training=training, mask=mask, **kwargs)
         inputs = model._standardize_inputs(inputs)
         if any(getattr(x, "_keras_mask", None) is not None for x in inputs):
