@@ -34,7 +34,7 @@ def keep_freed_host_memory():
     unmaps them on free, and trims the top of its heap: every such activation then page-faults its
     memory in again, zero-filled, on every step. PyTorch's CPU guide suggests jemalloc or tcmalloc for
     this; ``mallopt`` with large mmap and trim thresholds gets the same reuse from glibc itself (the
-    residual CNN's frozen-backbone step at batch 128 on torch: 465 -> 730 img/s,
+    residual CNN's frozen-backbone step at batch 128 on torch: 480-541 -> 761-840 img/s,
     benchmarks/README.md "Host memory reuse"). The price: the process keeps its peak heap until it
     exits. Returns True where it was applied (Linux with glibc).
     """

@@ -29,6 +29,8 @@ checked by the tests against Keras' own path.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 from keras.src.layers.merging.base_merge import Merge
 from keras.src.layers.preprocessing.data_layer import DataLayer
@@ -40,6 +42,19 @@ from keras_transfer import backend
 # DataLayer's __call__ differs from Layer's only inside a tf.data graph (never for torch tensors).
 _KERAS_CALLS = (keras.layers.Layer.__call__, DataLayer.__call__)
 _PLAIN_MASKS = (keras.layers.Layer.compute_mask, Merge.compute_mask)  # no mask in, none out
+
+
+class _Step(NamedTuple):
+    """One layer call of the plan."""
+
+    node: object  # the graph node (keras.src.ops.node.Node)
+    layer: keras.layers.Layer
+    direct: bool  # call() may be called directly (when the inputs also have the layer's input dtype)
+    takes_training: bool  # call() has a training argument
+    dtype: str  # the layer's input dtype
+    ids: object  # argument ids: one id, a list of ids (merge layers) or None (Keras fills them in)
+    outs: list  # ids of the node's outputs
+    last_use: list  # ids of values no later step reads, dropped after this one
 
 
 def use_direct_calls(model):
@@ -113,10 +128,9 @@ def _dtype_name(dtype, _names={}):  # noqa: B006 (a cache)
 
 
 def _plan(model):
-    """The layer calls in Keras' order, each as ``(node, layer, direct, takes_training, input dtype,
-    argument ids, output ids)``; None where the model must keep Keras' path."""
+    """The layer calls in Keras' order, as `_Step`s; None where the model must keep Keras' path."""
     available = {id(x) for x in model.inputs}
-    steps = []
+    planned = []
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
             layer = node.operation
@@ -129,18 +143,18 @@ def _plan(model):
             direct = (not isinstance(layer, keras.Model) and type(layer).__call__ in _KERAS_CALLS and layer.built
                       and layer.activity_regularizer is None and layer.autocast == model.autocast
                       and layer.compute_dtype == model.compute_dtype and layer.variable_dtype == model.variable_dtype)
-            steps.append((node, layer, direct, bool(layer._call_has_context_arg.get("training")), layer.input_dtype,
-                          _argument_ids(node.arguments), [id(x) for x in node.outputs]))
+            planned.append((node, layer, direct, bool(layer._call_has_context_arg.get("training")),
+                            layer.input_dtype, _argument_ids(node.arguments), [id(x) for x in node.outputs]))
             available.update(id(x) for x in node.outputs)
     # Each value is dropped after its last use, as torch code drops its locals (Keras keeps them all to
     # the end of the call: in inference, and for frozen layers, that holds every activation at once).
-    keep = {id(x) for x in model.outputs}
-    seen = set()
-    for i in range(len(steps) - 1, -1, -1):
-        ids = [id(x) for x in steps[i][0].input_tensors]
-        steps[i] = (*steps[i], [j for j in dict.fromkeys(ids) if j not in seen and j not in keep])
+    seen = {id(x) for x in model.outputs}  # kept to the end
+    steps = []
+    for fields in reversed(planned):
+        ids = list(dict.fromkeys(id(x) for x in fields[0].input_tensors))
+        steps.append(_Step(*fields, last_use=[i for i in ids if i not in seen]))
         seen.update(ids)
-    return steps
+    return steps[::-1]
 
 
 def _argument_ids(arguments: SymbolicArguments):
