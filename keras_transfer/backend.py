@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import keras
@@ -86,8 +88,42 @@ def device_gather(*arrays):
 
         device = keras.ops.convert_to_tensor(0.0).device
         on_device = [torch.as_tensor(a).to(device) for a in arrays]
-        return lambda idx: tuple(a[torch.as_tensor(idx).to(device)] for a in on_device)
+
+        def take(idx):
+            i = to_device(idx, device)
+            return tuple(a[i] for a in on_device)
+
+        return take
     raise NotImplementedError(f"device_gather has no {b!r} version; use host arrays")
+
+
+def to_device(data, device):
+    """Host data (a numpy array, or a torch tensor in host memory) as a torch tensor on ``device``,
+    without waiting for the kernels queued there: a GPU copy goes through pinned memory with
+    ``non_blocking`` (torch's caching host allocator keeps the pinned block until the copy is done),
+    where ``torch.as_tensor(data, device="cuda")`` or ``.to("cuda")`` from pageable memory synchronise
+    the stream (pytorch/pytorch#120996)."""
+    import torch
+
+    tensor, device = torch.as_tensor(data), torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def host_to_device(array):
+    """A host array on the active backend's compute device without a host-device synchronisation
+    (torch: `to_device`; JAX's ``device_put`` is asynchronous already); the array itself elsewhere."""
+    b = keras.config.backend()
+    if b == "torch":
+        from keras.src.backend.torch.core import get_device
+
+        return to_device(array, get_device())
+    if b == "jax":
+        import jax
+
+        return jax.device_put(array)
+    return array
 
 
 def torch_eager():
@@ -179,6 +215,195 @@ def zero_pad2d(x, padding):
 
     (top, bottom), (left, right) = padding
     return F.pad(x, (0, 0, left, right, top, bottom))
+
+
+_SYNC_FREE = {"patched": [], "on": True}
+_OFF = ("off", "0", "false", "no")
+
+
+def avoid_device_syncs():
+    """On torch, lets Keras' ops and random layers run without stopping the host until the GPU catches up.
+
+    Keras 3.15's torch backend synchronises host and device in two places that run many times per
+    training step:
+
+    - ``convert_to_tensor`` of a Python number (``ops.multiply(x, 0.9)``, ``ops.clip(x, 0, 255)``,
+      ``variable * momentum``, Adam's ``ops.cast(beta_1)``) builds it with ``torch.as_tensor(x,
+      device=...)``: a host-to-device copy that waits for every kernel already queued
+      (pytorch/pytorch#120996). Here a number becomes ``torch.full((), x, ...)``, which writes it on the
+      device without a copy; the same dtype and value (anything ``torch.full`` refuses goes to Keras').
+    - Every seeded random op (dropout with a noise shape, random flips and crops, RandAugment) draws its
+      seed with ``int(state[0] + state[1])`` of a ``SeedGenerator`` whose state lives on the device: a
+      device-to-host read, after a host-to-device copy of its increment. Here the state is also kept
+      on the host (read from the device once, and again whenever anything but this function writes it:
+      a changed tensor version) and advanced on the device with ``torch.arange``: the same seeds.
+
+    Counted with `SyncCounter` (``benchmarks/torch_syncs.py``), per training step: EfficientNetB0 123
+    copies and 10 reads, the residual CNN with the ``strong`` augmentation 190 and 16, airbench with
+    ``translate`` 40 and 3; 0 and 0 with these patches and batches gathered on the device. What that
+    is worth on a GPU is not measured. The patches apply to the torch backend only, change no value,
+    and step aside inside `stock_keras` (the plain-Keras side of ``ktransfer bench``); with
+    ``KTRANSFER_SYNC_FREE=off`` they are not installed.
+
+    Returns:
+        True when the patches are in place.
+    """
+    if keras.config.backend() != "torch" or os.environ.get("KTRANSFER_SYNC_FREE", "on").lower() in _OFF:
+        return False
+    if _SYNC_FREE["patched"]:
+        return True
+    import sys
+
+    from keras.src.backend.torch import core, random
+
+    original = core.convert_to_tensor
+    scalar = _scalar_to_tensor(original, core)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("keras") and getattr(module, "convert_to_tensor", None) is original:
+            module.convert_to_tensor = scalar
+            _SYNC_FREE["patched"].append((module, "convert_to_tensor", original))
+    _SYNC_FREE["patched"].append((random, "torch_seed_generator", random.torch_seed_generator))
+    random.torch_seed_generator = _host_seeded_generator(random.torch_seed_generator, core)
+    return True
+
+
+@contextlib.contextmanager
+def stock_keras():
+    """Inside, `avoid_device_syncs`' patches run Keras' own code (the plain-Keras side of ``ktransfer
+    bench``)."""
+    was, _SYNC_FREE["on"] = _SYNC_FREE["on"], False
+    try:
+        yield
+    finally:
+        _SYNC_FREE["on"] = was
+
+
+class SyncCounter:
+    """Counts the torch calls that make the host wait for a GPU, made on this thread inside `counting`.
+
+    Two kinds: tensors made from host data directly on a device (``torch.as_tensor`` / ``torch.tensor``
+    with a ``device``: a blocking copy) and device values read back by Python (``item``, ``tolist``,
+    ``int(t)``, ``bool(t)``, ``numpy`` ...). On a CPU nothing waits, so the count is what would
+    synchronise on a GPU. Used as ``with SyncCounter() as c:`` (wraps those torch functions until the
+    block ends), counting inside ``with c.counting():`` blocks; ``c.copies`` and ``c.reads`` name each.
+    """
+
+    READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy")
+
+    def __init__(self):
+        import threading
+
+        self.copies, self.reads, self._on, self._saved = [], [], 0, []
+        self._thread = threading.get_ident
+
+    def __enter__(self):
+        import torch
+
+        thread = self._thread()
+
+        def creating(fn):
+            def make(data, *args, **kwargs):
+                if self._on and self._thread() == thread and not isinstance(data, torch.Tensor) \
+                        and kwargs.get("device") is not None:
+                    self.copies.append(type(data).__name__)
+                return fn(data, *args, **kwargs)
+            return make
+
+        def reading(name, fn):
+            def read(t, *args, **kwargs):
+                if self._on and self._thread() == thread:
+                    self.reads.append(name)
+                return fn(t, *args, **kwargs)
+            return read
+
+        for owner, name, wrap in [(torch, "as_tensor", creating), (torch, "tensor", creating),
+                                  *((torch.Tensor, n, functools.partial(reading, n)) for n in self.READS)]:
+            self._saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, wrap(getattr(owner, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, fn in reversed(self._saved):
+            setattr(owner, name, fn)
+        self._saved.clear()
+
+    @contextlib.contextmanager
+    def counting(self):
+        self._on += 1
+        try:
+            yield self
+        finally:
+            self._on -= 1
+
+    def reset(self):
+        self.copies.clear()
+        self.reads.clear()
+
+
+def _scalar_to_tensor(original, core):
+    import torch
+
+    def convert_to_tensor(x, dtype=None, sparse=None, ragged=None):
+        if _SYNC_FREE["on"] and isinstance(x, (bool, int, float)) and not sparse and not ragged:
+            if dtype is not None:
+                dt = core.to_torch_dtype(dtype)
+            elif isinstance(x, bool):
+                dt = torch.bool
+            elif isinstance(x, int):
+                dt = torch.int64 if x < -(2**31) or x >= 2**31 else torch.int32
+            else:
+                dt = core.to_torch_dtype(keras.config.floatx())
+            try:
+                return torch.full((), x, dtype=dt, device=core.get_device())
+            except (RuntimeError, TypeError, OverflowError):
+                pass  # e.g. 1e40 as float32: Keras' path gives inf; its result and errors stay Keras'
+        elif _SYNC_FREE["on"] and isinstance(x, (list, tuple)) and 0 < len(x) <= 64 and torch_eager() \
+                and all(type(v) in (int, float, bool) for v in x) and not sparse and not ragged:
+            # e.g. a loss' ops.convert_to_tensor(ops.shape(values)): Keras' dtype rule, built on the host
+            dt = core.to_torch_dtype(dtype or core.result_type(*(type(v) for v in x)))
+            return to_device(torch.as_tensor(x, dtype=dt), core.get_device())
+        return original(x, dtype=dtype, sparse=sparse, ragged=ragged)
+
+    convert_to_tensor.__wrapped__ = original
+    return convert_to_tensor
+
+
+def _host_seeded_generator(original, core):
+    import weakref
+
+    import torch
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+    from keras.src.random.seed_generator import SeedGenerator
+
+    mirrors = weakref.WeakKeyDictionary()  # SeedGenerator -> (state tensor, its version, seed, counter)
+
+    @torch.compiler.disable
+    def torch_seed_generator(seed):
+        if not _SYNC_FREE["on"] or core.get_device() == "meta" or in_stateless_scope():
+            return original(seed)
+        if isinstance(seed, int):  # Keras: the tensor [seed as int32, 0], then int(sum) & 0xFFFFFFFF
+            return _generator(seed & 0xFFFFFFFF)
+        if not isinstance(seed, SeedGenerator):
+            return original(seed)  # None: Keras' global generator
+        state = seed.state.value
+        held = mirrors.get(seed)
+        if held is None or held[0] is not state or held[1] != state._version:
+            first, second = (int(v) for v in state.tolist())  # once, or after an outside write
+        else:
+            first, second = held[2], held[3]
+        # SeedGenerator.next(ordered=True): the state moves on by (0, 1).
+        seed.state.assign(state + torch.arange(2, dtype=state.dtype, device=state.device))
+        now = seed.state.value
+        mirrors[seed] = (now, now._version, first, second + 1)
+        return _generator((first + second) & 0xFFFFFFFF)  # Keras: int(first + second) & 0xFFFFFFFF
+
+    def _generator(value):
+        generator = torch.Generator(device=core.get_device())
+        generator.manual_seed(value)
+        return generator
+
+    torch_seed_generator.__wrapped__ = original
+    return torch_seed_generator
 
 
 def backend_info():

@@ -2,13 +2,15 @@
 
 Throughput excludes compilation: a first epoch of 2 executions (tracing/XLA or torch.compile) is timed
 apart as ``compile_s``, then ``repeats`` epochs of ``steps`` steps are timed, alternating ours and plain
-Keras; img/s is batch / median step time (an execution's time over its ``steps_per_execution`` steps). Inputs
+Keras; img/s is batch / median step time (an execution's time over its ``steps_per_execution`` steps,
+or on an accelerator an epoch's time over its steps: timing steps one by one synchronises each). Inputs
 are uint8 arrays of the benchmarked shape (pixel values do not change the arithmetic). With timm
 importable, timm's ``efficientnet_b0`` in plain PyTorch (eager and compiled) gives reference rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import time
@@ -16,6 +18,7 @@ import time
 import keras
 import numpy as np
 
+from keras_transfer import backend
 from keras_transfer.config import TrainConfig
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import ArrayBatches, fit_input
@@ -25,7 +28,13 @@ from keras_transfer.transfer import apply_strategy, parameter_counts
 
 
 class _StepTimer(keras.callbacks.Callback):
-    """Per-step seconds; Keras calls batch hooks once per execution of ``steps_per_execution`` steps."""
+    """Per-step seconds; Keras calls batch hooks once per execution of ``steps_per_execution`` steps.
+
+    A callback with a batch-end hook makes Keras run every batch end on the main thread and turn the
+    step's loss into a Python number there: on an accelerator, a host-device synchronisation per step
+    that keeps the host from queueing the next step while the device works. Only where the step runs
+    on the CPU (nothing to overlap) does `_Timed` use it.
+    """
 
     def __init__(self, steps_per_execution=1):
         super().__init__()
@@ -91,10 +100,15 @@ def ours_and_plain(name, size, strategy, steps, precision="float32", augment="no
 class _Timed:
     """One model and its input, compiled on an epoch of 2 executions, then timed epoch by epoch.
 
-    ``data`` holds at least ``steps + 2 * model.steps_per_execution`` batches."""
+    ``data`` holds at least ``steps + 2 * model.steps_per_execution`` batches. ``stock``: run Keras' own
+    code, without the package's torch patches (`backend.stock_keras`), as plain Keras does.
+    ``per_step``: time each step (`_StepTimer`); the default, on a CPU only, since on an accelerator the
+    timer's per-step synchronisation would slow the steps it times. Otherwise the step time is an
+    epoch's time over its steps (the epoch ends in one synchronisation, when Keras reads its logs)."""
 
-    def __init__(self, model, data, steps, batch):
-        self.model, self.steps, self.batch = model, steps, batch
+    def __init__(self, model, data, steps, batch, stock=False, per_step=None):
+        self.model, self.steps, self.batch, self.stock = model, steps, batch, stock
+        self.per_step = not backend.has_accelerator() if per_step is None else per_step
         self.spe = model.steps_per_execution
         self.arrays = isinstance(data, tuple)
         self.data = data if self.arrays else fit_input(data)[0]
@@ -105,22 +119,29 @@ class _Timed:
 
     def _run(self, n, callbacks=()):
         kw = {"epochs": 1, "steps_per_epoch": n, "verbose": 0, "callbacks": list(callbacks), "shuffle": False}
-        if self.arrays:
-            return self.model.fit(*self.data, batch_size=self.batch, **kw)
-        return self.model.fit(self.data, **kw)
+        with backend.stock_keras() if self.stock else contextlib.nullcontext():
+            if self.arrays:
+                return self.model.fit(*self.data, batch_size=self.batch, **kw)
+            return self.model.fit(self.data, **kw)
 
     def epoch(self):
-        timer = _StepTimer(self.spe)
+        timers = [_StepTimer(self.spe)] if self.per_step else []
         t1 = time.perf_counter()
-        self._run(self.steps, [timer])
-        self.rates.append(self.steps * self.batch / (time.perf_counter() - t1))
-        self.step_ms.extend(1000 * t for t in timer.times)
+        self._run(self.steps, timers)
+        seconds = time.perf_counter() - t1
+        self.rates.append(self.steps * self.batch / seconds)
+        if timers:
+            self.step_ms.extend(1000 * t for t in timers[0].times)
+        else:
+            self.step_ms.append(1000 * seconds / self.steps)
 
     def result(self):
-        # The headline is batch / median step time (input wait included: the step fetches its batch).
-        # It resists the bimodal epochs seen on 2-core CPUs (whole epochs at ~0.6x on both paths).
+        # The headline is batch / median step time (input wait included: the step fetches its batch):
+        # per step on a CPU, where it resists the bimodal epochs of 2-core machines (whole epochs at
+        # ~0.6x on both paths); per epoch on an accelerator.
         step = float(np.median(self.step_ms))
         return {"compile_s": self.compile_s, "img_per_s": 1000 * self.batch / step, "step_ms": step,
+                "timing": "per step" if self.per_step else "per epoch",
                 "epoch_img_per_s": float(np.median(self.rates)), "epoch_img_per_s_runs": self.rates}
 
 
@@ -149,7 +170,7 @@ def bench_case(name, size, strategy, batch, steps, precision="float32", augment=
     trainable, frozen = parameter_counts(ours)
     inputs = {"ours": (ours, ArrayBatches(x, y, batch, shuffle=True)), "plain": (plain, (x, y))}
     second = "plain" if compile_first == "ours" else "ours"
-    built = {side: _Timed(*inputs[side], steps, batch) for side in (compile_first, second)}
+    built = {side: _Timed(*inputs[side], steps, batch, stock=side == "plain") for side in (compile_first, second)}
     timed = [built["ours"], built["plain"]]
     del inputs, built
     for _ in range(repeats):
@@ -363,8 +384,11 @@ def _first(row, side):
 def markdown_table(env, rows, reference_rows=(), cached_rows=()):
     lines = [f"Measured {env['date']} on {env['backend']} ({'; '.join(env['backend_info'])}), Keras "
              f"{env['keras']}, {env['cpu_count']} CPU cores, {env['machine']}.", "",
-             "Throughput excludes compilation: batch / median step time over all timed steps, input wait "
-             "included (whole-epoch rates in the JSON).", "",
+             "Throughput excludes compilation: batch / median step time, input wait included; "
+             + ("steps timed one by one (whole-epoch rates in the JSON)." if all(
+                 r["ours"].get("timing", "per step") == "per step" for r in rows) else
+                "a step's time is its epoch's time over its steps (no per-step synchronisation on an "
+                "accelerator)."), "",
              "| model | size | strategy | batch | precision | steps / execution | ours img/s | plain Keras img/s "
              "| ours/plain | step ms (ours) | compile s (ours / plain; * = compiled first) | XLA / torch.compile "
              "| peak memory MB |",

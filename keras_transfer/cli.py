@@ -9,6 +9,7 @@ import sys
 import click
 
 from keras_transfer import config as config_lib
+from keras_transfer.backend import avoid_device_syncs
 from keras_transfer.data.augment import PRESETS
 from keras_transfer.errors import KTransferError
 
@@ -58,6 +59,7 @@ def main():
     The backend is chosen by KERAS_BACKEND, e.g. `KERAS_BACKEND=jax ktransfer finetune`.
     """
     keep_freed_host_memory()  # KTRANSFER_MALLOC_TUNING=off keeps glibc's defaults
+    avoid_device_syncs()  # torch only; KTRANSFER_SYNC_FREE=off keeps Keras' own conversions
 
 
 def _run_options(fn):

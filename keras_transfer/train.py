@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_transfer.backend import avoid_device_syncs
 from keras_transfer.config import PRECISIONS, SCHEDULES, check_lookahead
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
@@ -170,6 +171,7 @@ def compile_model(model, cfg, steps_per_epoch):
     # benchmarks/), never torch.compile on torch (minutes per model; slower than eager on a GPU).
     jit = cfg.jit_compile if cfg.jit_compile == "auto" else bool(cfg.jit_compile)
     use_direct_calls(model)  # torch: eager steps skip Keras' per-layer __call__ (models/graph.py)
+    avoid_device_syncs()  # torch: numbers and seeds without host-device synchronisation (backend.py)
     model.compile(
         optimizer=make_optimizer(cfg, steps_per_epoch),
         loss=SparseSmoothedCrossentropy(cfg.label_smoothing),
@@ -354,6 +356,7 @@ def resume_state(stage_dir):
     last = os.path.join(stage_dir, "checkpoints", "last.keras")
     if not os.path.exists(last):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
+    avoid_device_syncs()
     model = use_direct_calls(load_model(last))  # fit() restores the RNG states from checkpoints/rng.npz
     history = read_history(os.path.join(stage_dir, "history.csv"))
     return model, len(history.get("epoch", []))

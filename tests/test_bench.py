@@ -36,6 +36,28 @@ def test_bench_times_steps_per_execution_on_both_sides():
         bench.bench_case("resnet", 16, "linear", batch=8, steps=4, widths=(4, 8, 8), steps_per_execution=3)
 
 
+def test_epoch_timing_leaves_batch_ends_to_keras_worker_thread():
+    """On an accelerator steps are timed per epoch: a batch-end hook would make Keras read each step's
+    loss on the main thread, a host-device synchronisation per step that the timing would then include."""
+    from keras.src.backend import IS_THREAD_SAFE
+    from keras.src.callbacks.callback_list import CallbackList
+
+    from tests.conftest import tiny_data, tiny_model
+
+    assert not CallbackList([bench._StepTimer()])._async_train
+    assert CallbackList([])._async_train == IS_THREAD_SAFE  # Keras: batch ends on a worker where it can
+    model = tiny_model()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=JIT)
+    timed = bench._Timed(model, tiny_data(48), steps=4, batch=8, per_step=False)
+    timed.epoch()
+    timed.epoch()
+    r = timed.result()
+    assert r["timing"] == "per epoch" and len(timed.step_ms) == 2
+    # each epoch's step time is its time over its steps; the median of two is their mean
+    assert r["step_ms"] == pytest.approx(sum(1000 * 8 / e for e in r["epoch_img_per_s_runs"]) / 2)
+    assert bench._Timed(model, tiny_data(48), steps=4, batch=8).per_step  # on this CPU: step by step
+
+
 def test_cached_probe_row_is_one_extraction_plus_head_epochs():
     r = bench.bench_cached_linear("resnet", 16, batch=8, steps=2, repeats=2, probe_epochs=10, widths=(4, 8, 8))
     extract, head = r["extract_img_per_s"], r["head"]["epoch_img_per_s"]

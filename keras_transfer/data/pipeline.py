@@ -88,7 +88,8 @@ class ArrayBatches(keras.utils.PyDataset):
             return xb, yb
         flip = self.flip_bits[idx] != bool(self.epoch % 2)
         if self.on_device:
-            return keras.ops.where(flip[:, None, None, None], keras.ops.flip(xb, axis=2), xb), yb
+            flip = backend.host_to_device(flip[:, None, None, None])
+            return keras.ops.where(flip, keras.ops.flip(xb, axis=2), xb), yb
         xb[flip] = xb[flip, :, ::-1]
         return xb, yb
 
