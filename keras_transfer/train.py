@@ -89,7 +89,7 @@ class Lookahead:
     ``average = rho * average + (1 - rho) * weights``, and the weights are set to the average, with
     ``rho = decay ** every * (step / total_steps) ** power``: almost no averaging early (fast
     progress), strong averaging at the end. Training ends on the average. It reuses the optimizer's
-    EMA machinery (``use_ema``, ``ema_overwrite_frequency``) inside the compiled train step, so it
+    EMA machinery (``use_ema``) inside the compiled train step and pulls back with a select, so it
     costs no host round trip on any backend. Unlike airbench94 it averages the trainable weights
     only (not BatchNorm statistics) and starts at step 0 rather than epoch 3, where its ``rho`` is
     below 0.03 anyway.
@@ -102,8 +102,9 @@ class Lookahead:
         check_lookahead(lookahead_every, lookahead_decay)
         if int(total_steps) < 1:
             raise ConfigError(f"Lookahead: expected total_steps >= 1. Received: {total_steps!r}")
-        super().__init__(*args, use_ema=True, ema_momentum=lookahead_decay,
-                         ema_overwrite_frequency=int(lookahead_every), **kwargs)
+        # Keras' ema_overwrite_frequency would pull back through ops.cond, which on torch reads its
+        # predicate on the host (a host-device synchronisation per step); the update below selects instead.
+        super().__init__(*args, use_ema=True, ema_momentum=lookahead_decay, ema_overwrite_frequency=None, **kwargs)
         self.lookahead_every, self.lookahead_decay = int(lookahead_every), float(lookahead_decay)
         self.lookahead_power, self.total_steps = float(lookahead_power), int(total_steps)
 
@@ -120,6 +121,7 @@ class Lookahead:
             if average is not None:
                 r = ops.cast(rho, var.dtype)
                 average.assign(r * average + (1 - r) * var)
+                var.assign(ops.where(due, average.value, var.value))  # the pull-back, every ``every`` steps
 
     def get_config(self):
         return {**super().get_config(), "lookahead_every": self.lookahead_every,

@@ -98,9 +98,15 @@ def test_seeded_random_ops_draw_keras_seeds(counter):
         np.testing.assert_array_equal(a, b)
 
 
-def _fit_then_count(name, augment, widths, counter, monkeypatch):
+def _fit_then_count(name, augment, widths, recipe, counter, monkeypatch):
     """One epoch of the package's path (batches gathered on the device, airbench's alternating flips),
-    then a second epoch in which batch fetches and training steps are counted."""
+    then a second epoch in which batch fetches and training steps are counted. ``recipe``: ``"adam"``
+    (cosine schedule) or ``"fast"``: `experiments/cifar10_fast.yaml`'s (Nesterov SGD, triangle
+    schedule, ramped Lookahead), eager."""
+    import dataclasses
+    import os
+
+    from keras_transfer import config
     from keras_transfer.config import TrainConfig
     from keras_transfer.data.augment import augmentation_layers
     from keras_transfer.data.pipeline import ArrayBatches
@@ -109,9 +115,16 @@ def _fit_then_count(name, augment, widths, counter, monkeypatch):
 
     keras.utils.set_random_seed(0)
     options = {"widths": widths} if widths else {}
+    if name == "airbench":
+        options["bn_bias_lr"] = 64.0  # the preset's: BatchNorm biases scaled by a Python number
     model = build_classifier(create_backbone(name, 32, 3, **options), name, (32, 32, 3), 10,
                              augment=augmentation_layers(augment, 3, seed=0), head_hidden=16)
-    compile_model(model, TrainConfig(optimizer="adam", schedule="cosine", jit_compile=False), 2)
+    if recipe == "fast":
+        preset = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "cifar10_fast.yaml")
+        cfg = dataclasses.replace(config.load(preset).pretrain, precision="float32", jit_compile=False)
+    else:
+        cfg = TrainConfig(optimizer="adam", schedule="cosine", jit_compile=False)
+    compile_model(model, cfg, 2)
     rng = np.random.default_rng(0)
     data = ArrayBatches(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), np.arange(8) % 10, 4,
                         on_device=True, alternate_flips=True)
@@ -130,11 +143,12 @@ def _fit_then_count(name, augment, widths, counter, monkeypatch):
     return model, data
 
 
-@pytest.mark.parametrize("name,augment,widths", [("resnet", "strong", (8, 16, 16)), ("efficientnet_b0", "mild", None),
-                                                 ("airbench", "translate", (8, 16, 16))])
-def test_a_training_step_copies_no_number_and_reads_nothing_back(name, augment, widths, counter, monkeypatch):
-    _fit_then_count(name, augment, widths, counter, monkeypatch)
+@pytest.mark.parametrize("name,augment,widths,recipe", [
+    ("resnet", "strong", (8, 16, 16), "adam"), ("efficientnet_b0", "mild", None, "adam"),
+    ("airbench", "translate", (8, 16, 16), "fast")])
+def test_a_training_step_copies_no_number_and_reads_nothing_back(name, augment, widths, recipe, counter, monkeypatch):
+    _fit_then_count(name, augment, widths, recipe, counter, monkeypatch)
     assert counter.copies == [] and counter.reads == []
     with backend.stock_keras():  # Keras' own path does both, every step: the count can fail
-        _fit_then_count(name, augment, widths, counter, monkeypatch)
+        _fit_then_count(name, augment, widths, recipe, counter, monkeypatch)
     assert len(counter.copies) > 2 and counter.reads

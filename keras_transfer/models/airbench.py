@@ -16,6 +16,8 @@ having no parameter groups, cannot do otherwise. Convolutions start from a parti
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 from keras import layers
@@ -53,7 +55,8 @@ class Bias(layers.Layer):
             self.gate = self.add_weight(shape=(), initializer="ones", trainable=False, name="gate")
 
     def _trained(self):
-        return self.bias if self.lr_scale == 1.0 else self.bias * np.sqrt(self.lr_scale)
+        # a Python float: torch.compile traces a numpy scalar as an array and fails on the product
+        return self.bias if self.lr_scale == 1.0 else self.bias * math.sqrt(self.lr_scale)
 
     def call(self, x):
         bias = self._trained()
