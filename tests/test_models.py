@@ -160,6 +160,37 @@ def test_fused_batch_norm_gradients_match_on_torch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_batch_norm_takes_bfloat16_as_it_is():
+    """A bfloat16 batch goes into torch's kernel without a float32 copy: the same outputs as the float32
+    computation rounded to bfloat16, float32 statistics, and the same gradients."""
+    if keras.config.backend() != "torch":
+        pytest.skip("the fused kernel is torch's; elsewhere BatchNorm is Keras' layer unchanged")
+    import torch
+
+    from keras_transfer import backend
+
+    torch.manual_seed(0)
+    gamma, beta = (keras.Variable(v, dtype="float32") for v in (np.linspace(0.5, 1.5, 16), np.zeros(16)))
+    device = gamma.value.device  # a GPU where there is one
+    x = (torch.randn(8, 7, 7, 16, device=device) * 3 + 1).to(torch.bfloat16)
+    w = torch.randn(8, 7, 7, 16, device=device)
+    results = []
+    for cast in (False, True):
+        xt = x.clone().requires_grad_(True)
+        if cast:  # the former path: float32 in, bfloat16 out
+            v = xt.permute(0, 3, 1, 2).float()
+            y, mean, invstd = torch.native_batch_norm(v, gamma.value, beta.value, None, None, True, 0.0, 1e-3)
+            y, variance = y.to(torch.bfloat16).permute(0, 2, 3, 1), invstd.pow(-2) - 1e-3
+        else:
+            y, mean, variance = backend.fused_batch_norm(xt, gamma, beta, 1e-3)
+        assert y.dtype == torch.bfloat16 and mean.dtype == variance.dtype == torch.float32
+        grads = torch.autograd.grad((y.float() * w).sum(), [xt, gamma.value, beta.value])
+        results.append([y.float(), mean, variance.detach(), *(g.float() for g in grads)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)  # outputs: bit-identical
+
+
 def test_applications_backbones_train_through_the_fast_layers():
     from keras_transfer.models import fast
 
