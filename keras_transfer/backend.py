@@ -219,7 +219,7 @@ def zero_pad2d(x, padding):
     return F.pad(x, (0, 0, left, right, top, bottom))
 
 
-_SYNC_FREE = {"patched": [], "on": True}
+_SYNC_FREE = {"installed": False, "on": True}
 _OFF = ("off", "0", "false", "no")
 
 
@@ -253,7 +253,7 @@ def avoid_device_syncs():
     """
     if keras.config.backend() != "torch" or os.environ.get("KTRANSFER_SYNC_FREE", "on").lower() in _OFF:
         return False
-    if _SYNC_FREE["patched"]:
+    if _SYNC_FREE["installed"]:
         return True
     import sys
 
@@ -264,9 +264,8 @@ def avoid_device_syncs():
     for name, module in list(sys.modules.items()):
         if name.startswith("keras") and getattr(module, "convert_to_tensor", None) is original:
             module.convert_to_tensor = scalar
-            _SYNC_FREE["patched"].append((module, "convert_to_tensor", original))
-    _SYNC_FREE["patched"].append((random, "torch_seed_generator", random.torch_seed_generator))
     random.torch_seed_generator = _host_seeded_generator(random.torch_seed_generator, core)
+    _SYNC_FREE["installed"] = True
     return True
 
 
