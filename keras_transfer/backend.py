@@ -160,16 +160,115 @@ def fused_batch_norm(x, gamma, beta, epsilon):
     return y.permute(0, 2, 3, 1), mean.detach(), variance
 
 
-def conv2d(x, kernel, strides, padding, dilation_rate, depthwise=False):
+def move_toward(variable, target, weight):
+    """``variable <- variable + weight * (target - variable)`` as one in-place ``lerp_`` on the variable's
+    own tensor (torch, outside ``torch.compile`` and Keras' stateless scopes). Returns False, having done
+    nothing, anywhere else, for the caller to assign the new value Keras' way.
+
+    Keras' ``variable.assign(variable * m + target * (1 - m))`` takes ten ops on torch (two Python
+    numbers made into tensors, four multiplications with their temporaries, two additions, the copy
+    into the variable, once for each of BatchNormalization's two statistics); on a GPU each is a kernel
+    launch and host work in a step that is bound by host work. The value is the same up to rounding
+    (``lerp`` is one fused expression).
+    """
+    if not torch_eager():
+        return False
+    import torch
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    value = getattr(variable, "_value", None)
+    if in_stateless_scope() or not isinstance(value, torch.Tensor) or value.requires_grad:
+        return False
+    with torch.no_grad():
+        value.lerp_(target.to(value.dtype), weight)
+    return True
+
+
+# The memory order, slowest dimension first, in which torch's channels-last convolution reads a Keras
+# kernel once `conv2d` has permuted it: ``(out, h, w, in)``; depthwise ``(in, multiplier, h, w)``.
+_KERNEL_ORDER = {False: (3, 0, 1, 2), True: (2, 3, 0, 1)}
+
+
+def _strides(shape, order):
+    strides, step = [0] * len(shape), 1
+    for dim in reversed(order):
+        strides[dim], step = step, step * shape[dim]
+    return tuple(strides)
+
+
+def _relay(variable, strides):
+    """Give a Keras variable's torch tensor ``strides`` (same shape and values): a new Parameter."""
+    import torch
+
+    value = variable._value
+    laid = torch.empty_strided(value.shape, strides, dtype=value.dtype, device=value.device)
+    with torch.no_grad():
+        laid.copy_(value)
+    variable._value = torch.nn.Parameter(laid, requires_grad=value.requires_grad)
+
+
+def channels_last_kernels(model, kernels):
+    """Store convolution kernels in the memory order that `conv2d` hands torch (torch, eager), keeping
+    their Keras shape ``(h, w, in, out)``; ``kernels``: ``(variable, depthwise)`` pairs of ``model``'s
+    layers. Returns how many were re-laid.
+
+    With Keras' layout each training step copies every kernel into channels-last order for the
+    convolution, and the gradient, which comes back in that order, is copied again to the variable's
+    layout before it is accumulated: three operators per convolution (243 of an EfficientNetB0 step's
+    ~1,200; `benchmarks/torch_ops.py`). Laid out as torch reads them, the permuted kernel already is
+    channels-last and the gradient already has the variable's strides, so both copies go; values,
+    outputs and training are bit-identical (tested). Optimizer slots made from a re-laid variable
+    (`add_variable_from_reference`: Adam's moments, EMA / Lookahead averages) take its strides, since
+    torch's multi-tensor (``_foreach_``) kernels take their fast path only when corresponding tensors
+    share strides. Call before the optimizer builds (`train.compile_model` does; a model restored with
+    a built optimizer keeps Keras' layout). Elsewhere, and under ``torch.compile``, a no-op.
+    """
+    if not torch_eager():
+        return 0
+    relaid = 0
+    for variable, depthwise in kernels:
+        value = variable._value
+        want = _strides(value.shape, _KERNEL_ORDER[depthwise])
+        if value.dim() == 4 and value.stride() != want:
+            _relay(variable, want)
+            relaid += 1
+    if relaid:  # torch modules list the variables' tensors; list the new ones
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            if hasattr(layer, "_torch_params"):
+                layer._track_variables()
+    optimizer = getattr(model, "optimizer", None)
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if opt is not None and not getattr(opt, "_slots_follow_layout", False):
+            _slots_follow_layout(opt)
+    return relaid
+
+
+def _slots_follow_layout(optimizer):
+    original = optimizer.add_variable_from_reference
+
+    def add_variable_from_reference(reference_variable, *args, **kwargs):
+        variable = original(reference_variable, *args, **kwargs)
+        ref, value = getattr(reference_variable, "_value", None), getattr(variable, "_value", None)
+        if ref is not None and value is not None and ref.shape == value.shape and ref.stride() != value.stride():
+            _relay(variable, ref.stride())
+        return variable
+
+    optimizer.add_variable_from_reference = add_variable_from_reference
+    optimizer._slots_follow_layout = True
+
+
+def conv2d(x, kernel, strides, padding, dilation_rate, depthwise=False, bias=None):
     """A channels-last 2-D convolution with a Keras-layout kernel (``(h, w, in / groups, out)``, or
-    ``(h, w, in, multiplier)`` with ``depthwise``), computed without layout copies; None where Keras'
-    own op is the one to use (JAX and TensorFlow, whose compilers pick the layout themselves).
+    ``(h, w, in, multiplier)`` with ``depthwise``) and an optional ``bias`` (one per output channel),
+    computed without layout copies; None where Keras' own op is the one to use (JAX and TensorFlow,
+    whose compilers pick the layout themselves).
 
     Keras 3.15's torch ``conv`` makes the NCHW view of a channels-last input contiguous (a copy of the
     activation), then converts it back to channels_last memory (a second copy), and autograd records
     both; a contiguous NHWC tensor already is a channels_last NCHW view, which torch's convolution
     takes as it is. Same arithmetic otherwise, "same" padding included (split as TensorFlow does:
-    the extra pixel on the bottom / right).
+    the extra pixel on the bottom / right). The bias goes into torch's convolution rather than a
+    broadcast add after it (one op less each way: its gradient comes out of the convolution's backward).
     """
     if not torch_eager():
         return None
@@ -191,7 +290,9 @@ def conv2d(x, kernel, strides, padding, dilation_rate, depthwise=False):
             pad = [a for a, _ in pads]
         else:
             v = F.pad(v, (*pads[1], *pads[0]))
-    y = F.conv2d(v, k, None, tuple(strides), pad, tuple(dilation_rate), v.shape[1] // k.shape[1])
+    if bias is not None:
+        bias = keras.ops.convert_to_tensor(bias)
+    y = F.conv2d(v, k, bias, tuple(strides), pad, tuple(dilation_rate), v.shape[1] // k.shape[1])
     return y.permute(0, 2, 3, 1)
 
 
@@ -340,6 +441,28 @@ class SyncCounter:
     def reset(self):
         self.copies.clear()
         self.reads.clear()
+
+
+def op_counter():
+    """A context manager (torch only) whose ``counts``, a ``collections.Counter``, receives the name of every
+    torch operator dispatched inside it (backward passes included) that is not a view: on a GPU each is
+    a kernel launch, and host work in an eager step. Views (``permute``, ``detach`` ...) make no kernel.
+    A diagnostic, like `SyncCounter`; ``benchmarks/torch_ops.py`` counts a training step with it."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    return OpCounter()
 
 
 def _scalar_to_tensor(original, core):

@@ -16,6 +16,7 @@ from keras_transfer.config import PRECISIONS, SCHEDULES, check_lookahead
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
 from keras_transfer.io import load_model, save_model
+from keras_transfer.models.fast import use_channels_last_kernels
 from keras_transfer.models.graph import use_direct_calls
 
 
@@ -181,6 +182,8 @@ def compile_model(model, cfg, steps_per_epoch):
         jit_compile=jit,
         steps_per_execution=cfg.steps_per_execution,
     )
+    if not model.jit_compile:  # torch eager: kernels in the order the convolutions read them (backend.py)
+        use_channels_last_kernels(model)
     return model
 
 

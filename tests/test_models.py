@@ -191,6 +191,47 @@ def test_fused_batch_norm_takes_bfloat16_as_it_is():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)  # outputs: bit-identical
 
 
+def test_fast_layers_launch_fewer_torch_ops_and_keep_keras_statistics_rule():
+    """On torch, the fused BatchNorm moves its statistics with one in-place ``lerp_`` each (Keras' assign
+    takes ten ops for the two) and a convolution's bias goes into the convolution (no add after it);
+    in Keras' stateless scope the statistics update is Keras' assign, recorded in the scope. Counted with
+    `backend.op_counter` (operators other than views: kernel launches on a GPU)."""
+    if keras.config.backend() != "torch":
+        pytest.skip("torch ops are counted; elsewhere these are Keras' layers")
+    from keras_transfer import backend
+    from keras_transfer.models import fast
+
+    x = (np.random.default_rng(0).normal(size=(8, 5, 5, 6)) * 3 + 2).astype("float32")
+    xt = keras.ops.convert_to_tensor(x)
+    bn = fast.BatchNormalization(momentum=0.8)
+    bn.build(x.shape)
+    ref = keras.layers.BatchNormalization(momentum=0.8)
+    ref.build(x.shape)
+    ref(xt, training=True)  # the first call builds Keras' helpers; count the second
+    with backend.op_counter() as keras_ops:
+        ref(xt, training=True)
+    with backend.op_counter() as ours:
+        bn(xt, training=True)
+    assert ours.counts == {"native_batch_norm": 1, "pow": 1, "sub": 1, "lerp_": 2}, ours.counts
+    assert sum(keras_ops.counts.values()) > 10
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.2 * mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.8 + 0.2 * var, rtol=1e-5)
+
+    before = [w.copy() for w in bn.get_weights()]
+    with keras.StatelessScope() as scope:
+        bn(xt, training=True)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before[2])  # untouched: the scope holds the update
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(scope.get_current_value(bn.moving_mean)),
+                               0.8 * before[2] + 0.2 * mean, rtol=1e-5, atol=1e-7)
+
+    for layer in (fast.Conv2D(4, 3, padding="same"), fast.DepthwiseConv2D(3, padding="same")):
+        layer.build(x.shape)
+        with backend.op_counter() as ops:
+            layer(xt)
+        assert ops.counts["convolution"] == 1 and "add" not in ops.counts, (type(layer).__name__, ops.counts)
+
+
 def test_applications_backbones_train_through_the_fast_layers():
     from keras_transfer.models import fast
 

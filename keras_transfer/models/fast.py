@@ -17,9 +17,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Keras' torch BatchNormalization computes the moments and the normalisation from separate
     elementwise ops (and their backward), a large share of a torch-backend step (benchmarks/README.md:
     1.26x faster EfficientNetB0 on an H100, 1.6-1.7x on a CPU). Same weights, same moving-statistics
-    rule (biased batch variance, ``momentum``), same inference path. Frozen (``trainable=False``) or in
-    inference mode it is Keras' layer unchanged, as it is on JAX and TensorFlow, whose compilers fuse
-    batch normalisation themselves.
+    rule (biased batch variance, ``momentum``; on torch applied in place, one ``lerp_`` per statistic:
+    `backend.move_toward`), same inference path. Frozen (``trainable=False``) or in inference mode it
+    is Keras' layer unchanged, as it is on JAX and TensorFlow, whose compilers fuse batch
+    normalisation themselves.
 
     The class keeps Keras' name on purpose: ``.weights.h5`` files key layers by class name, so a
     weights file saved from a backbone built here loads into a stock keras.applications model and
@@ -34,9 +35,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             if out is not None:
                 y, mean, variance = out
                 m = self.momentum
-                self.moving_mean.assign(self.moving_mean * m + keras.ops.cast(mean, self.moving_mean.dtype) * (1 - m))
-                self.moving_variance.assign(
-                    self.moving_variance * m + keras.ops.cast(variance, self.moving_variance.dtype) * (1 - m))
+                for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+                    if not backend.move_toward(moving, batch, 1 - m):
+                        moving.assign(moving * m + keras.ops.cast(batch, moving.dtype) * (1 - m))
                 return y
         return super().call(inputs, training=training, mask=mask)
 
@@ -47,17 +48,19 @@ class Conv2D(keras.layers.Conv2D):
 
     On torch, Keras' convolution copies every input activation twice to change its memory layout and
     back (forward and backward), about a fifth of an EfficientNetB0 training step on a CPU
-    (benchmarks/README.md); `backend.conv2d` hands torch the channels-last view as it is. Same weights
-    and arithmetic; on JAX and TensorFlow this is Keras' layer. Keras' class name, as
-    `BatchNormalization`, so weights files load both ways.
+    (benchmarks/README.md); `backend.conv2d` hands torch the channels-last view as it is, and the bias
+    to the convolution itself. Same weights and arithmetic; on JAX and TensorFlow this is Keras'
+    layer. Keras' class name, as `BatchNormalization`, so weights files load both ways.
     """
 
-    def convolution_op(self, inputs, kernel):
+    def call(self, inputs):
+        y = None
         if self.data_format == "channels_last":
-            y = backend.conv2d(inputs, kernel, self.strides, self.padding, self.dilation_rate)
-            if y is not None:
-                return y
-        return super().convolution_op(inputs, kernel)
+            y = backend.conv2d(inputs, self.kernel, self.strides, self.padding, self.dilation_rate,
+                               bias=self.bias if self.use_bias else None)
+        if y is None:
+            return super().call(inputs)
+        return y if self.activation is None else self.activation(y)
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
@@ -67,11 +70,10 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     def call(self, inputs):
         y = None
         if self.data_format == "channels_last":
-            y = backend.conv2d(inputs, self.kernel, self.strides, self.padding, self.dilation_rate, depthwise=True)
+            y = backend.conv2d(inputs, self.kernel, self.strides, self.padding, self.dilation_rate, depthwise=True,
+                               bias=self.bias if self.use_bias else None)
         if y is None:
             return super().call(inputs)
-        if self.use_bias:
-            y = keras.ops.add(y, self.bias)
         return y if self.activation is None else self.activation(y)
 
 
@@ -117,3 +119,13 @@ def use_fast_layers(model, swaps=None):
     clone = keras.models.clone_model(model, clone_function=swap)
     clone.set_weights(model.get_weights())
     return clone
+
+
+def use_channels_last_kernels(model):
+    """Lay ``model``'s convolution kernels out as torch's channels-last convolution reads them
+    (`backend.channels_last_kernels`; torch eager only, before the optimizer builds). Returns how many
+    were re-laid."""
+    kernels = [(layer.kernel, isinstance(layer, DepthwiseConv2D))
+               for layer in model._flatten_layers(include_self=False, recursive=True)
+               if isinstance(layer, (Conv2D, DepthwiseConv2D)) and layer.built and layer.data_format == "channels_last"]
+    return backend.channels_last_kernels(model, kernels)
