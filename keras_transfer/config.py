@@ -145,7 +145,8 @@ class TrainConfig:
             (Keras optimizers' ``use_ema``), updated every step with this momentum; the model ends
             training with the averaged weights.
         ema_overwrite_every: int or None. With ``ema_momentum``: every this many steps, overwrite
-            the weights with their average.
+            the weights with their average (`keras_transfer.train.AverageOverwrite`: Keras' rule, by a
+            select that costs torch no host-device synchronisation).
         lookahead_every: int. Above 0: airbench94's Lookahead (`keras_transfer.train.Lookahead`):
             every this many steps pull the weights back to an average whose factor ramps up as
             ``lookahead_decay ** lookahead_every * (step / total steps) ** lookahead_power``.

@@ -145,25 +145,72 @@ class LookaheadAdamW(Lookahead, keras.optimizers.AdamW):
     """``keras.optimizers.AdamW`` with `Lookahead`."""
 
 
-# name -> (Keras optimizer, the same with `Lookahead`); the names are config.OPTIMIZER_NAMES, which
-# TrainConfig checks.
-OPTIMIZERS = {"sgd": (keras.optimizers.SGD, LookaheadSGD), "adam": (keras.optimizers.Adam, LookaheadAdam),
-              "adamw": (keras.optimizers.AdamW, LookaheadAdamW)}
+class AverageOverwrite:
+    """Mixin for a Keras optimizer: Keras' moving average of the weights (``use_ema``, ``ema_momentum``),
+    overwriting the weights with it every ``ema_overwrite_every`` steps by a select inside the average
+    update.
+
+    Keras' own ``ema_overwrite_frequency`` overwrites through ``ops.cond``, whose predicate torch reads
+    on the host every step: a host-device synchronisation per step on a GPU. Same averages, same steps
+    and same values on every backend (tested against Keras' option).
+    """
+
+    def __init__(self, *args, ema_overwrite_every=1, **kwargs):
+        for key in ("use_ema", "ema_overwrite_frequency"):  # from get_config on reload
+            kwargs.pop(key, None)
+        if int(ema_overwrite_every) < 1:
+            raise ConfigError(f"ema_overwrite_every: expected an integer >= 1. Received: {ema_overwrite_every!r}")
+        super().__init__(*args, use_ema=True, ema_overwrite_frequency=None, **kwargs)
+        self.ema_overwrite_every = int(ema_overwrite_every)
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        super()._update_model_variables_moving_average(trainable_variables)
+        due = ops.equal(ops.mod(self.iterations + 1, self.ema_overwrite_every), 0)  # Keras' rule
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                var.assign(ops.where(due, average.value, var.value))
+
+    def get_config(self):
+        return {**super().get_config(), "ema_overwrite_every": self.ema_overwrite_every}
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class AverageOverwriteSGD(AverageOverwrite, keras.optimizers.SGD):
+    """``keras.optimizers.SGD`` with `AverageOverwrite`."""
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class AverageOverwriteAdam(AverageOverwrite, keras.optimizers.Adam):
+    """``keras.optimizers.Adam`` with `AverageOverwrite`."""
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class AverageOverwriteAdamW(AverageOverwrite, keras.optimizers.AdamW):
+    """``keras.optimizers.AdamW`` with `AverageOverwrite`."""
+
+
+# name -> (Keras optimizer, the same with `Lookahead`, with `AverageOverwrite`); the names are
+# config.OPTIMIZER_NAMES, which TrainConfig checks.
+OPTIMIZERS = {"sgd": (keras.optimizers.SGD, LookaheadSGD, AverageOverwriteSGD),
+              "adam": (keras.optimizers.Adam, LookaheadAdam, AverageOverwriteAdam),
+              "adamw": (keras.optimizers.AdamW, LookaheadAdamW, AverageOverwriteAdamW)}
 
 
 def make_optimizer(cfg, steps_per_epoch):
     lr = learning_rate(cfg, steps_per_epoch)
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"Unknown optimizer: expected one of {', '.join(OPTIMIZERS)}. Received: {cfg.optimizer!r}")
-    plain, with_lookahead = OPTIMIZERS[cfg.optimizer]
+    plain, with_lookahead, with_overwrite = OPTIMIZERS[cfg.optimizer]
     kwargs = {"momentum": cfg.momentum, "nesterov": cfg.nesterov} if cfg.optimizer == "sgd" else {}
     kwargs["weight_decay"] = cfg.weight_decay if cfg.optimizer == "adamw" else (cfg.weight_decay or None)
     if cfg.lookahead_every:
         return with_lookahead(lr, lookahead_every=cfg.lookahead_every, lookahead_decay=cfg.lookahead_decay,
                               lookahead_power=cfg.lookahead_power, total_steps=max(1, cfg.epochs * steps_per_epoch),
                               **kwargs)
+    if cfg.ema_momentum and cfg.ema_overwrite_every:
+        return with_overwrite(lr, ema_momentum=cfg.ema_momentum, ema_overwrite_every=cfg.ema_overwrite_every, **kwargs)
     if cfg.ema_momentum:
-        kwargs.update(use_ema=True, ema_momentum=cfg.ema_momentum, ema_overwrite_frequency=cfg.ema_overwrite_every)
+        kwargs.update(use_ema=True, ema_momentum=cfg.ema_momentum)
     return plain(lr, **kwargs)
 
 

@@ -101,8 +101,9 @@ def test_seeded_random_ops_draw_keras_seeds(counter):
 def _fit_then_count(name, augment, widths, recipe, counter, monkeypatch):
     """One epoch of the package's path (batches gathered on the device, airbench's alternating flips),
     then a second epoch in which batch fetches and training steps are counted. ``recipe``: ``"adam"``
-    (cosine schedule) or ``"fast"``: `experiments/cifar10_fast.yaml`'s (Nesterov SGD, triangle
-    schedule, ramped Lookahead), eager."""
+    (cosine schedule), ``"ema"`` / ``"keras-ema"`` (Adam with a weight average overwriting the weights
+    every 2 steps: the package's optimizer / Keras' option) or ``"fast"``:
+    `experiments/cifar10_fast.yaml`'s (Nesterov SGD, triangle schedule, ramped Lookahead), eager."""
     import dataclasses
     import os
 
@@ -122,9 +123,15 @@ def _fit_then_count(name, augment, widths, recipe, counter, monkeypatch):
     if recipe == "fast":
         preset = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "cifar10_fast.yaml")
         cfg = dataclasses.replace(config.load(preset).pretrain, precision="float32", jit_compile=False)
+    elif recipe in ("ema", "keras-ema"):  # a weight average overwriting the weights every 2 steps
+        cfg = TrainConfig(optimizer="adam", schedule="constant", ema_momentum=0.9, ema_overwrite_every=2,
+                          jit_compile=False)
     else:
         cfg = TrainConfig(optimizer="adam", schedule="cosine", jit_compile=False)
     compile_model(model, cfg, 2)
+    if recipe == "keras-ema":  # the same average through Keras' own option
+        model.compile(keras.optimizers.Adam(use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=2), model.loss,
+                      jit_compile=False)
     rng = np.random.default_rng(0)
     data = ArrayBatches(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), np.arange(8) % 10, 4,
                         on_device=True, alternate_flips=True)
@@ -141,6 +148,15 @@ def _fit_then_count(name, augment, widths, recipe, counter, monkeypatch):
     counter.reset()
     model.fit(data, epochs=1, verbose=0, shuffle=False)
     return model, data
+
+
+def test_weight_average_overwrite_reads_nothing_back_where_keras_option_does(counter, monkeypatch):
+    """``ema_overwrite_every`` (`train.AverageOverwrite`) overwrites by a select; Keras' own
+    ``ema_overwrite_frequency`` through ``ops.cond``, which reads its predicate every step on torch."""
+    _fit_then_count("resnet", "none", (8, 16, 16), "ema", counter, monkeypatch)
+    assert counter.copies == [] and counter.reads == []
+    _fit_then_count("resnet", "none", (8, 16, 16), "keras-ema", counter, monkeypatch)
+    assert counter.copies == [] and len(counter.reads) >= 2  # one per step: 2 steps
 
 
 @pytest.mark.parametrize("name,augment,widths,recipe", [

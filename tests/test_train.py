@@ -231,6 +231,43 @@ def test_lookahead_pulls_back_on_airbench94s_ramp():
         make_optimizer(TrainConfig(lookahead_every=5, lookahead_decay=1.5), 1)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_average_overwrite_matches_keras_ema_overwrite(tmp_path, name):
+    """``ema_momentum`` with ``ema_overwrite_every`` (`AverageOverwrite`: a select, no host read on torch)
+    trains to the weights and averages of Keras' ``ema_overwrite_frequency`` (an ``ops.cond``), and saves
+    and loads."""
+    from keras_transfer.io import load_model, save_model
+    from keras_transfer.train import AverageOverwrite, make_optimizer
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(56, 6)).astype("float32"), rng.integers(0, 3, 56)
+    cfg = TrainConfig(epochs=1, optimizer=name, learning_rate=0.3, momentum=0.8, weight_decay=0.01,
+                      schedule="constant", ema_momentum=0.7, ema_overwrite_every=3)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    opt = make_optimizer(cfg, 7)
+    assert isinstance(opt, AverageOverwrite) and opt.ema_overwrite_frequency is None
+    kwargs = {"momentum": 0.8} if name == "sgd" else {}
+    kwargs["weight_decay"] = 0.01
+    keras_cls = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW}[name]
+    ref_opt = keras_cls(learning_rate=0.3, use_ema=True, ema_momentum=0.7, ema_overwrite_frequency=3, **kwargs)
+    models = []
+    for o in (opt, ref_opt):
+        model = _dense_model()
+        model.compile(o, loss)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 7 steps: overwrites after 3 and 6
+        models.append(model)
+    numpy = keras.ops.convert_to_numpy
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(opt._model_variables_moving_average, ref_opt._model_variables_moving_average):
+        np.testing.assert_allclose(numpy(a), numpy(b), rtol=1e-6, atol=1e-7)
+    save_model(models[0], str(tmp_path / "m.keras"))
+    loaded = load_model(str(tmp_path / "m.keras"))
+    assert type(loaded.optimizer) is type(opt) and loaded.optimizer.ema_overwrite_every == 3
+    with pytest.raises(ConfigError, match="ema_overwrite_every: expected an integer >= 1. Received: -2"):
+        make_optimizer(dataclasses.replace(cfg, ema_overwrite_every=-2), 1)
+
+
 def test_lookahead_optimizer_saves_and_resumes(tmp_path):
     cfg = dataclasses.replace(CFG, lookahead_every=2)
     keras.utils.set_random_seed(0)
