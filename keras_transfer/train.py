@@ -130,21 +130,6 @@ class Lookahead:
                 "total_steps": self.total_steps}
 
 
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class LookaheadSGD(Lookahead, keras.optimizers.SGD):
-    """``keras.optimizers.SGD`` with `Lookahead`."""
-
-
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class LookaheadAdam(Lookahead, keras.optimizers.Adam):
-    """``keras.optimizers.Adam`` with `Lookahead`."""
-
-
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class LookaheadAdamW(Lookahead, keras.optimizers.AdamW):
-    """``keras.optimizers.AdamW`` with `Lookahead`."""
-
-
 class AverageOverwrite:
     """Mixin for a Keras optimizer: Keras' moving average of the weights (``use_ema``, ``ema_momentum``),
     overwriting the weights with it every ``ema_overwrite_every`` steps by a select inside the average
@@ -174,19 +159,19 @@ class AverageOverwrite:
         return {**super().get_config(), "ema_overwrite_every": self.ema_overwrite_every}
 
 
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class AverageOverwriteSGD(AverageOverwrite, keras.optimizers.SGD):
-    """``keras.optimizers.SGD`` with `AverageOverwrite`."""
+def _with(mixin, optimizer):
+    """``mixin`` on a Keras ``optimizer`` class, named ``<mixin><optimizer>`` (e.g. ``LookaheadSGD``) and
+    registered for saving under that name."""
+    cls = type(mixin.__name__ + optimizer.__name__, (mixin, optimizer),
+               {"__doc__": f"``keras.optimizers.{optimizer.__name__}`` with `{mixin.__name__}`.",
+                "__module__": __name__})
+    return keras.saving.register_keras_serializable(package="keras_transfer")(cls)
 
 
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class AverageOverwriteAdam(AverageOverwrite, keras.optimizers.Adam):
-    """``keras.optimizers.Adam`` with `AverageOverwrite`."""
-
-
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class AverageOverwriteAdamW(AverageOverwrite, keras.optimizers.AdamW):
-    """``keras.optimizers.AdamW`` with `AverageOverwrite`."""
+_KERAS_OPTIMIZERS = (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW)
+LookaheadSGD, LookaheadAdam, LookaheadAdamW = (_with(Lookahead, o) for o in _KERAS_OPTIMIZERS)
+AverageOverwriteSGD, AverageOverwriteAdam, AverageOverwriteAdamW = (_with(AverageOverwrite, o)
+                                                                    for o in _KERAS_OPTIMIZERS)
 
 
 # name -> (Keras optimizer, the same with `Lookahead`, with `AverageOverwrite`); the names are
