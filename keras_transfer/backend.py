@@ -220,26 +220,40 @@ def channels_last_kernels(model, kernels):
     outputs and training are bit-identical (tested). Optimizer slots made from a re-laid variable
     (`add_variable_from_reference`: Adam's moments, EMA / Lookahead averages) take its strides, since
     torch's multi-tensor (``_foreach_``) kernels take their fast path only when corresponding tensors
-    share strides. Call before the optimizer builds (`train.compile_model` does; a model restored with
-    a built optimizer keeps Keras' layout). Elsewhere, and under ``torch.compile``, a no-op.
+    share strides. `train.compile_model` calls it before the optimizer builds; on a model whose
+    optimizer is already built (`train.resume_state`: the loader builds it) it re-lays the slots Keras
+    made from each kernel too, found by Keras' slot names (``<kernel path>_<slot>``). Elsewhere, and
+    under ``torch.compile``, a no-op.
     """
     if not torch_eager():
         return 0
-    relaid = 0
+    relaid, laid = 0, []
     for variable, depthwise in kernels:
         value = variable._value
         want = _strides(value.shape, _KERNEL_ORDER[depthwise])
-        if value.dim() == 4 and value.stride() != want:
+        if value.dim() != 4:
+            continue
+        if value.stride() != want:
             _relay(variable, want)
             relaid += 1
+        laid.append((variable.path.replace("/", "_") + "_", tuple(value.shape), want))
     if relaid:  # torch modules list the variables' tensors; list the new ones
         for layer in model._flatten_layers(include_self=True, recursive=True):
             if hasattr(layer, "_torch_params"):
                 layer._track_variables()
     optimizer = getattr(model, "optimizer", None)
     for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
-        if opt is not None and not getattr(opt, "_slots_follow_layout", False):
+        if opt is None:
+            continue
+        if not getattr(opt, "_slots_follow_layout", False):
             _slots_follow_layout(opt)
+        if opt.built:
+            for slot in opt.variables:
+                value = getattr(slot, "_value", None)
+                for prefix, shape, strides in laid:
+                    if slot.name.startswith(prefix) and tuple(slot.shape) == shape and value.stride() != strides:
+                        _relay(slot, strides)
+                        break
     return relaid
 
 

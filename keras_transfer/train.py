@@ -395,5 +395,7 @@ def resume_state(stage_dir):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
     avoid_device_syncs()
     model = use_direct_calls(load_model(last))  # fit() restores the RNG states from checkpoints/rng.npz
+    if not getattr(model, "jit_compile", False):
+        use_channels_last_kernels(model)  # torch eager: as compile_model lays them out, optimizer slots too
     history = read_history(os.path.join(stage_dir, "history.csv"))
     return model, len(history.get("epoch", []))

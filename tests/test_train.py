@@ -342,3 +342,34 @@ def test_kernels_laid_out_for_torch_train_bit_identically_with_fewer_ops(monkeyp
         np.testing.assert_array_equal(a, b)
     x_new = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
     np.testing.assert_array_equal(keras_layout.predict(x_new, verbose=0), laid.predict(x_new, verbose=0))
+
+
+def test_resumed_model_gets_the_torch_kernel_layout_and_trains_on_identically(tmp_path, monkeypatch):
+    """`resume_state` lays the kernels out as `compile_model` does, and the optimizer slots the loader
+    already built with them; the resumed run trains to the same weights as one resumed with Keras'
+    layout."""
+    if keras.config.backend() != "torch":
+        pytest.skip("a torch memory layout")
+    from keras_transfer import train
+
+    cfg = dataclasses.replace(CFG, optimizer="adam", epochs=2)
+    x, y = tiny_data(16)
+    keras.utils.set_random_seed(0)
+    model = compile_model(tiny_model(), cfg, 2)
+    fit(model, make_input(x, y, 8, True, 0), None, cfg, str(tmp_path), epochs=1)
+    resumed = []
+    for relay in (True, False):
+        if not relay:
+            monkeypatch.setattr(train, "use_channels_last_kernels", lambda m: 0)
+        model, start = resume_state(str(tmp_path))
+        monkeypatch.undo()
+        kernels = [w for w in model.trainable_weights if len(w.shape) == 4]
+        assert kernels and all(k.value.is_contiguous() != relay for k in kernels)
+        for k in kernels:
+            slots = [v for v in model.optimizer.variables if tuple(v.shape) == tuple(k.shape)
+                     and v.name.startswith(k.path.replace("/", "_") + "_")]
+            assert len(slots) == 2 and all(s.value.stride() == k.value.stride() for s in slots)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        resumed.append(model.get_weights())
+    for a, b in zip(*resumed):
+        np.testing.assert_array_equal(a, b)
