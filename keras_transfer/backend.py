@@ -230,9 +230,9 @@ def channels_last_kernels(model, kernels):
     relaid, laid = 0, []
     for variable, depthwise in kernels:
         value = variable._value
-        want = _strides(value.shape, _KERNEL_ORDER[depthwise])
         if value.dim() != 4:
             continue
+        want = _strides(value.shape, _KERNEL_ORDER[depthwise])
         if value.stride() != want:
             _relay(variable, want)
             relaid += 1

@@ -214,8 +214,7 @@ def compile_model(model, cfg, steps_per_epoch):
         jit_compile=jit,
         steps_per_execution=cfg.steps_per_execution,
     )
-    if not model.jit_compile:  # torch eager: kernels in the order the convolutions read them (backend.py)
-        use_channels_last_kernels(model)
+    use_channels_last_kernels(model)  # torch eager: kernels in the order the convolutions read them (backend.py)
     return model
 
 
@@ -395,7 +394,6 @@ def resume_state(stage_dir):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
     avoid_device_syncs()
     model = use_direct_calls(load_model(last))  # fit() restores the RNG states from checkpoints/rng.npz
-    if not getattr(model, "jit_compile", False):
-        use_channels_last_kernels(model)  # torch eager: as compile_model lays them out, optimizer slots too
+    use_channels_last_kernels(model)  # torch eager: as compile_model lays them out, optimizer slots too
     history = read_history(os.path.join(stage_dir, "history.csv"))
     return model, len(history.get("epoch", []))

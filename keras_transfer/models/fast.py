@@ -123,8 +123,10 @@ def use_fast_layers(model, swaps=None):
 
 def use_channels_last_kernels(model):
     """Lay ``model``'s convolution kernels out as torch's channels-last convolution reads them
-    (`backend.channels_last_kernels`; torch eager only, before the optimizer builds). Returns how many
-    were re-laid."""
+    (`backend.channels_last_kernels`; torch eager only: not for a model compiled with ``jit_compile``,
+    whose convolutions torch.compile lays out itself). Returns how many were re-laid."""
+    if getattr(model, "jit_compile", False):
+        return 0
     kernels = [(layer.kernel, isinstance(layer, DepthwiseConv2D))
                for layer in model._flatten_layers(include_self=False, recursive=True)
                if isinstance(layer, (Conv2D, DepthwiseConv2D)) and layer.built and layer.data_format == "channels_last"]
