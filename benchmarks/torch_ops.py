@@ -3,11 +3,15 @@
 On a GPU an eager torch step is a stream of kernel launches prepared by the host; each operator that is
 not a view (`keras_transfer.backend.op_counter`) is at least one launch and its share of host work, so
 the count is what an eager step costs the host besides Python. A CPU is enough to count them: the
-operators do not depend on the device. Per step means the difference between a fit of ``2 n`` and one
-of ``n`` steps, over ``n`` (per-epoch work cancels out).
+operators do not depend on the device. The bytes each operator reads and writes (`backend.op_counter`)
+are the device's memory traffic for the step's memory-bound kernels (elementwise ops, casts,
+normalisation); at 224x224 they grow with the batch, and the growth per image is what a large-batch
+step costs the device beyond the convolutions' arithmetic. Per step means the difference between a fit
+of ``2 n`` and one of ``n`` steps, over ``n`` (per-epoch work cancels out).
 
     KERAS_BACKEND=torch python benchmarks/torch_ops.py
     KERAS_BACKEND=torch python benchmarks/torch_ops.py --precision mixed_bfloat16 --top 12
+    KERAS_BACKEND=torch python benchmarks/torch_ops.py --precision mixed_bfloat16 --size 224 --batch 16
 
 Rows: ``keras`` is keras.applications EfficientNetB0 with Keras' own layers compiled with Adam, numpy
 arrays through ``fit``, Keras' own code (`backend.stock_keras`); ``package`` is the bench's "ours"
@@ -32,13 +36,15 @@ from keras_transfer.train import SparseSmoothedCrossentropy, set_precision  # no
 
 
 def per_step(run, steps):
-    """``collections.Counter`` of operators per step of ``run(n)`` (n steps)."""
-    counts = []
+    """Operators and MiB read + written per step of ``run(n)`` (n steps), by operator name: two dicts."""
+    found = []
     for n in (steps, 2 * steps):
         with backend.op_counter() as c:
             run(n)
-        counts.append(c.counts)
-    return {k: (counts[1][k] - counts[0][k]) / steps for k in counts[1] if counts[1][k] != counts[0][k]}
+        found.append(c)
+    ops, mib = ({k: (b[k] - a[k]) / steps / scale for k in b if b[k] != a[k]}
+                for a, b, scale in ((found[0].counts, found[1].counts, 1), (found[0].bytes, found[1].bytes, 2**20)))
+    return ops, mib
 
 
 def keras_layers_model(size):
@@ -106,13 +112,15 @@ def main():
         rows["timm"] = per_step(timm_steps(a.size, a.batch, a.precision), a.steps)
 
     print(f"EfficientNetB0, {a.size}x{a.size}, batch {a.batch}, {a.precision}, training step, torch "
-          f"operators other than views:\n\n| model | operators per step |\n|---|---:|")
-    for name, c in rows.items():
-        print(f"| {name} | {sum(c.values()):.0f} |")
-    for name, c in rows.items() if a.top else ():
-        top = sorted(c.items(), key=lambda kv: -kv[1])[:a.top]
-        print(f"\n{name}: " + ", ".join(f"{k} {v:.0f}" for k, v in top))
-
+          f"operators other than views and the MiB they read and write:\n\n"
+          f"| model | operators per step | MiB per step |\n|---|---:|---:|")
+    for name, (ops, mib) in rows.items():
+        print(f"| {name} | {sum(ops.values()):.0f} | {sum(mib.values()):,.0f} |")
+    for name, (ops, mib) in rows.items() if a.top else ():
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:a.top]
+        print(f"\n{name}, most frequent: " + ", ".join(f"{k} {v:.0f}" for k, v in top))
+        top = sorted(mib.items(), key=lambda kv: -kv[1])[:a.top]
+        print(f"{name}, most MiB: " + ", ".join(f"{k} {v:,.1f}" for k, v in top))
 
 if __name__ == "__main__":
     main()

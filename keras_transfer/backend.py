@@ -137,12 +137,14 @@ def torch_eager():
     return not torch.compiler.is_compiling()
 
 
-def fused_batch_norm(x, gamma, beta, epsilon):
+def fused_batch_norm(x, gamma, beta, epsilon, invstd=False):
     """Training-mode batch normalisation of a channels-last 4-D batch in one fused kernel.
 
     Returns ``(y, batch_mean, biased_batch_variance)``, or None where the backend has no such
     kernel to call (JAX and TensorFlow: XLA / grappler fuse Keras' own ops). The statistics are
-    computed in float32, as Keras does for low-precision inputs; ``y`` keeps the input dtype.
+    computed in float32, as Keras does for low-precision inputs; ``y`` keeps the input dtype. With
+    ``invstd``, the third item is the kernel's own ``1 / sqrt(variance + epsilon)`` instead, for
+    `move_batch_statistics`.
     """
     if keras.config.backend() != "torch":
         return None
@@ -154,34 +156,91 @@ def fused_batch_norm(x, gamma, beta, epsilon):
     # A bfloat16 / float16 batch goes in as it is, with float32 parameters: torch's kernel accumulates
     # in float32 and writes the input dtype, so copying the activation to float32 and back (two more
     # passes over it, each way) gives the same numbers for more memory traffic.
-    y, mean, invstd = torch.native_batch_norm(v, weight, bias, None, None, True, 0.0, epsilon)
+    y, mean, inv = torch.native_batch_norm(v, weight, bias, None, None, True, 0.0, epsilon)
+    if invstd:
+        return y.permute(0, 2, 3, 1), mean.detach(), inv.detach()
     with torch.no_grad():
-        variance = invstd.pow(-2) - epsilon
+        variance = inv.pow(-2) - epsilon
     return y.permute(0, 2, 3, 1), mean.detach(), variance
 
 
-def move_toward(variable, target, weight):
-    """``variable <- variable + weight * (target - variable)`` as one in-place ``lerp_`` on the variable's
-    own tensor (torch, outside ``torch.compile`` and Keras' stateless scopes). Returns False, having done
-    nothing, anywhere else, for the caller to assign the new value Keras' way.
+_PENDING_STATISTICS = []  # the open `batched_statistics` block's queue (one, however deeply nested)
 
-    Keras' ``variable.assign(variable * m + target * (1 - m))`` takes ten ops on torch (two Python
-    numbers made into tensors, four multiplications with their temporaries, two additions, the copy
-    into the variable, once for each of BatchNormalization's two statistics); on a GPU each is a kernel
-    launch and host work in a step that is bound by host work. The value is the same up to rounding
-    (``lerp`` is one fused expression).
+
+@contextlib.contextmanager
+def batched_statistics():
+    """Inside this block, `move_batch_statistics` queues its updates, and the block applies them as it
+    closes, all layers' at once: on torch ``_foreach_`` operators (one multi-tensor kernel each on a
+    GPU) instead of four small operators per BatchNormalization. A forward pass opens it
+    (`models.graph`); nothing reads a moving statistic in a training pass, and a layer whose statistic
+    is already queued (a layer called twice) first applies the queue, so each update sees the one
+    before, as in Keras. Nested blocks join the outermost. If the block raises, the queued updates are
+    dropped."""
+    if _PENDING_STATISTICS:
+        yield
+        return
+    queue = []
+    _PENDING_STATISTICS.append(queue)
+    try:
+        yield
+    finally:
+        _PENDING_STATISTICS.clear()
+    _apply_statistics(queue)
+
+
+def move_batch_statistics(moving_mean, moving_variance, mean, invstd, epsilon, weight):
+    """BatchNormalization's moving statistics moved toward a batch's, Keras' rule
+    ``moving <- moving + weight * (batch - moving)`` with the biased batch variance
+    ``invstd ** -2 - epsilon``, in place on the variables' own tensors (torch, outside ``torch.compile``
+    and Keras' stateless scopes), queued inside `batched_statistics`. Returns False, having done
+    nothing, anywhere else, for the caller to assign the new values Keras' way.
+
+    Keras' ``variable.assign(variable * m + batch * (1 - m))`` takes ten ops on torch for the two
+    statistics (two Python numbers made into tensors, four multiplications, two additions, two copies
+    into the variables); on a GPU each is a kernel launch and host work in a step that is bound by host
+    work. Here it is ``pow``, ``sub`` and one ``lerp_`` per statistic, or three ``_foreach_`` operators
+    for a whole network. The values are Keras' rule up to rounding (``lerp`` is one fused expression).
     """
     if not torch_eager():
         return False
     import torch
     from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-    value = getattr(variable, "_value", None)
-    if in_stateless_scope() or not isinstance(value, torch.Tensor) or value.requires_grad:
+    values = [getattr(v, "_value", None) for v in (moving_mean, moving_variance)]
+    if in_stateless_scope() or not all(isinstance(v, torch.Tensor) and not v.requires_grad for v in values):
         return False
-    with torch.no_grad():
-        value.lerp_(target.to(value.dtype), weight)
+    item = (values[0], values[1], mean, invstd, epsilon, weight)
+    if not _PENDING_STATISTICS:
+        _apply_statistics([item])
+        return True
+    queue = _PENDING_STATISTICS[0]
+    if any(values[0] is q[0] or values[1] is q[1] for q in queue):
+        _apply_statistics(queue)  # the same layer again: its first update goes first
+        queue.clear()
+    queue.append(item)
     return True
+
+
+def _apply_statistics(queue):
+    import torch
+
+    if not queue:
+        return
+    with torch.no_grad():
+        if len(queue) == 1:
+            mm, mv, mean, invstd, epsilon, weight = queue[0]
+            mm.lerp_(mean.to(mm.dtype), weight)
+            mv.lerp_((invstd.pow(-2) - epsilon).to(mv.dtype), weight)
+            return
+        variances = torch._foreach_pow([q[3] for q in queue], -2)
+        torch._foreach_sub_(variances, [q[4] for q in queue])
+        groups = {}
+        for (mm, mv, mean, _, _, weight), variance in zip(queue, variances):
+            group = groups.setdefault(weight, ([], []))
+            group[0].extend((mm, mv))
+            group[1].extend((mean.to(mm.dtype), variance.to(mv.dtype)))
+        for weight, (movings, targets) in groups.items():
+            torch._foreach_lerp_(movings, targets, weight)
 
 
 # The memory order, slowest dimension first, in which torch's channels-last convolution reads a Keras
@@ -334,6 +393,20 @@ def zero_pad2d(x, padding):
     return F.pad(x, (0, 0, left, right, top, bottom))
 
 
+
+def spatial_mean(x, keepdims):
+    """The mean over the two spatial axes of a channels-last floating-point 4-D batch, in its own dtype,
+    or None where Keras' own op is the one to use (JAX and TensorFlow, whose compilers fuse the casts).
+
+    Keras 3.15's torch ``mean`` casts a bfloat16 / float16 batch to float32 first and the mean back, and
+    autograd records both casts: two passes over the whole activation forward, and a float32 gradient
+    as large as it cast back in the backward pass (EfficientNet's squeeze-excite pools every block's
+    widest activation). torch's own reduction accumulates low-precision inputs in float32 already, and
+    rounds the result once, as Keras' cast back does."""
+    if not torch_eager() or not x.dtype.is_floating_point:
+        return None
+    return x.mean((1, 2), keepdim=keepdims)
+
 _SYNC_FREE = {"installed": False, "on": True}
 _OFF = ("off", "0", "false", "no")
 
@@ -461,20 +534,30 @@ def op_counter():
     """A context manager (torch only) whose ``counts``, a ``collections.Counter``, receives the name of every
     torch operator dispatched inside it (backward passes included) that is not a view: on a GPU each is
     a kernel launch, and host work in an eager step. Views (``permute``, ``detach`` ...) make no kernel.
-    A diagnostic, like `SyncCounter`; ``benchmarks/torch_ops.py`` counts a training step with it."""
+    Its ``bytes`` Counter receives, per operator name, the bytes of the tensors each call reads and
+    writes (inputs and outputs): the memory traffic of the operators that are bound by it, as most of a
+    step's elementwise and normalisation kernels are on a GPU. A diagnostic, like `SyncCounter`;
+    ``benchmarks/torch_ops.py`` counts a training step with it."""
     import collections
 
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
 
     class OpCounter(TorchDispatchMode):
         def __init__(self):
             super().__init__()
             self.counts = collections.Counter()
+            self.bytes = collections.Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
             if not func.is_view:
-                self.counts[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                self.counts[name] += 1
+                self.bytes[name] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                                        if isinstance(t, torch.Tensor))
+            return out
 
     return OpCounter()
 

@@ -136,3 +136,60 @@ def test_a_model_with_direct_calls_saves_and_loads(tmp_path):
     loaded = load_model(path)
     x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype("uint8")
     np.testing.assert_array_equal(_numpy(loaded(x, training=False)), _numpy(direct(x, training=False)))
+
+
+def test_batch_statistics_of_a_forward_pass_move_together_by_keras_rule():
+    """Inside a direct-call forward pass every fast BatchNormalization queues its moving-statistics update
+    and the pass applies them at its end as three multi-tensor operators (``_foreach_pow``, ``_sub_``,
+    ``_lerp_``) instead of four small operators per layer; the values are Keras' rule, including a
+    layer called twice in one pass (its first update goes first), and an error in the pass drops the queue."""
+    import torch
+
+    from keras_transfer import backend
+    from keras_transfer.models import fast
+
+    inputs = keras.Input((6, 6, 3))
+    shared = fast.BatchNormalization(momentum=0.7, name="shared")
+    x = shared(fast.Conv2D(3, 3, padding="same", name="c1")(inputs))
+    x = fast.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn2")(fast.Conv2D(4, 3, padding="same")(x))
+    x = shared(fast.Conv2D(3, 1, name="c3")(x))  # the same layer again: 3 channels
+    outputs = fast.BatchNormalization(momentum=0.9, name="bn3")(x)
+    keras_model = keras.Model(inputs, outputs)
+    direct = keras.Model(inputs, outputs)  # the same layers: compare statistics by re-running from a copy
+    use_direct_calls(direct)
+    xb = keras.ops.convert_to_tensor(np.random.default_rng(0).normal(size=(4, 6, 6, 3)).astype("float32") * 3 + 1)
+
+    start = [w.numpy().copy() for w in keras_model.non_trainable_weights]
+    y_keras = _numpy(keras_model(xb, training=True))  # Keras' path: each layer moves its own, at once
+    after_keras = [w.numpy().copy() for w in keras_model.non_trainable_weights]
+    for w, v in zip(direct.non_trainable_weights, start):
+        w.assign(v)
+    with backend.op_counter() as ops:
+        y_direct = _numpy(direct(xb, training=True))
+    np.testing.assert_array_equal(y_direct, y_keras)
+    for w, v in zip(direct.non_trainable_weights, after_keras, strict=True):
+        np.testing.assert_allclose(w.numpy(), v, rtol=1e-6, atol=1e-7, err_msg=w.path)
+    # The shared layer's first update is applied before its second is queued: two batches (one
+    # _foreach_pow each), each with one _foreach_lerp_ per momentum (0.7 and 0.9).
+    assert (ops.counts["_foreach_pow"], ops.counts["_foreach_lerp_"], ops.counts["lerp_"]) == (2, 4, 0), ops.counts
+    assert ops.counts["native_batch_norm"] == 4
+
+    # a whole network: one _foreach_lerp_ where each layer had two lerp_
+    model = _classifier("efficientnet_b0", 32)
+    use_direct_calls(model)
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("uint8")
+    with backend.op_counter() as ops:
+        with torch.no_grad():
+            model(x, training=True)
+    bn = sum(isinstance(layer, fast.BatchNormalization) for layer in model._flatten_layers())
+    assert bn > 40 and ops.counts["native_batch_norm"] == bn
+    found = [ops.counts[k] for k in ("_foreach_lerp_", "_foreach_pow", "lerp_", "pow")]
+    assert found == [1, 1, 0, 0], ops.counts
+
+    before = [_numpy(w).copy() for w in model.non_trainable_weights]
+    with pytest.raises(RuntimeError, match="stop"):
+        with backend.batched_statistics():
+            model(x, training=True)
+            raise RuntimeError("stop")
+    for w, v in zip(model.non_trainable_weights, before, strict=True):
+        np.testing.assert_array_equal(_numpy(w), v)

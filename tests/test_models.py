@@ -237,7 +237,8 @@ def test_applications_backbones_train_through_the_fast_layers():
 
     L = keras.layers
     expected = {"mobilenet_v2": (L.BatchNormalization, L.Conv2D, L.DepthwiseConv2D, L.ZeroPadding2D),
-                "resnet": (L.BatchNormalization, L.Conv2D),
+                "efficientnet_b0": (L.GlobalAveragePooling2D,),  # squeeze-excite and the pool
+                "resnet": (L.BatchNormalization, L.Conv2D, L.GlobalAveragePooling2D),
                 "airbench": (L.BatchNormalization, L.Conv2D, L.MaxPooling2D)}
     assert set(fast.FAST_LAYERS) == {cls for classes in expected.values() for cls in classes}
     for name, classes in expected.items():
@@ -316,6 +317,45 @@ def test_fast_zero_padding_matches_keras(padding):
     ref, ours = keras.layers.ZeroPadding2D(padding), fast.ZeroPadding2D(padding)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours(x)), keras.ops.convert_to_numpy(ref(x)))
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_fast_global_average_pooling_matches_keras(dtype, keepdims):
+    """`fast.GlobalAveragePooling2D` (torch: `backend.spatial_mean`, the mean in the batch's own dtype)
+    gives Keras' output on every backend and, on torch, Keras' input gradient, without casting a
+    bfloat16 batch to float32 and back as Keras' torch mean does (passes over the whole activation)."""
+    from keras_transfer import backend
+    from keras_transfer.models import fast
+
+    rng = np.random.default_rng(0)
+    x = keras.ops.cast(rng.normal(size=(3, 5, 4, 6)) * 2 + 1, dtype)
+    ref, ours = (cls(keepdims=keepdims, dtype=dtype)
+                 for cls in (keras.layers.GlobalAveragePooling2D, fast.GlobalAveragePooling2D))
+
+    def numpy(t):
+        return keras.ops.convert_to_numpy(keras.ops.cast(t, "float32"))
+
+    tol = 2.0**-8 if dtype == "bfloat16" else 1e-6  # one bfloat16 rounding step: torch sums in another order
+    np.testing.assert_allclose(numpy(ours(x)), numpy(ref(x)), rtol=tol, atol=tol)
+    assert keras.ops.convert_to_numpy(keras.ops.cast(ours(x), "float32")).shape == ref(x).shape
+    assert keras.backend.standardize_dtype(ours(x).dtype) == dtype
+    if keras.config.backend() != "torch":
+        return
+    import torch
+
+    w = torch.as_tensor(rng.normal(size=tuple(ref(x).shape))).to(x.dtype)
+    grads, counts = [], []
+    for layer in (ref, ours):
+        xt = x.detach().clone().requires_grad_(True)
+        with backend.op_counter() as ops:
+            (layer(xt) * w).sum().backward()
+        grads.append(numpy(xt.grad))
+        counts.append(ops.counts)
+    np.testing.assert_allclose(grads[1], grads[0], rtol=tol, atol=tol)
+    assert "_to_copy" not in counts[1], counts[1]
+    if dtype == "bfloat16":
+        assert counts[0]["_to_copy"] >= 3, counts[0]  # what Keras' mean does
 
 
 @pytest.mark.slow  # torch.compile: ~30 s per model on 2 cores

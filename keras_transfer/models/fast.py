@@ -1,6 +1,6 @@
 """Keras layers with faster calls where the backend needs them (torch): BatchNormalization through a
 fused kernel, convolutions and max pooling without layout copies, zero padding without Keras' per-call
-``Operation``. Elsewhere they are Keras' layers unchanged."""
+``Operation``, spatial means in the batch's own dtype. Elsewhere they are Keras' layers unchanged."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Keras' torch BatchNormalization computes the moments and the normalisation from separate
     elementwise ops (and their backward), a large share of a torch-backend step (benchmarks/README.md:
     1.26x faster EfficientNetB0 on an H100, 1.6-1.7x on a CPU). Same weights, same moving-statistics
-    rule (biased batch variance, ``momentum``; on torch applied in place, one ``lerp_`` per statistic:
-    `backend.move_toward`), same inference path. Frozen (``trainable=False``) or in inference mode it
+    rule (biased batch variance, ``momentum``; on torch applied in place, one ``lerp_`` per statistic,
+    or for all layers at once inside a forward pass: `backend.move_batch_statistics`), same inference
+    path. Frozen (``trainable=False``) or in inference mode it
     is Keras' layer unchanged, as it is on JAX and TensorFlow, whose compilers fuse batch
     normalisation themselves.
 
@@ -31,12 +32,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if training and self.trainable and mask is None and len(inputs.shape) == 4 and self.axis in (-1, 3):
             out = backend.fused_batch_norm(inputs, self.gamma if self.scale else None,
-                                           self.beta if self.center else None, self.epsilon)
+                                           self.beta if self.center else None, self.epsilon, invstd=True)
             if out is not None:
-                y, mean, variance = out
+                y, mean, invstd = out
                 m = self.momentum
-                for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-                    if not backend.move_toward(moving, batch, 1 - m):
+                if not backend.move_batch_statistics(self.moving_mean, self.moving_variance, mean, invstd,
+                                                     self.epsilon, 1 - m):
+                    variance = invstd.pow(-2) - self.epsilon
+                    for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
                         moving.assign(moving * m + keras.ops.cast(batch, moving.dtype) * (1 - m))
                 return y
         return super().call(inputs, training=training, mask=mask)
@@ -102,9 +105,23 @@ class ZeroPadding2D(keras.layers.ZeroPadding2D):
         return super().call(inputs)
 
 
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class GlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
+    """``keras.layers.GlobalAveragePooling2D`` through `backend.spatial_mean`: on torch, a bfloat16 /
+    float16 batch is averaged in its own dtype (float32 accumulation inside torch's kernel) instead of
+    being cast to float32 and back, as `Conv2D`."""
+
+    def call(self, inputs):
+        if self.data_format == "channels_last":
+            y = backend.spatial_mean(inputs, self.keepdims)
+            if y is not None:
+                return y
+        return super().call(inputs)
+
+
 FAST_LAYERS = {keras.layers.BatchNormalization: BatchNormalization, keras.layers.Conv2D: Conv2D,
                keras.layers.DepthwiseConv2D: DepthwiseConv2D, keras.layers.MaxPooling2D: MaxPooling2D,
-               keras.layers.ZeroPadding2D: ZeroPadding2D}
+               keras.layers.ZeroPadding2D: ZeroPadding2D, keras.layers.GlobalAveragePooling2D: GlobalAveragePooling2D}
 
 
 def use_fast_layers(model, swaps=None):

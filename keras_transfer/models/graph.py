@@ -53,6 +53,7 @@ class _Step(NamedTuple):
     takes_training: bool  # call() has a training argument
     dtype: str  # the layer's input dtype
     ids: object  # argument ids: one id, a list of ids (merge layers) or None (Keras fills them in)
+    constants: dict  # with one id: the node's keyword arguments, none of them a tensor (``mask=None``)
     outs: list  # ids of the node's outputs
     last_use: list  # ids of values no later step reads, dropped after this one
 
@@ -91,33 +92,39 @@ def _install(model):
         if any(getattr(x, "_keras_mask", None) is not None for x in inputs):
             return keras_call(inputs, training=training)
         values = dict(zip(in_ids, inputs))
-        for node, layer, direct, takes_training, dtype, ids, outs, last_use in steps:
-            if ids is None:
-                args, kw = node.arguments.fill_in(values)
-                tensors = keras.tree.flatten(args)
-            elif isinstance(ids, list):
-                tensors = [values[i] for i in ids]
-                args, kw = (tensors,), {}
-            else:
-                tensors = args = (values[ids],)
-                kw = {}
-            if direct and all(_dtype_name(x.dtype) == dtype for x in tensors):
-                if takes_training:
-                    kw["training"] = training
-                out = layer.call(*args, **kw)
-            else:  # as Keras' functional call does: training goes to every layer's __call__
-                kw["training"] = training
-                out = layer(*args, **kw)
-            if len(outs) == 1:
-                values[outs[0]] = out
-            else:
-                values.update(zip(outs, keras.tree.flatten(out)))
-            for i in last_use:
-                del values[i]
+        with backend.batched_statistics():  # BatchNorm's moving statistics, all moved at the end
+            _run(steps, values, training)
         outputs = [values[i] for i in out_ids]
         return outputs[0] if single_output else keras.tree.pack_sequence_as(model._outputs_struct, outputs)
 
     model.call = call
+
+
+def _run(steps, values, training):
+    """The plan's layer calls on ``values`` (``{id: tensor}``, the model inputs' ids first), in place."""
+    for node, layer, direct, takes_training, dtype, ids, constants, outs, last_use in steps:
+        if ids is None:
+            args, kw = node.arguments.fill_in(values)
+            tensors = keras.tree.flatten(args)
+        elif isinstance(ids, list):
+            tensors = [values[i] for i in ids]
+            args, kw = (tensors,), {}
+        else:
+            tensors = args = (values[ids],)
+            kw = dict(constants)
+        if direct and all(_dtype_name(x.dtype) == dtype for x in tensors):
+            if takes_training:
+                kw["training"] = training
+            out = layer.call(*args, **kw)
+        else:  # as Keras' functional call does: training goes to every layer's __call__
+            kw["training"] = training
+            out = layer(*args, **kw)
+        if len(outs) == 1:
+            values[outs[0]] = out
+        else:
+            values.update(zip(outs, keras.tree.flatten(out)))
+        for i in last_use:
+            del values[i]
 
 
 def _dtype_name(dtype, _names={}):  # noqa: B006 (a cache)
@@ -144,7 +151,7 @@ def _plan(model):
                       and layer.activity_regularizer is None and layer.autocast == model.autocast
                       and layer.compute_dtype == model.compute_dtype and layer.variable_dtype == model.variable_dtype)
             planned.append((node, layer, direct, bool(layer._call_has_context_arg.get("training")),
-                            layer.input_dtype, _argument_ids(node.arguments), [id(x) for x in node.outputs]))
+                            layer.input_dtype, *_argument_ids(node.arguments), [id(x) for x in node.outputs]))
             available.update(id(x) for x in node.outputs)
     # Each value is dropped after its last use, as torch code drops its locals (Keras keeps them all to
     # the end of the call: in inference, and for frozen layers, that holds every activation at once).
@@ -158,12 +165,17 @@ def _plan(model):
 
 
 def _argument_ids(arguments: SymbolicArguments):
-    """``id`` of the one positional tensor, a list of ids for one positional list of tensors (merge
-    layers), or None for anything else (filled in by Keras)."""
+    """``(ids, constants)``: ``id`` of the one positional tensor with the node's keyword arguments when
+    none of them holds a tensor (Keras records ``mask=None`` for every BatchNormalization, and looking
+    it up through ``fill_in`` cost more than the layer's own Python), a list of ids for one positional
+    list of tensors (merge layers), or None for anything else (filled in by Keras)."""
+    args, kwargs = arguments.args, arguments.kwargs
     if arguments._single_positional_tensor is not None:
-        return id(arguments._single_positional_tensor)
-    args = arguments.args
-    if (not arguments.kwargs and len(args) == 1 and isinstance(args[0], list)
+        return id(arguments._single_positional_tensor), {}
+    if (len(args) == 1 and isinstance(args[0], keras.KerasTensor)
+            and not any(isinstance(x, keras.KerasTensor) for x in keras.tree.flatten(kwargs))):
+        return id(args[0]), dict(kwargs)
+    if (not kwargs and len(args) == 1 and isinstance(args[0], list)
             and all(isinstance(x, keras.KerasTensor) for x in args[0])):
-        return [id(x) for x in args[0]]
-    return None
+        return [id(x) for x in args[0]], {}
+    return None, {}

@@ -13,6 +13,7 @@ import os
 import keras
 
 from keras_transfer.errors import ConfigError
+from keras_transfer.models import fast
 from keras_transfer.models.fast import use_fast_layers
 
 
@@ -143,7 +144,7 @@ def _applications_builder(fn_name, file_name):
                               f"{tuple(input_shape)}. Received: {type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]}") from e
         base = use_fast_layers(base)
-        x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
+        x = fast.GlobalAveragePooling2D(name="pool")(base.output)
         return keras.Model(base.input, x, name="backbone")
     return build
 

@@ -69,7 +69,7 @@ def residual_cnn(input_shape=(32, 32, 3), widths=(64, 128, 256), blocks_per_stag
             stride = 2 if (s > 1 and b == 1) else 1
             x = residual_block(x, w, stride, batch_norm, dropout, name=f"stage{s}_block{b}")
     if pooling == "avg":
-        x = layers.GlobalAveragePooling2D(name="pool")(x)
+        x = fast.GlobalAveragePooling2D(name="pool")(x)
     elif pooling == "flatten":
         x = layers.Flatten(name="pool")(x)
     else:
