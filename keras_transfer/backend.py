@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import keras
 
@@ -164,7 +165,7 @@ def fused_batch_norm(x, gamma, beta, epsilon, invstd=False):
     return y.permute(0, 2, 3, 1), mean.detach(), variance
 
 
-_PENDING_STATISTICS = []  # the open `batched_statistics` block's queue (one, however deeply nested)
+_PENDING = threading.local()  # .queue: the open `batched_statistics` block's queue in this thread, or None
 
 
 @contextlib.contextmanager
@@ -176,15 +177,14 @@ def batched_statistics():
     is already queued (a layer called twice) first applies the queue, so each update sees the one
     before, as in Keras. Nested blocks join the outermost. If the block raises, the queued updates are
     dropped."""
-    if _PENDING_STATISTICS:
+    if getattr(_PENDING, "queue", None) is not None:
         yield
         return
-    queue = []
-    _PENDING_STATISTICS.append(queue)
+    queue = _PENDING.queue = []
     try:
         yield
     finally:
-        _PENDING_STATISTICS.clear()
+        _PENDING.queue = None
     _apply_statistics(queue)
 
 
@@ -210,10 +210,10 @@ def move_batch_statistics(moving_mean, moving_variance, mean, invstd, epsilon, w
     if in_stateless_scope() or not all(isinstance(v, torch.Tensor) and not v.requires_grad for v in values):
         return False
     item = (values[0], values[1], mean, invstd, epsilon, weight)
-    if not _PENDING_STATISTICS:
+    queue = getattr(_PENDING, "queue", None)
+    if queue is None:
         _apply_statistics([item])
         return True
-    queue = _PENDING_STATISTICS[0]
     if any(values[0] is q[0] or values[1] is q[1] for q in queue):
         _apply_statistics(queue)  # the same layer again: its first update goes first
         queue.clear()
@@ -225,6 +225,10 @@ def _apply_statistics(queue):
     import torch
 
     if not queue:
+        return
+    if len(queue) > 1 and len({q[0].device for q in queue}) > 1:  # _foreach_ operators take one device
+        for item in queue:
+            _apply_statistics([item])
         return
     with torch.no_grad():
         if len(queue) == 1:
@@ -393,7 +397,6 @@ def zero_pad2d(x, padding):
     return F.pad(x, (0, 0, left, right, top, bottom))
 
 
-
 def spatial_mean(x, keepdims):
     """The mean over the two spatial axes of a channels-last floating-point 4-D batch, in its own dtype,
     or None where Keras' own op is the one to use (JAX and TensorFlow, whose compilers fuse the casts).
@@ -406,6 +409,7 @@ def spatial_mean(x, keepdims):
     if not torch_eager() or not x.dtype.is_floating_point:
         return None
     return x.mean((1, 2), keepdim=keepdims)
+
 
 _SYNC_FREE = {"installed": False, "on": True}
 _OFF = ("off", "0", "false", "no")
