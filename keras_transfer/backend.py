@@ -165,7 +165,9 @@ def fused_batch_norm(x, gamma, beta, epsilon, invstd=False):
     return y.permute(0, 2, 3, 1), mean.detach(), variance
 
 
-_PENDING = threading.local()  # .queue: the open `batched_statistics` block's queue in this thread, or None
+# In this thread: .queue, the open `batched_statistics` block's queue or None; .queued, the ids of the
+# moving-statistic tensors in it.
+_PENDING = threading.local()
 
 
 @contextlib.contextmanager
@@ -181,10 +183,11 @@ def batched_statistics():
         yield
         return
     queue = _PENDING.queue = []
+    _PENDING.queued = set()
     try:
         yield
     finally:
-        _PENDING.queue = None
+        _PENDING.queue = _PENDING.queued = None
     _apply_statistics(queue)
 
 
@@ -214,10 +217,13 @@ def move_batch_statistics(moving_mean, moving_variance, mean, invstd, epsilon, w
     if queue is None:
         _apply_statistics([item])
         return True
-    if any(values[0] is q[0] or values[1] is q[1] for q in queue):
+    queued = _PENDING.queued
+    if id(values[0]) in queued or id(values[1]) in queued:
         _apply_statistics(queue)  # the same layer again: its first update goes first
         queue.clear()
+        queued.clear()
     queue.append(item)
+    queued.update((id(values[0]), id(values[1])))
     return True
 
 

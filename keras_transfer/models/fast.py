@@ -19,9 +19,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     1.26x faster EfficientNetB0 on an H100, 1.6-1.7x on a CPU). Same weights, same moving-statistics
     rule (biased batch variance, ``momentum``; on torch applied in place, one ``lerp_`` per statistic,
     or for all layers at once inside a forward pass: `backend.move_batch_statistics`), same inference
-    path. Frozen (``trainable=False``) or in inference mode it
-    is Keras' layer unchanged, as it is on JAX and TensorFlow, whose compilers fuse batch
-    normalisation themselves.
+    path. Frozen (``trainable=False``) or in inference mode it is Keras' layer unchanged, as it is on
+    JAX and TensorFlow, whose compilers fuse batch normalisation themselves.
 
     The class keeps Keras' name on purpose: ``.weights.h5`` files key layers by class name, so a
     weights file saved from a backbone built here loads into a stock keras.applications model and
