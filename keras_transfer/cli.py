@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -84,6 +85,9 @@ def _run_options(fn):
         click.option("--tta", type=click.Choice(list(config_lib.TTA_MODES)),
                      help="Test-time augmentation at evaluation."),
         click.option("--input-path", type=click.Choice(["auto", "memory", "tfdata"])),
+        click.option("--image-size", type=click.IntRange(min=1),
+                     help="folder:PATH datasets: centre-crop and resize every image to this side "
+                          "(default: their own size when all agree, else their median, at most 256)."),
         click.option("--pretrain-epochs", type=int),
         click.option("--finetune-epochs", type=int),
         click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), help="Fine-tuning optimizer."),
@@ -108,7 +112,8 @@ def _resolve(config_path, o, **transfer):
     overrides = {
         "data": {"source": o.get("source"), "target": o.get("target"), "data_dir": o.get("data_dir"),
                  "augment": o.get("augment"), "per_class": o.get("per_class"), "fraction": o.get("fraction"),
-                 "batch_size": o.get("batch_size"), "input_path": o.get("input_path"), "tta": o.get("tta")},
+                 "batch_size": o.get("batch_size"), "input_path": o.get("input_path"), "tta": o.get("tta"),
+                 "image_size": o.get("image_size")},
         "model": {"name": o.get("model_name"), "input_size": o.get("input_size"), "channels": o.get("channels"),
                   "weights": o.get("weights"), "widths": widths},
         "pretrain": {"epochs": o.get("pretrain_epochs"), "precision": precision, "jit_compile": jit,
@@ -125,6 +130,7 @@ def _resolve(config_path, o, **transfer):
 
 
 def _prepare_run(kind, o):
+    """``(run_dir, resume)``: the run directory, new (or empty) unless ``--resume``."""
     from keras_transfer.io import new_run_dir
 
     resume = o.pop("resume_dir")
@@ -133,6 +139,31 @@ def _prepare_run(kind, o):
             raise KTransferError(f"Expected an existing run directory for --resume. Received: {resume}")
         return resume, True
     return new_run_dir(o.get("out"), kind, o.get("overwrite")), False
+
+
+# What a run writes before its first result; a run that fails with only these leaves no directory.
+_START_FILES = {"config.yaml", "augmentation.png"}
+
+
+@contextlib.contextmanager
+def _started_run(run_dir, resume, existed):
+    """Inside, a `KTransferError` (a corrupted image, a class-count mismatch) that stops a new run before
+    it wrote any result removes what it wrote, and the run directory unless it ``existed`` (empty), so
+    the same command runs once the input is fixed. Resumed runs, and runs with results, are left as
+    they are."""
+    try:
+        yield
+    except KTransferError:
+        if not resume and os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= _START_FILES:
+            for name in os.listdir(run_dir):
+                os.remove(os.path.join(run_dir, name))
+            if not existed:
+                os.rmdir(run_dir)
+        raise
+
+
+def _empty_dir_given(o):
+    return bool(o.get("out")) and os.path.isdir(o["out"]) and not os.listdir(o["out"])
 
 
 def _load_resume_config(run_dir, cfg):
@@ -152,11 +183,13 @@ def pretrain(config_path, **o):
     from keras_transfer import runner
 
     cfg = _resolve(config_path, o)
+    existed = _empty_dir_given(o)
     run_dir, resume = _prepare_run("pretrain", o)
     if resume:
         cfg = _load_resume_config(run_dir, cfg)
-    config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
-    _, metrics = runner.pretrain(cfg, run_dir, echo=click.echo, resume=resume)
+    with _started_run(run_dir, resume, existed):
+        config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
+        runner.pretrain(cfg, run_dir, echo=click.echo, resume=resume)
     click.echo(f"wrote {run_dir}")
 
 
@@ -186,13 +219,15 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
                 "freeze_until": freeze_until, "train_last_k": train_last_k, "channel_mode": channel_mode,
                 "cached_features": cached_features}
     cfg = _resolve(config_path, o, **transfer)
+    existed = _empty_dir_given(o)
     run_dir, resume = _prepare_run("finetune", o)
     if resume:
         cfg = _load_resume_config(run_dir, cfg)
-    config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
-    if preview and cfg.data.augment != "none":
-        runner.augmentation_preview(cfg, os.path.join(run_dir, "augmentation.png"))
-    results = runner.finetune(cfg, run_dir, pretrained=pretrained, echo=click.echo, resume=resume)
+    with _started_run(run_dir, resume, existed):
+        config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
+        if preview and cfg.data.augment != "none":
+            runner.augmentation_preview(cfg, os.path.join(run_dir, "augmentation.png"))
+        results = runner.finetune(cfg, run_dir, pretrained=pretrained, echo=click.echo, resume=resume)
     click.echo("")
     click.echo(f"{'strategy':10s} {'accuracy':>9s} {'macro-F1':>9s} {'trainable':>10s} {'time (s)':>9s}")
     for s, r in results.items():
@@ -216,15 +251,13 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
 def evaluate(target, dataset, data_dir, split, tta, out):
     """Evaluate RUN_DIR or MODEL.keras: accuracy, top-k, per-class P/R/F1, confusion matrix."""
     from keras_transfer import plots
-    from keras_transfer.data import load_dataset
     from keras_transfer.evaluate import evaluate_model, format_table
     from keras_transfer.io import write_json
     from keras_transfer.runner import load_pretrained
 
     model_path, dataset = _model_and_dataset(target, dataset)
     model = load_pretrained(model_path)
-    ds = load_dataset(dataset, data_dir)
-    _check_compatible(model, ds)
+    ds = _dataset_for(model, dataset, data_dir)
     x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
     metrics, probs = evaluate_model(model, x, y, ds.class_names, tta=tta)
     suffix = "" if tta == "none" else f"-tta-{tta}"
@@ -271,6 +304,17 @@ def _best_strategy(run_dir):
     return max(s, key=lambda k: s[k]["accuracy"])
 
 
+def _dataset_for(model, dataset, data_dir):
+    """``dataset`` loaded for ``model`` (an image folder at the model's input size), checked against it."""
+    from keras_transfer.data import load_dataset
+
+    size = tuple(model.input.shape[1:3])
+    size = size if dataset.startswith("folder:") and None not in size else None
+    ds = load_dataset(dataset, data_dir, image_size=size)
+    _check_compatible(model, ds)
+    return ds
+
+
 def _check_compatible(model, ds):
     n_out = model.output.shape[-1]
     if n_out != ds.num_classes:
@@ -295,15 +339,13 @@ def gradcam(target, dataset, data_dir, layer, num_images, out):
     import numpy as np
 
     from keras_transfer import plots
-    from keras_transfer.data import load_dataset
     from keras_transfer.evaluate import predict_logits, softmax
     from keras_transfer.gradcam import grad_cam
     from keras_transfer.runner import load_pretrained
 
     model_path, dataset = _model_and_dataset(target, dataset)
     model = load_pretrained(model_path)
-    ds = load_dataset(dataset, data_dir)
-    _check_compatible(model, ds)
+    ds = _dataset_for(model, dataset, data_dir)
     idx = np.random.default_rng(0).choice(len(ds.x_test), min(num_images, len(ds.x_test)), replace=False)
     x, y = ds.x_test[idx], ds.y_test[idx]
     probs = softmax(predict_logits(model, x))

@@ -38,6 +38,9 @@ class DataConfig:
             for digits/letters). ``alternate``: airbench's alternating flips in the training input
             instead of random ones (`keras_transfer.data.pipeline.ArrayBatches`; in-memory path only).
         input_path: str. ``auto``, ``memory`` or ``tfdata``.
+        image_size: int or None. ``folder:PATH`` datasets: every image is centre-cropped to a square and
+            resized to this side when they are loaded. None keeps the images' own size when they all
+            share one; otherwise the side is the median of their shorter sides, at most 256.
         batch_size: int.
         drop_last: bool. Training epochs serve only full batches, as airbench94's loader does: the
             images left over (a different few each epoch, as the order is reshuffled) wait for a
@@ -54,6 +57,7 @@ class DataConfig:
     augment: str = "mild"
     flips: bool | str | None = None
     input_path: str = "auto"
+    image_size: int | None = None
     batch_size: int = 64
     drop_last: bool = False
     tta: str = "none"
@@ -66,6 +70,9 @@ class DataConfig:
         if self.flips == "alternate" and self.input_path == "tfdata":
             raise ConfigError("data.flips: alternate needs the in-memory input path (data.input_path: memory or "
                               "auto). Received: input_path 'tfdata'")
+        if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size > 0):
+            raise ConfigError(f"data.image_size: expected a positive number of pixels or null. "
+                              f"Received: {self.image_size!r}")
         if not isinstance(self.drop_last, bool):
             raise ConfigError(f"data.drop_last: expected true or false. Received: {self.drop_last!r}")
         if self.tta not in TTA_MODES:

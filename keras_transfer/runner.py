@@ -43,7 +43,7 @@ def _log(msg, echo):
 
 
 def _splits(name, dcfg, seed, low_data):
-    ds = load_dataset(name, dcfg.data_dir)
+    ds = load_dataset(name, dcfg.data_dir, image_size=dcfg.image_size)
     splits = train_val_test(ds, dcfg.val, dcfg.per_class if low_data else None,
                             dcfg.fraction if low_data else None, seed)
     return ds, splits
@@ -276,7 +276,7 @@ def _spec_name_of(backbone, configured):
 
 def augmentation_preview(cfg, path, n_images=4, n_samples=6):
     """Save a grid of augmented samples of the target data (the model's own layers)."""
-    ds = load_dataset(cfg.data.target, cfg.data.data_dir)
+    ds = load_dataset(cfg.data.target, cfg.data.data_dir, image_size=cfg.data.image_size)
     layers = _augment(cfg.data, ds, cfg.seed)
     x = ds.x_train[:n_images]
     outs = []

@@ -133,6 +133,39 @@ def test_class_count_mismatch_on_evaluate(tmp_path, tiny_config):
     assert r.exit_code == 2 and "Shape mismatch" in r.output
 
 
+def test_image_folder_target_of_mixed_sizes_and_a_corrupted_image(tmp_path, tiny_config):
+    """A folder of photos of different sizes fine-tunes at --image-size and evaluates at the model's size;
+    a corrupted image stops the next run with one line, exit 2 and no run directory left behind."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "photos" / f"class{c}").mkdir(parents=True)
+        for i in range(10):
+            h, w = (8, 8) if i % 2 else (12, 10)
+            img = rng.integers(0, 60, (h, w, 3), np.uint8) + np.uint8(90 * c)
+            Image.fromarray(img if i % 3 else img[..., 0]).save(tmp_path / "photos" / f"class{c}" / f"{i}.png")
+    target = f"folder:{tmp_path / 'photos'}"
+    ft = str(tmp_path / "ft")
+    r = invoke("finetune", "--config", tiny_config, "--target", target, "--image-size", "10",
+               "--strategies", "linear", "--out", ft)
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load(open(os.path.join(ft, "config.yaml")))["data"]["image_size"] == 10
+    model = keras.saving.load_model(os.path.join(ft, "strategies", "linear", "model.keras"))
+    assert tuple(model.input.shape[1:]) == (10, 10, 3)
+    r = invoke("evaluate", ft)  # loads the folder at the model's 10x10 (its own default would be 8x8)
+    assert r.exit_code == 0, r.output
+
+    (tmp_path / "photos" / "class1" / "99.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    r = CliRunner().invoke(main, ["finetune", "--config", tiny_config, "--target", target, "--out",
+                                  str(tmp_path / "again")])
+    assert r.exit_code == 2, r.output
+    err = r.output.strip().splitlines()
+    assert len(err) == 1 and "99.png: expected a complete image file" in err[0] and "Received" in err[0]
+    assert not (tmp_path / "again").exists()
+
+
 def test_listing_commands():
     r = invoke("datasets")
     assert r.exit_code == 0 and "emnist_letters" in r.output and "mnist_5k" in r.output

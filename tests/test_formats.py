@@ -122,6 +122,69 @@ def test_npz_and_folder_archive(tmp_path):
     assert ds2.num_classes == 2 and len(ds2.x_train) + len(ds2.x_test) == 6
 
 
+def test_image_folder_of_mixed_sizes_and_modes(tmp_path):
+    """Photos of different sizes and modes load: one channel count for the tree (RGB when any image is
+    colour), centre-cropped (not squashed) to a square of the median shorter side, or to ``size``."""
+    from PIL import Image
+
+    from keras_transfer.data.formats import read_image_folder
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.full((6, 6), 40, np.uint8)).save(tmp_path / "a" / "grey.png")
+    wide = np.zeros((8, 16, 3), np.uint8)
+    wide[:, :4] = wide[:, 12:] = 255  # outside the centred 8x8 square
+    Image.fromarray(wide).save(tmp_path / "a" / "wide.png")
+    Image.fromarray(np.full((10, 12, 3), (0, 100, 200), np.uint8)).save(tmp_path / "b" / "rgb.jpg", quality=100)
+    Image.fromarray(np.full((30, 20), 7, np.uint8), "L").save(tmp_path / "b" / "tall.bmp")
+
+    x, y, names = read_image_folder(str(tmp_path))
+    assert names == ["a", "b"] and y.tolist() == [0, 0, 1, 1]
+    assert x.shape == (4, 9, 9, 3)  # median of the shorter sides 6, 8, 10, 20
+    assert (x[0] == 40).all() and x[1].max() == 0  # grey repeated to RGB; the wide one cropped, not squashed
+    assert np.abs(x[2].astype(int) - (0, 100, 200)).max() <= 2 and (x[3] == 7).all()
+    x16, _, _ = read_image_folder(str(tmp_path), size=(16, 4))
+    assert x16.shape == (4, 16, 4, 3)
+    assert read_image_folder(str(tmp_path), channels=1)[0].shape == (4, 9, 9, 1)
+
+    same = tmp_path / "same" / "c"
+    same.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((300, 400), i, np.uint8)).save(same / f"{i}.png")
+    x, _, _ = read_image_folder(str(tmp_path / "same"))
+    assert x.shape == (2, 300, 400, 1)  # one size: kept as it is, grey stays grey
+
+
+def test_image_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "c").mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "c" / f"{i}.png")
+    monkeypatch.setattr(formats, "_memory_limit", lambda: 3 * 40 * 50 * 3 - 1)
+    with pytest.raises(DataError, match=r"3 images of 40x50x3 need .* GiB in memory.* no --image-size"):
+        formats.read_image_folder(str(tmp_path))
+    assert formats.read_image_folder(str(tmp_path), size=20)[0].shape == (3, 20, 20, 3)
+
+
+@pytest.mark.parametrize("content", [b"not an image", b"GIF89a\x01", "truncated"])
+def test_corrupted_image_in_a_folder_names_the_file(tmp_path, content):
+    from PIL import Image
+
+    from keras_transfer.data.formats import read_image_folder
+
+    (tmp_path / "c").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "c" / "good.png")
+    bad = tmp_path / "c" / "bad.jpg"
+    if content == "truncated":  # a valid header, half the data
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(bad)
+        bad.write_bytes(bad.read_bytes()[:400])
+    else:
+        bad.write_bytes(content)
+    with pytest.raises(DataError, match=r"Could not decode .*bad\.jpg: expected a complete image file"):
+        read_image_folder(str(tmp_path))
+
+
 def test_archive_path_escape_is_refused(tmp_path):
     arch = tmp_path / "evil.tar.gz"
     with tarfile.open(arch, "w:gz") as t:

@@ -145,23 +145,54 @@ def list_image_folder(root):
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
-def read_image_folder(root, channels=None):
-    """Decode a ``root/<class>/<image>`` tree into arrays with Pillow (same-size images)."""
+MAX_DEFAULT_SIDE = 256  # keras.utils.image_dataset_from_directory's default image_size
+_GREY_MODES = ("1", "L", "LA")
+
+
+def read_image_folder(root, channels=None, size=None):
+    """Decode a ``root/<class>/<image>`` tree into arrays with Pillow.
+
+    Args:
+        root: str. The tree's root folder.
+        channels: int or None. 1 (grey) or 3 (RGB); None: 1 when every image is grey, else 3.
+        size: int, ``(height, width)`` or None. Every image is centre-cropped to this aspect ratio and
+            resized to it (bilinear), as ``keras.utils.image_dataset_from_directory(...,
+            crop_to_aspect_ratio=True)`` does. None keeps the images' own size when they all share one;
+            otherwise each becomes a square whose side is the median of their shorter sides, at most
+            `MAX_DEFAULT_SIDE`.
+
+    Returns:
+        ``(x, labels, class_names)``: uint8 ``(N, H, W, C)`` images, int64 labels, sorted class names.
+    """
     from PIL import Image
 
     paths, labels, classes = list_image_folder(root)
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    imgs = []
-    for p in paths:
-        with Image.open(p) as im:
-            imgs.append(np.asarray(im.convert(mode or ("L" if im.mode in ("L", "1") else "RGB"))))
-    shapes = {i.shape for i in imgs}
-    if len(shapes) != 1:
-        raise DataError(f"{root}: images of different sizes; expected one size for the in-memory "
-                        f"path. Received: {sorted(shapes)[:3]} (use --input-path tfdata)")
-    x = np.stack(imgs)
-    if x.ndim == 3:
-        x = x[..., None]
+    headers = [_image_header(p) for p in paths]  # (width, height, mode); reads no pixels
+    if channels is None:
+        channels = 1 if all(mode in _GREY_MODES for _, _, mode in headers) else 3
+    asked = size
+    if isinstance(size, int):
+        size = (size, size)
+    elif size is None and len({(w, h) for w, h, _ in headers}) > 1:
+        side = int(min(MAX_DEFAULT_SIDE, np.median([min(w, h) for w, h, _ in headers])))
+        size = (side, side)
+    height, width = size if size is not None else headers[0][1::-1]
+    needed, limit = len(paths) * height * width * channels, _memory_limit()
+    if limit and needed > limit:
+        raise DataError(f"{root}: {len(paths)} images of {height}x{width}x{channels} need {needed / 2**30:.1f} GiB in "
+                        f"memory; expected at most {limit / 2**30:.1f} GiB (half of this machine's memory). "
+                        f"Received: {f'size {asked}' if asked else 'no --image-size (data.image_size)'}; "
+                        f"pass a smaller one")
+    x = np.empty((len(paths), height, width, channels), np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                if im.size != (width, height):
+                    im = im.crop(_centre_box(im.size, width, height)).resize((width, height), Image.Resampling.BILINEAR)
+                x[i] = np.asarray(im).reshape(height, width, channels)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise _image_error(p, e) from e
     # Trees whose file names are indices unique across classes (STL-10 here) keep that order,
     # which is the official one; others stay sorted by class then name.
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -169,6 +200,38 @@ def read_image_folder(root, channels=None):
         order = np.argsort([int(s) for s in stems], kind="stable")
         x, labels = x[order], labels[order]
     return x, labels, classes
+
+
+def _memory_limit():
+    """Half of the machine's physical memory in bytes, or None where it cannot be told."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _image_header(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size[0], im.size[1], im.mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise _image_error(path, e) from e
+
+
+def _image_error(path, e):
+    return DataError(f"Could not decode {path}: expected a complete image file ({', '.join(IMAGE_EXTS)}). "
+                     f"Received: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _centre_box(image_size, width, height):
+    """The largest centred box of ``image_size`` (w, h) with the aspect ratio width : height, in whole
+    pixels (as Keras' ``crop_to_aspect_ratio``)."""
+    w, h = image_size
+    crop_w, crop_h = max(min(w, int(h * width / height)), 1), max(min(h, int(w * height / width)), 1)
+    left, top = (w - crop_w) // 2, (h - crop_h) // 2
+    return left, top, left + crop_w, top + crop_h
 
 
 def _safe_members(names, dest):

@@ -214,8 +214,9 @@ def dataset_dir(name, data_dir=None):
     return os.path.join(data_dir or default_data_dir(), name)
 
 
-def _prepared_layout(d, name):
-    """Load ``train.npz``/``test.npz`` or ``train/``+``test/`` image folders (maybe archived)."""
+def _prepared_layout(d, name, image_size=None):
+    """Load ``train.npz``/``test.npz`` or ``train/``+``test/`` image folders (maybe archived; the test
+    images are decoded at the training images' size and channels, `formats.read_image_folder`)."""
     if all(os.path.exists(os.path.join(d, f"{s}.npz")) for s in ("train", "test")):
         x_tr, y_tr, names = formats.read_npz(os.path.join(d, "train.npz"))
         x_te, y_te, _ = formats.read_npz(os.path.join(d, "test.npz"))
@@ -234,8 +235,9 @@ def _prepared_layout(d, name):
             root = next((s for s in subs if os.path.isdir(os.path.join(s, "train"))), root)
     if not (os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test"))):
         return None
-    x_tr, y_tr, names = formats.read_image_folder(os.path.join(root, "train"))
-    x_te, y_te, names_te = formats.read_image_folder(os.path.join(root, "test"), channels=x_tr.shape[-1])
+    x_tr, y_tr, names = formats.read_image_folder(os.path.join(root, "train"), size=image_size)
+    x_te, y_te, names_te = formats.read_image_folder(os.path.join(root, "test"), channels=x_tr.shape[-1],
+                                                     size=x_tr.shape[1:3])
     if names != names_te:
         raise DataError(f"{root}: train and test class folders differ. Received: {names} vs {names_te}")
     return x_tr, y_tr, x_te, y_te, names
@@ -248,7 +250,7 @@ def check_dataset_name(name):
                         f"npz:PATH. Received: {name!r}")
 
 
-def load_dataset(name, data_dir=None, download=True):
+def load_dataset(name, data_dir=None, download=True, image_size=None):
     """Load a registered dataset, ``folder:PATH`` or ``npz:PATH`` as a `Dataset`.
 
     Args:
@@ -258,10 +260,13 @@ def load_dataset(name, data_dir=None, download=True):
         data_dir: str or None. Cache root; default ``$KTRANSFER_DATA_DIR`` or
             ``~/.keras/datasets/keras_transfer``.
         download: bool. Try the official source when nothing is on disk.
+        image_size: int, ``(height, width)`` or None. ``folder:PATH`` only: the size every image is
+            centre-cropped and resized to (`formats.read_image_folder`; None: the images' own size when
+            they all share one, else a square of their median shorter side, at most 256).
     """
     check_dataset_name(name)
     if name.startswith("folder:") or name.startswith("npz:"):
-        return _load_path_dataset(name)
+        return _load_path_dataset(name, image_size)
     spec = REGISTRY[name]
     if spec.embedded:
         x_tr, y_tr, x_te, y_te = spec.reader(None)
@@ -292,7 +297,7 @@ def _missing_message(spec, d):
             f"train/ and test/ image folders, or an archive of them) in {d}. Received: no such files")
 
 
-def _load_path_dataset(name):
+def _load_path_dataset(name, image_size=None):
     kind, path = name.split(":", 1)
     if not os.path.exists(path):
         raise DataError(f"Expected an existing {'folder' if kind == 'folder' else 'npz file'} for "
@@ -305,11 +310,11 @@ def _load_path_dataset(name):
 
         tr, te = stratified_split(y, 0.2, seed=0)
         return Dataset(label, x[tr], y[tr], x[te], y[te], names)
-    prepared = _prepared_layout(path, label)
+    prepared = _prepared_layout(path, label, image_size)
     if prepared is not None:
         x_tr, y_tr, x_te, y_te, names = prepared
         return Dataset(label, x_tr, y_tr, x_te, y_te, names)
-    x, y, names = formats.read_image_folder(path)
+    x, y, names = formats.read_image_folder(path, size=image_size)
     from keras_transfer.data.splits import stratified_split
 
     tr, te = stratified_split(y, 0.2, seed=0)
