@@ -192,6 +192,11 @@ def load_pretrained(path):
     candidates = [path, os.path.join(path, "model.keras"), os.path.join(path, "pretrain", "model.keras")]
     for c in candidates:
         if os.path.isfile(c):
+            import zipfile
+
+            if not zipfile.is_zipfile(c):  # Keras' own error says "File not found" for a truncated file
+                raise DataError(f"Could not load {c}: expected a complete Keras .keras (zip) file. Received: "
+                                f"{os.path.getsize(c):,} bytes, not a zip archive (truncated?)")
             try:
                 return load_model(c)
             except Exception as e:

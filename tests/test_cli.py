@@ -101,6 +101,12 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     ("data", "flips", "sometimes", "data.flips: expected true, false, alternate or null. Received: 'sometimes'"),
     ("pretrain", "steps_per_execution", 0, "steps_per_execution: expected an integer >= 1. Received: 0"),
     ("data", "drop_last", "sometimes", "data.drop_last: expected true or false. Received: 'sometimes'"),
+    ("data", "batch_size", 0, "data.batch_size: expected an integer >= 1. Received: 0"),
+    ("data", "image_size", -4, "data.image_size: expected a positive number of pixels or null. Received: -4"),
+    ("model", "channels", 2, "model.channels: expected null, 1 (grey) or 3 (RGB). Received: 2"),
+    ("pretrain", "learning_rate", -0.1, "learning_rate: expected a learning rate > 0. Received: -0.1"),
+    ("pretrain", "epochs", 0, "epochs: expected an integer >= 1. Received: 0"),
+    ("pretrain", "label_smoothing", 1.0, "label_smoothing: expected a value in [0, 1). Received: 1.0"),
 ])
 def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section, key, value, expected):
 
@@ -131,6 +137,15 @@ def test_class_count_mismatch_on_evaluate(tmp_path, tiny_config):
     assert invoke("pretrain", "--config", tiny_config, "--out", pre).exit_code == 0
     r = CliRunner().invoke(main, ["evaluate", os.path.join(pre, "model.keras"), "--dataset", "mnist_5k"])
     assert r.exit_code == 2 and "Shape mismatch" in r.output
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(open(os.path.join(pre, "model.keras"), "rb").read()[:3000])
+    for args in (["evaluate", str(truncated), "--dataset", "digits"],
+                 ["finetune", "--config", tiny_config, "--pretrained", str(truncated), "--out", str(tmp_path / "o")]):
+        r = CliRunner().invoke(main, args)
+        err = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(err) == 1, r.output
+        assert "truncated.keras: expected a complete Keras .keras (zip) file. Received: 3,000 bytes" in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_image_folder_target_of_mixed_sizes_and_a_corrupted_image(tmp_path, tiny_config):
