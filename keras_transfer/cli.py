@@ -416,17 +416,20 @@ def models(size):
 @main.command()
 @click.option("--model", "models_", default="resnet", show_default=True,
               help="Comma list of models (resnet at 32x32, efficientnet_b0 at 224x224 by default).")
-@click.option("--size", type=int, help="Input side (default: 32 for resnet, the model's default otherwise).")
+@click.option("--size", type=click.IntRange(min=1),
+              help="Input side (default: 32 for resnet, the model's default otherwise).")
 @click.option("--strategies", default="linear,partial,full", show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--steps", type=int, default=20, show_default=True, help="Timed steps after compilation.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed steps after compilation.")
 @click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32",
               show_default=True)
 @click.option("--augment", type=click.Choice(list(PRESETS)), default="none", show_default=True)
 @click.option("--jit/--no-jit", default=None,
               help="Force XLA / torch.compile on or off on both sides (default: Keras' auto: XLA on JAX, on "
                    "TensorFlow only with a GPU/TPU, eager torch).")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed epochs per row; the median counts.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed epochs per row; the median counts.")
 @click.option("--timm/--no-timm", "with_timm", default=None,
               help="Reference rows from timm's efficientnet_b0 (eager, compiled); default: when timm imports "
                    "and efficientnet_b0 is benchmarked.")

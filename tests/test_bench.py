@@ -103,6 +103,13 @@ def test_bench_refuses_an_unknown_model_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("option", ["--batch-size", "--steps", "--repeats", "--size"])
+def test_bench_refuses_a_count_below_one(tmp_path, option):
+    r = CliRunner().invoke(main, ["bench", option, "0", "--out", str(tmp_path)])  # was a ZeroDivisionError
+    assert r.exit_code == 2 and f"Invalid value for '{option}': 0 is not in the range x>=1" in r.output
+    assert os.listdir(tmp_path) == []
+
+
 def test_bench_probe_compares_ordinary_and_cached_linear_probes(tmp_path, digits_npz):
     import yaml
 
