@@ -331,7 +331,7 @@ def _check_compatible(model, ds):
 @click.option("--dataset", help="Dataset whose test images are shown (default: the run's).")
 @click.option("--data-dir", type=click.Path())
 @click.option("--layer", help="Layer of the backbone to explain (default: last spatial layer).")
-@click.option("-n", "--num-images", type=int, default=12, show_default=True)
+@click.option("-n", "--num-images", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--out", type=click.Path(), help="PNG path (default: gradcam.png beside the model).")
 @_fail_cleanly
 def gradcam(target, dataset, data_dir, layer, num_images, out):
@@ -394,7 +394,7 @@ def datasets(data_dir):
 
 
 @main.command()
-@click.option("--size", type=int, help="Input side for the parameter count (default: each model's).")
+@click.option("--size", type=click.IntRange(min=1), help="Input side for the parameter count (default: each model's).")
 @_fail_cleanly
 def models(size):
     """List models with parameter counts, input contract and freezable blocks."""
