@@ -38,7 +38,6 @@ def _check_ranges(section, obj, rules):
             raise ConfigError(f"{section + '.' if section else ''}{key}: expected {expected}. Received: {value!r}")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Source/target datasets and how they are split, sized and augmented.
@@ -87,10 +86,8 @@ class DataConfig:
         if self.flips == "alternate" and self.input_path == "tfdata":
             raise ConfigError("data.flips: alternate needs the in-memory input path (data.input_path: memory or "
                               "auto). Received: input_path 'tfdata'")
-        if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size > 0):
-            raise ConfigError(f"data.image_size: expected a positive number of pixels or null. "
-                              f"Received: {self.image_size!r}")
         _check_ranges("data", self, (
+            ("image_size", lambda v: v is None or _number(v, True) and v > 0, "a positive number of pixels or null"),
             ("batch_size", lambda v: _number(v, True) and v >= 1, "an integer >= 1"),
             ("per_class", lambda v: v is None or _number(v, True) and v >= 1, "null or an integer >= 1"),
             ("val", lambda v: _number(v) and (0 <= v < 1 or _number(v, True) and v >= 1),

@@ -7,6 +7,7 @@ truncated or malformed. Nothing here needs TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -185,14 +186,11 @@ def read_image_folder(root, channels=None, size=None):
                         f"pass a smaller one")
     x = np.empty((len(paths), height, width, channels), np.uint8)
     for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                if im.size != (width, height):
-                    im = im.crop(_centre_box(im.size, width, height)).resize((width, height), Image.Resampling.BILINEAR)
-                x[i] = np.asarray(im).reshape(height, width, channels)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise _image_error(p, e) from e
+        with _opened_image(p) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (width, height):
+                im = im.crop(_centre_box(im.size, width, height)).resize((width, height), Image.Resampling.BILINEAR)
+            x[i] = np.asarray(im).reshape(height, width, channels)
     # Trees whose file names are indices unique across classes (STL-10 here) keep that order,
     # which is the official one; others stay sorted by class then name.
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -211,18 +209,21 @@ def _memory_limit():
 
 
 def _image_header(path):
+    with _opened_image(path) as im:
+        return im.size[0], im.size[1], im.mode
+
+
+@contextlib.contextmanager
+def _opened_image(path):
+    """``PIL.Image.open(path)``, whose decoding errors, there or inside, become a one-line `DataError`."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.size[0], im.size[1], im.mode
+            yield im
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise _image_error(path, e) from e
-
-
-def _image_error(path, e):
-    return DataError(f"Could not decode {path}: expected a complete image file ({', '.join(IMAGE_EXTS)}). "
-                     f"Received: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise DataError(f"Could not decode {path}: expected a complete image file ({', '.join(IMAGE_EXTS)}). "
+                        f"Received: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def _centre_box(image_size, width, height):
