@@ -225,9 +225,8 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
         cfg = _load_resume_config(run_dir, cfg)
     with _started_run(run_dir, resume, existed):
         config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
-        if preview and cfg.data.augment != "none":
-            runner.augmentation_preview(cfg, os.path.join(run_dir, "augmentation.png"))
-        results = runner.finetune(cfg, run_dir, pretrained=pretrained, echo=click.echo, resume=resume)
+        results = runner.finetune(cfg, run_dir, pretrained=pretrained, echo=click.echo, resume=resume,
+                                  preview=preview)
     click.echo("")
     click.echo(f"{'strategy':10s} {'accuracy':>9s} {'macro-F1':>9s} {'trainable':>10s} {'time (s)':>9s}")
     for s, r in results.items():

@@ -205,9 +205,17 @@ def load_pretrained(path):
     raise DataError(f"Expected a .keras file or a run directory with model.keras. Received: {path!r}")
 
 
-def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
-    """Pretrain (unless ``pretrained`` is given), then fine-tune every strategy and report."""
+def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=True):
+    """Pretrain (unless ``pretrained`` is given), then fine-tune every strategy and report.
+
+    The target is loaded once, first: a target that cannot be read stops the run before any
+    pretraining, and the augmentation preview (``preview``, written unless the preset is ``none``)
+    comes from the same arrays.
+    """
     enable_compilation_cache()
+    ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
+    if preview and cfg.data.augment != "none":
+        augmentation_preview(cfg, ds, os.path.join(run_dir, "augmentation.png"))
     if pretrained is None:
         pre_dir = os.path.join(run_dir, "pretrain")
         if resume and os.path.exists(os.path.join(pre_dir, "model.keras")):
@@ -220,7 +228,6 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False):
     m = cfg.model
     spec_name = _spec_name_of(source_backbone, m.name)
     set_precision(cfg.finetune.precision)
-    ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
     _log(f"fine-tune on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
          f"{len(splits['test'][0])} test", echo)
     results = {}
@@ -279,9 +286,8 @@ def _spec_name_of(backbone, configured):
                       f"layers: {sorted(names)[:5]}...")
 
 
-def augmentation_preview(cfg, path, n_images=4, n_samples=6):
-    """Save a grid of augmented samples of the target data (the model's own layers)."""
-    ds = load_dataset(cfg.data.target, cfg.data.data_dir, image_size=cfg.data.image_size)
+def augmentation_preview(cfg, ds, path, n_images=4, n_samples=6):
+    """Save a grid of augmented samples of ``ds``'s training images (the model's own layers)."""
     layers = _augment(cfg.data, ds, cfg.seed)
     x = ds.x_train[:n_images]
     outs = []
