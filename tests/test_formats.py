@@ -217,6 +217,25 @@ def test_offline_error_names_files_and_directory(tmp_path):
     assert "train_X.bin" in msg and str(tmp_path / "stl10") in msg and "\n" not in msg
 
 
+def test_failed_download_names_every_file_still_missing(tmp_path, monkeypatch):
+    """Offline, the error lists all of a dataset's files not yet on disk, not only the first it tried."""
+    import dataclasses
+
+    from keras_transfer.data import registry
+
+    spec = registry.REGISTRY["mnist"]
+    unreachable = {f: ((tmp_path / "nowhere" / f).as_uri(), sha) for f, (_, sha) in spec.files.items()}
+    monkeypatch.setitem(registry.REGISTRY, "mnist", dataclasses.replace(spec, files=unreachable))
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "train-labels-idx1-ubyte.gz").write_bytes(b"placed by hand")
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", str(tmp_path))
+    msg = str(e.value)
+    assert ("Place train-images-idx3-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz in "
+            f"{tmp_path / 'mnist'}") in msg and "\n" not in msg
+    assert sorted(os.listdir(tmp_path / "mnist")) == ["train-labels-idx1-ubyte.gz"]
+
+
 def test_unknown_dataset():
     with pytest.raises(DataError, match="Unknown dataset.*Received: 'nope'"):
         load_dataset("nope")

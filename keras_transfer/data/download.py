@@ -23,13 +23,15 @@ def sha256_of(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def fetch(url, dest, sha256, timeout=30):
+def fetch(url, dest, sha256, timeout=30, place=None):
     """Download ``url`` to ``dest`` through a temp file renamed only after the sha256 matches.
 
     Args:
         url: str. Source address.
         dest: str. Final path; its folder is created.
         sha256: str. Expected hex digest of the downloaded bytes.
+        place: list of str or None. The file names the offline error asks the user to place in
+            ``dest``'s folder (default: ``dest``'s own), e.g. every file of a dataset still missing.
 
     Raises:
         DataError: on a network failure (nothing is left behind) or a checksum
@@ -44,7 +46,7 @@ def fetch(url, dest, sha256, timeout=30):
                     f.write(block)
         except OSError as e:
             raise DataError(f"Could not download {url} ({type(e).__name__}: {e}). Offline? Place "
-                            f"{os.path.basename(dest)} in {os.path.dirname(dest)}") from e
+                            f"{', '.join(place or [os.path.basename(dest)])} in {os.path.dirname(dest)}") from e
         got = sha256_of(tmp)
         if got != sha256:
             raise DataError(f"Checksum mismatch for {url}: expected sha256 {sha256}. Received: {got}")

@@ -285,9 +285,10 @@ def load_dataset(name, data_dir=None, download=True, image_size=None):
                 return Dataset(name, x_tr, y_tr, x_te, y_te, list(spec.class_names))
         if not download or name in _UNVERIFIED_DOWNLOADS:
             raise DataError(_missing_message(spec, d)) from None
-        for fname, (url, sha) in spec.files.items():
-            if not os.path.exists(os.path.join(d, fname)):
-                fetch(url, os.path.join(d, fname), sha)
+        missing = [f for f in spec.files if not os.path.exists(os.path.join(d, f))]
+        for i, fname in enumerate(missing):
+            url, sha = spec.files[fname]
+            fetch(url, os.path.join(d, fname), sha, place=missing[i:])
         x_tr, y_tr, x_te, y_te = spec.reader(d)
     return Dataset(name, x_tr, y_tr, x_te, y_te, list(spec.class_names))
 
