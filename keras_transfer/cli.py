@@ -241,7 +241,8 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
 @main.command()
 @click.argument("target", type=click.Path())
 @click.option("--dataset", help="Dataset to evaluate on (default: the run's target / source).")
-@click.option("--data-dir", type=click.Path())
+@click.option("--data-dir", type=click.Path(),
+              help="Dataset cache root (default: the run's, else env KTRANSFER_DATA_DIR).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--tta", type=click.Choice(list(config_lib.TTA_MODES)), default="none", show_default=True,
               help="Test-time augmentation: average over mirrored (and 1-px shifted) views.")
@@ -254,7 +255,7 @@ def evaluate(target, dataset, data_dir, split, tta, out):
     from keras_transfer.io import write_json
     from keras_transfer.runner import load_pretrained
 
-    model_path, dataset = _model_and_dataset(target, dataset)
+    model_path, dataset, data_dir = _model_and_dataset(target, dataset, data_dir)
     model = load_pretrained(model_path)
     ds = _dataset_for(model, dataset, data_dir)
     x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
@@ -272,13 +273,16 @@ def evaluate(target, dataset, data_dir, split, tta, out):
     click.echo(f"wrote {out}")
 
 
-def _model_and_dataset(target, dataset):
-    import yaml
+def _model_and_dataset(target, dataset, data_dir):
+    """``(model path, dataset, data root)`` for ``evaluate`` / ``gradcam``.
 
+    A run directory gives its model, and its dataset and data root from the run's ``config.yaml`` (for a
+    finetune run's ``pretrain/``, the one above it) unless ``--dataset`` / ``--data-dir`` say otherwise.
+    """
     if os.path.isfile(target):
         if dataset is None:
             raise KTransferError(f"Evaluating a .keras file needs --dataset. Received: {target} alone")
-        return target, dataset
+        return target, dataset, data_dir
     # A pretrain run (or a finetune run's pretrain/) is evaluated on the source dataset.
     rel, key = next(((r, "source") for r in ("model.keras", "pretrain/model.keras")
                      if os.path.isfile(os.path.join(target, r))), (None, None))
@@ -287,10 +291,31 @@ def _model_and_dataset(target, dataset):
         if best is None:
             raise KTransferError(f"Expected a .keras file or a run directory with a model. Received: {target}")
         rel, key = f"strategies/{best}/model.keras", "target"
+    run_data = _run_data_config(target)
     if dataset is None:
-        with open(os.path.join(target, "config.yaml")) as f:
-            dataset = yaml.safe_load(f)["data"][key]
-    return os.path.join(target, rel), dataset
+        if not run_data.get(key):
+            raise KTransferError(f"Expected a run directory with config.yaml (or --dataset). Received: {target} "
+                                 f"without data.{key} in config.yaml")
+        dataset = run_data[key]
+    return os.path.join(target, rel), dataset, data_dir or run_data.get("data_dir")
+
+
+def _run_data_config(run_dir):
+    """The ``data`` section of the run's ``config.yaml`` (a finetune run's, for its ``pretrain/``), or {}."""
+    import yaml
+
+    for d in (run_dir, os.path.dirname(os.path.abspath(run_dir))):
+        path = os.path.join(d, "config.yaml")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    doc = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise KTransferError(f"Expected a YAML run configuration in {path}. Received: "
+                                     f"{str(e).splitlines()[0]}") from e
+            data = doc.get("data") if isinstance(doc, dict) else None
+            return data if isinstance(data, dict) else {}
+    return {}
 
 
 def _best_strategy(run_dir):
@@ -328,7 +353,8 @@ def _check_compatible(model, ds):
 @main.command()
 @click.argument("target", type=click.Path())
 @click.option("--dataset", help="Dataset whose test images are shown (default: the run's).")
-@click.option("--data-dir", type=click.Path())
+@click.option("--data-dir", type=click.Path(),
+              help="Dataset cache root (default: the run's, else env KTRANSFER_DATA_DIR).")
 @click.option("--layer", help="Layer of the backbone to explain (default: last spatial layer).")
 @click.option("-n", "--num-images", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--out", type=click.Path(), help="PNG path (default: gradcam.png beside the model).")
@@ -342,7 +368,7 @@ def gradcam(target, dataset, data_dir, layer, num_images, out):
     from keras_transfer.gradcam import grad_cam
     from keras_transfer.runner import load_pretrained
 
-    model_path, dataset = _model_and_dataset(target, dataset)
+    model_path, dataset, data_dir = _model_and_dataset(target, dataset, data_dir)
     model = load_pretrained(model_path)
     ds = _dataset_for(model, dataset, data_dir)
     idx = np.random.default_rng(0).choice(len(ds.x_test), min(num_images, len(ds.x_test)), replace=False)

@@ -311,7 +311,13 @@ def merge(config, overrides):
                 raise ConfigError(f"Section [{key}] must be a mapping. Received: {value!r}")
             values = {k: v for k, v in value.items() if v is not None}
             values = _coerce(SECTIONS[key], key, values)
-            top[key] = dataclasses.replace(getattr(config, key), **values)
+            try:
+                top[key] = dataclasses.replace(getattr(config, key), **values)
+            except ConfigError as e:  # TrainConfig serves two sections: name the one at fault
+                field = str(e).split(":", 1)[0]
+                if SECTIONS[key] is TrainConfig and field in {f.name for f in dataclasses.fields(TrainConfig)}:
+                    raise ConfigError(f"{key}.{e}") from None
+                raise
         elif key == "seed":
             if value is not None:
                 top["seed"] = int(value)

@@ -99,14 +99,14 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     ("pretrain", "optimizer", "adagrad", "Unknown optimizer: expected one of sgd, adam, adamw. Received: 'adagrad'"),
     ("pretrain", "schedule", "step", "Unknown schedule: expected one of cosine, triangle, plateau, constant."),
     ("data", "flips", "sometimes", "data.flips: expected true, false, alternate or null. Received: 'sometimes'"),
-    ("pretrain", "steps_per_execution", 0, "steps_per_execution: expected an integer >= 1. Received: 0"),
+    ("pretrain", "steps_per_execution", 0, "pretrain.steps_per_execution: expected an integer >= 1. Received: 0"),
     ("data", "drop_last", "sometimes", "data.drop_last: expected true or false. Received: 'sometimes'"),
     ("data", "batch_size", 0, "data.batch_size: expected an integer >= 1. Received: 0"),
     ("data", "image_size", -4, "data.image_size: expected a positive number of pixels or null. Received: -4"),
     ("model", "channels", 2, "model.channels: expected null, 1 (grey) or 3 (RGB). Received: 2"),
-    ("pretrain", "learning_rate", -0.1, "learning_rate: expected a learning rate > 0. Received: -0.1"),
-    ("pretrain", "epochs", 0, "epochs: expected an integer >= 1. Received: 0"),
-    ("pretrain", "label_smoothing", 1.0, "label_smoothing: expected a value in [0, 1). Received: 1.0"),
+    ("pretrain", "learning_rate", -0.1, "pretrain.learning_rate: expected a learning rate > 0. Received: -0.1"),
+    ("finetune", "epochs", 0, "finetune.epochs: expected an integer >= 1. Received: 0"),
+    ("pretrain", "label_smoothing", 1.0, "pretrain.label_smoothing: expected a value in [0, 1). Received: 1.0"),
 ])
 def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section, key, value, expected):
 
@@ -181,6 +181,45 @@ def test_image_folder_target_of_mixed_sizes_and_a_corrupted_image(tmp_path, tiny
         err = r.output.strip().splitlines()
         assert len(err) == 1 and "99.png: expected a complete image file" in err[0] and "Received" in err[0]
     assert not (tmp_path / "again").exists()
+
+
+def test_evaluate_and_gradcam_read_the_runs_dataset_and_data_root(tmp_path, tiny_config, digits_npz, monkeypatch):
+    """A run's dataset and --data-dir are its evaluate / gradcam defaults, also for a finetune run's pretrain/;
+    a run directory without a readable config.yaml needs --dataset, said in one line."""
+    import shutil
+
+    import numpy as np
+
+    d = np.load(digits_npz)
+    root = tmp_path / "data"
+    (root / "mnist").mkdir(parents=True)
+    np.savez(root / "mnist" / "train.npz", x=d["x"][:300], y=d["y"][:300], class_names=d["class_names"])
+    np.savez(root / "mnist" / "test.npz", x=d["x"][300:], y=d["y"][300:], class_names=d["class_names"])
+    monkeypatch.setenv("KTRANSFER_DATA_DIR", str(tmp_path / "elsewhere"))  # the default root holds nothing
+    ft = tmp_path / "ft"
+    r = invoke("finetune", "--config", tiny_config, "--source", "mnist", "--target", "mnist", "--data-dir",
+               str(root), "--strategies", "linear", "--out", str(ft), "--no-preview")
+    assert r.exit_code == 0, r.output
+    for args in (["evaluate", str(ft)], ["evaluate", str(ft / "pretrain")],
+                 ["gradcam", str(ft / "pretrain"), "-n", "2"]):
+        r = invoke(*args)
+        assert r.exit_code == 0, r.output
+    assert json.load(open(ft / "pretrain" / "eval-mnist-test" / "metrics.json"))["n"] == 100
+    assert (ft / "pretrain" / "gradcam.png").exists()
+
+    bare = tmp_path / "bare"
+    shutil.copytree(ft, bare)
+    (bare / "config.yaml").unlink()
+    (broken := tmp_path / "broken").mkdir()
+    shutil.copytree(ft / "pretrain", broken / "pretrain")
+    (broken / "config.yaml").write_text("data: [unclosed\n")
+    for run, expected in ((bare, "Expected a run directory with config.yaml (or --dataset)"),
+                          (broken / "pretrain", "Expected a YAML run configuration in")):
+        r = CliRunner().invoke(main, ["evaluate", str(run)])
+        err = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(err) == 1 and expected in err[0], r.output
+    r = invoke("evaluate", str(bare), "--dataset", "mnist", "--data-dir", str(root))
+    assert r.exit_code == 0, r.output
 
 
 def test_listing_commands():
