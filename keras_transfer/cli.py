@@ -126,7 +126,23 @@ def _resolve(config_path, o, **transfer):
     }
     if o.get("fraction") is not None and o.get("per_class") is None:
         cfg = config_lib.merge(cfg, {"data": {"per_class": None}})
-    return config_lib.merge(cfg, overrides)
+    cfg = config_lib.merge(cfg, overrides)
+    # Paths are recorded absolute, so evaluate, gradcam and --resume find the data from any directory.
+    d = cfg.data
+    return config_lib.merge(cfg, {"data": {"data_dir": _absolute(d.data_dir), "source": _absolute_dataset(d.source),
+                                           "target": _absolute_dataset(d.target)}})
+
+
+def _absolute(path):
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def _absolute_dataset(name):
+    """``folder:PATH`` / ``npz:PATH`` with an absolute PATH; other names as they are."""
+    if name and name.startswith(("folder:", "npz:")):
+        kind, path = name.split(":", 1)
+        return f"{kind}:{_absolute(path)}"
+    return name
 
 
 def _prepare_run(kind, o):

@@ -185,7 +185,8 @@ def test_image_folder_target_of_mixed_sizes_and_a_corrupted_image(tmp_path, tiny
 
 def test_evaluate_and_gradcam_read_the_runs_dataset_and_data_root(tmp_path, tiny_config, digits_npz, monkeypatch):
     """A run's dataset and --data-dir are its evaluate / gradcam defaults, also for a finetune run's pretrain/;
-    a run directory without a readable config.yaml needs --dataset, said in one line."""
+    the run's relative --data-dir is found from another working directory; a run directory without a readable
+    config.yaml needs --dataset, said in one line."""
     import shutil
 
     import numpy as np
@@ -197,9 +198,12 @@ def test_evaluate_and_gradcam_read_the_runs_dataset_and_data_root(tmp_path, tiny
     np.savez(root / "mnist" / "test.npz", x=d["x"][300:], y=d["y"][300:], class_names=d["class_names"])
     monkeypatch.setenv("KTRANSFER_DATA_DIR", str(tmp_path / "elsewhere"))  # the default root holds nothing
     ft = tmp_path / "ft"
+    monkeypatch.chdir(tmp_path)
     r = invoke("finetune", "--config", tiny_config, "--source", "mnist", "--target", "mnist", "--data-dir",
-               str(root), "--strategies", "linear", "--out", str(ft), "--no-preview")
+               "data", "--strategies", "linear", "--out", str(ft), "--no-preview")
     assert r.exit_code == 0, r.output
+    assert yaml.safe_load(open(ft / "config.yaml"))["data"]["data_dir"] == str(root)  # recorded absolute
+    monkeypatch.chdir(tmp_path / "data" / "mnist")
     for args in (["evaluate", str(ft)], ["evaluate", str(ft / "pretrain")],
                  ["gradcam", str(ft / "pretrain"), "-n", "2"]):
         r = invoke(*args)
