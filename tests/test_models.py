@@ -25,7 +25,7 @@ def test_seed_resnet_has_the_seed_parameter_count():
     assert blocks == set(spec.blocks)
 
 
-@pytest.mark.parametrize("name", ["resnet", "efficientnet_b0", "mobilenet_v2", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet", "efficientnet_b0", "mobilenet_v2", "resnet50", "airbench"])
 def test_every_model_builds_and_maps_layers_to_blocks(name):
     spec = get_spec(name)
     bb = create_backbone(name, 32)
@@ -33,6 +33,12 @@ def test_every_model_builds_and_maps_layers_to_blocks(name):
     assigned = spec.layer_blocks(bb)
     assert set(assigned.values()) == set(spec.blocks), "every block owns at least one layer"
     assert bb.get_layer(spec.gradcam_layer) is not None
+    # Every block owns trainable weights, so partial (the last k blocks) and each gradual phase train
+    # more than the linear probe (airbench's weightless "pool" block made its partial a linear probe).
+    owned = {b: 0 for b in spec.blocks}
+    for layer in bb.layers:
+        owned[assigned[layer.name]] += sum(int(np.prod(w.shape)) for w in layer.trainable_weights)
+    assert min(owned.values()) > 0, owned
 
 
 def test_efficientnet_builds_at_224():

@@ -120,7 +120,7 @@ def _airbench_init(backbone, x):
 
 
 register_model(ModelSpec(
-    "airbench", _airbench_builder, 32, 16, 3, "unit", ("whiten", "group1", "group2", "group3", "pool"),
+    "airbench", _airbench_builder, 32, 16, 3, "unit", ("whiten", "group1", "group2", "group3"),
     "group3_gelu2", "fast CIFAR-10 net after airbench94 (whitening conv, 64/256/256 conv groups)",
     data_init=_airbench_init))
 
