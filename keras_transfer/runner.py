@@ -208,22 +208,21 @@ def load_pretrained(path):
 def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=True):
     """Pretrain (unless ``pretrained`` is given), then fine-tune every strategy and report.
 
-    The target is loaded once, first: a target that cannot be read stops the run before any
-    pretraining, and the augmentation preview (``preview``, written unless the preset is ``none``)
-    comes from the same arrays.
+    The pretrained model (if given) and then the target are loaded first, once: a bad ``pretrained``
+    file or a target that cannot be read stops the run before any pretraining, and the augmentation
+    preview (``preview``, written unless the preset is ``none``) comes from the same arrays.
     """
     enable_compilation_cache()
+    source_model = load_pretrained(pretrained) if pretrained is not None else None
     ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
     if preview and cfg.data.augment != "none":
         augmentation_preview(cfg, ds, os.path.join(run_dir, "augmentation.png"))
-    if pretrained is None:
+    if source_model is None:
         pre_dir = os.path.join(run_dir, "pretrain")
         if resume and os.path.exists(os.path.join(pre_dir, "model.keras")):
             source_model = load_pretrained(pre_dir)
         else:
             source_model, _ = pretrain(cfg, pre_dir, echo, resume=resume)
-    else:
-        source_model = load_pretrained(pretrained)
     source_backbone = source_model.get_layer("backbone")
     m = cfg.model
     spec_name = _spec_name_of(source_backbone, m.name)
