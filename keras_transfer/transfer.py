@@ -75,12 +75,13 @@ def trainable_blocks(spec_name, strategy, freeze_until=None, train_last_k=1):
 
 
 def set_trainable_blocks(model, spec_name, train_blocks):
-    """Freeze every backbone layer outside ``train_blocks``; everything else trains."""
+    """Freeze every backbone layer outside ``train_blocks`` and the model's fixed layers; everything else
+    trains."""
     spec = get_spec(spec_name)
     model.trainable = True
     backbone = backbone_of(model)
     for layer_name, block in spec.layer_blocks(backbone).items():
-        backbone.get_layer(layer_name).trainable = block in train_blocks
+        backbone.get_layer(layer_name).trainable = block in train_blocks and layer_name not in spec.fixed_layers
     return model
 
 

@@ -73,6 +73,27 @@ def test_trainable_parameter_counts_match_the_strategy():
     assert counts["linear"][0] < counts["partial"][0] < counts["full"][0]
 
 
+def test_airbench_strategies_keep_the_whitening_conv_fixed():
+    """No strategy trains airbench's whitening conv (set from the data); its bias and the groups do."""
+    from keras_transfer.models import build_classifier, create_backbone
+
+    bb = create_backbone("airbench", 16, 3, widths=(8, 16, 16))
+    model = build_classifier(bb, "airbench", (8, 8, 1), 10, head_hidden=0, head_dropout=0.0)  # resized to 16
+    counts = {}
+    for s in ("linear", "partial", "full", "scratch"):
+        apply_strategy(model, "airbench", s)
+        counts[s] = parameter_counts(model)[0]
+        assert not bb.get_layer("whiten_conv").trainable
+    assert counts["linear"] < counts["partial"] < counts["full"] == counts["scratch"]
+    assert bb.get_layer("whiten_bias").trainable
+    before = snapshot(model)
+    train_step(model)
+    after = snapshot(model)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert not any(k.startswith("whiten_conv/") for k in moved)
+    assert any(k.startswith("whiten_bias/") for k in moved) and any(k.startswith("group1_conv1/") for k in moved)
+
+
 def test_recompile_picks_up_the_new_trainable_set():
     model = tiny_model()
     apply_strategy(model, "resnet", "linear")

@@ -115,7 +115,7 @@ class PartialDirac(keras.initializers.Initializer):
 
 
 def airbench_cnn(input_shape=(32, 32, 3), widths=(64, 256, 256), bn_bias_lr=64.0, name="backbone"):
-    """Build the network (no head); blocks ``whiten``, ``group1..3``, ``pool``.
+    """Build the network (no head); blocks ``whiten``, ``group1..3`` (the weightless pool is group3's).
 
     Args:
         input_shape: tuple. (H, W, C) of normalised float inputs; H, W >= 16.

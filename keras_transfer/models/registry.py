@@ -34,6 +34,8 @@ class ModelSpec:
         description: str.
         data_init: callable ``(backbone, x) -> None`` or None. Data-dependent initialisation on
             normalised training images ``x``, run before training from scratch.
+        fixed_layers: tuple of str. Layers that no strategy trains (airbench's whitening conv, set
+            from the data by ``data_init``).
     """
 
     name: str
@@ -46,6 +48,7 @@ class ModelSpec:
     gradcam_layer: str
     description: str = ""
     data_init: object = None
+    fixed_layers: tuple = ()
 
     def block_of(self, layer_name):
         """The block whose name is the longest prefix of ``layer_name``, or ``None``."""
@@ -122,7 +125,7 @@ def _airbench_init(backbone, x):
 register_model(ModelSpec(
     "airbench", _airbench_builder, 32, 16, 3, "unit", ("whiten", "group1", "group2", "group3"),
     "group3_gelu2", "fast CIFAR-10 net after airbench94 (whitening conv, 64/256/256 conv groups)",
-    data_init=_airbench_init))
+    data_init=_airbench_init, fixed_layers=("whiten_conv",)))
 
 
 def _applications_builder(fn_name, file_name):
