@@ -28,6 +28,7 @@ from keras_transfer.train import compile_model, fit, read_history, resume_state,
 from keras_transfer.transfer import (
     apply_strategy,
     feature_extractor,
+    feature_statistics,
     gradual_schedule,
     head_model,
     parameter_counts,
@@ -56,12 +57,20 @@ def _augment(dcfg, ds, seed):
                               seed=seed)
 
 
-def _classifier(backbone, mcfg, ds, x_train, dcfg, seed):
+def _classifier(backbone, mcfg, ds, x_train, dcfg, seed, standardise_features=False):
+    """The classifier around ``backbone``; ``standardise_features``: its head starts with the backbone
+    features standardised over ``x_train`` (`feature_statistics`; for the linear probe)."""
     channels = backbone.input.shape[-1]
     mean, std = channel_stats(x_train, channels)
+    model = build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
+                             augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
+                             head_dropout=mcfg.head_dropout, seed=seed)
+    if not standardise_features:
+        return model
     return build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
                             augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
-                            head_dropout=mcfg.head_dropout, seed=seed)
+                            head_dropout=mcfg.head_dropout, seed=seed,
+                            feature_stats=feature_statistics(model, x_train))
 
 
 def _evaluate_and_plot(model, ds, splits, stage_dir, label, history, tta="none"):
@@ -241,7 +250,9 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=Tru
             channels = 1
         # scratch: the same architecture with a fresh initialisation.
         backbone = copy_backbone(source_backbone, channels, fresh=strategy == "scratch")
-        model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed)
+        # linear: the frozen backbone's features are standardised for the head (feature_statistics).
+        model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed,
+                            standardise_features=strategy == "linear")
         if strategy == "scratch":
             initialise_from_data(model, spec_name, splits["train"][0])
         apply_strategy(model, spec_name, strategy, cfg.transfer.freeze_until, cfg.transfer.train_last_k)

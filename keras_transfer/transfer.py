@@ -120,6 +120,23 @@ def feature_extractor(model):
     return keras.Model(model.input, features_tensor(model), name="feature_extractor")
 
 
+def feature_statistics(model, x, batch_size=256):
+    """``(mean, variance)`` of each backbone feature over images ``x`` (inference mode, no augmentation).
+
+    The variance has a floor of 0.1% of the mean feature variance, so that a feature that is (nearly)
+    constant on ``x`` is not scaled up without bound on other images. A linear probe trains its head
+    on features standardised with these (``build_classifier(feature_stats=...)``), as MAE's probe
+    does with an affine-free BatchNorm: a fixed affine map of frozen features, which leaves the
+    probe's capacity as it is but makes its learning rate independent of the backbone's feature
+    scale (airbench's CIFAR-10 features have a standard deviation near 0.07, and the default recipe's
+    120 Adam steps took a probe on 100 MNIST images to 0.26 validation accuracy on raw features
+    against 0.60 on standardised ones).
+    """
+    f = feature_extractor(model).predict(x, batch_size=batch_size, verbose=0).astype("float64")
+    variance = f.var(0)
+    return f.mean(0), variance + 1e-3 * variance.mean() + 1e-12
+
+
 def head_model(model):
     """A model of the classifier's head layers alone, sharing their weights with ``model``."""
     import keras

@@ -94,6 +94,30 @@ def test_airbench_strategies_keep_the_whitening_conv_fixed():
     assert any(k.startswith("whiten_bias/") for k in moved) and any(k.startswith("group1_conv1/") for k in moved)
 
 
+def test_linear_probe_head_standardises_the_frozen_features(tmp_path):
+    """feature_statistics + build_classifier(feature_stats=): the head sees the training images' features
+    at mean 0 and variance 1, trains no extra parameter, and the model saves and loads with it."""
+    from keras_transfer.models import build_classifier, create_backbone
+    from keras_transfer.transfer import feature_statistics
+
+    bb = create_backbone("resnet", 8, 1, widths=(4, 8, 8))
+    plain = build_classifier(bb, "resnet", (8, 8, 1), 10, head_hidden=8)
+    x, y = tiny_data(64)
+    mean, variance = feature_statistics(plain, x)
+    assert mean.shape == variance.shape == (8,) and variance.min() > 0
+    model = build_classifier(bb, "resnet", (8, 8, 1), 10, head_hidden=8, feature_stats=(mean, variance))
+    apply_strategy(model, "resnet", "linear")
+    apply_strategy(plain, "resnet", "linear")
+    assert parameter_counts(model)[0] == parameter_counts(plain)[0]
+    seen = keras.Model(model.input, model.get_layer("head_norm").output).predict(x, verbose=0)
+    np.testing.assert_allclose(seen.mean(0), 0.0, atol=1e-4)
+    # 1 but for the variance floor (0.1% of the mean feature variance), which only lowers it
+    assert np.all(seen.var(0) <= 1 + 1e-4) and np.all(seen.var(0) > 0.95), seen.var(0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
 def test_recompile_picks_up_the_new_trainable_set():
     model = tiny_model()
     apply_strategy(model, "resnet", "linear")

@@ -80,7 +80,8 @@ def create_backbone(name, input_size=None, channels=None, weights=None, **option
 
 
 def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None, std=None,
-                     augment=(), head_hidden=256, head_dropout=0.2, seed=0, name="classifier"):
+                     augment=(), head_hidden=256, head_dropout=0.2, seed=0, feature_stats=None,
+                     name="classifier"):
     """Assemble the classifier around ``backbone``.
 
     Args:
@@ -96,6 +97,9 @@ def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None
         seed: int. Seed of the head's dropout. An explicit seed keeps its state in the model
             (saved and restored on resume); with none, the torch backend draws from torch's
             global RNG.
+        feature_stats: ``(mean, variance)`` per backbone feature, or None. With them the head
+            starts with a fixed `keras.layers.Normalization` of the features (``head_norm``), as for
+            a linear probe on a frozen backbone (`keras_transfer.transfer.feature_statistics`).
     """
     spec = get_spec(spec_name)
     h, w, c = backbone.input.shape[1:]
@@ -119,6 +123,9 @@ def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None
         x = layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0, 1.0, 1.0],
                                  name="pre_norm")(x)
     x = backbone(x)
+    if feature_stats is not None:
+        mean, variance = (np.asarray(v, "float32").tolist() for v in feature_stats)
+        x = layers.Normalization(mean=mean, variance=variance, name=HEAD_PREFIX + "norm")(x)
     if head_hidden:
         x = layers.Dense(head_hidden, activation="elu", name=HEAD_PREFIX + "dense")(x)
         x = layers.Dropout(head_dropout, seed=seed, name=HEAD_PREFIX + "dropout")(x)
