@@ -414,8 +414,10 @@ def compare(run_dirs, out):
     out = new_run_dir(out, "compare")
     agg = write_comparison(list(run_dirs), out)
     for a in agg:
+        vs = (f"  vs scratch {100 * a['vs_scratch']:+.1f} ± {100 * a['vs_scratch_std']:.1f} points"
+              if "vs_scratch" in a else "")
         click.echo(f"{a['strategy']:10s} {a['model']:16s} {a['backend']:10s} n={a['n']}  "
-                   f"acc {a['accuracy']:.4f} ± {a['accuracy_std']:.4f}")
+                   f"acc {a['accuracy']:.4f} ± {a['accuracy_std']:.4f}{vs}")
     click.echo(f"wrote {out}")
 
 

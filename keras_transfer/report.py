@@ -170,11 +170,23 @@ def _row(d, m, seed, strategy):
             "trainable_params": m.get("trainable_params", 0)}
 
 
+_ORDER = ("pretrain", "scratch", "linear", "partial", "full", "gradual")
+
+
 def aggregate(rows, keys=("strategy", "model", "backend")):
-    """Group rows by ``keys`` and give mean and sample std (ddof=1; 0 for one run) per metric."""
+    """Group rows by ``keys`` and give mean and sample std (ddof=1; 0 for one run) per metric.
+
+    Groups come in (model, backend, strategy) order, strategies as in `STRATEGIES` after pretraining.
+    A group whose runs also ran ``scratch`` gets ``vs_scratch`` / ``vs_scratch_std`` / ``vs_scratch_n``:
+    the mean and sample std over those runs of its accuracy minus the same run's scratch accuracy
+    (paired: same seed, same target subset), the comparison that cancels the run-to-run spread both
+    share.
+    """
     groups = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    scratch = {(r["run"], r["model"], r["backend"]): r["accuracy"] for r in rows
+               if r["strategy"] == "scratch" and "run" in r}
     out = []
     for key, rs in groups.items():
         agg = dict(zip(keys, key))
@@ -183,26 +195,43 @@ def aggregate(rows, keys=("strategy", "model", "backend")):
             v = np.array([r[metric] for r in rs], dtype=float)
             agg[metric] = float(v.mean())
             agg[f"{metric}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        diffs = np.array([r["accuracy"] - scratch[(r["run"], r["model"], r["backend"])] for r in rs
+                          if r["strategy"] not in ("scratch", "pretrain")
+                          and (r.get("run"), r["model"], r["backend"]) in scratch])
+        if len(diffs):
+            agg.update(vs_scratch=float(diffs.mean()), vs_scratch_n=len(diffs),
+                       vs_scratch_std=float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0)
         out.append(agg)
-    return out
+    rank = {s: i for i, s in enumerate(_ORDER)}
+    return sorted(out, key=lambda a: (str(a.get("model")), str(a.get("backend")),
+                                      rank.get(a.get("strategy"), len(rank)), str(a.get("strategy"))))
 
 
 def write_comparison(run_dirs, out_dir):
     rows = collect_runs(run_dirs)
     agg = aggregate(rows)
     write_json(os.path.join(out_dir, "comparison.json"), {"runs": rows, "groups": agg})
-    labels = [f"{a['strategy']} / {a['model']} / {a['backend']}" for a in agg]
+    # Labels name the model and backend only where the runs differ in them.
+    shared = {k for k in ("model", "backend") if len({a[k] for a in agg}) == 1}
+    labels = [" / ".join(str(a[k]) for k in ("strategy", "model", "backend") if k not in shared) for a in agg]
+    title = "Comparison across runs" + "".join(f", {agg[0][k]}" for k in ("model", "backend") if k in shared)
     plots.comparison_figure([{**a, "label": lbl} for a, lbl in zip(agg, labels)],
-                            os.path.join(out_dir, "comparison.png"), title="Comparison across runs")
+                            os.path.join(out_dir, "comparison.png"), title=title)
     lines = ["# Comparison across runs", "", f"{len(run_dirs)} run(s): " + ", ".join(run_dirs), "",
-             "| strategy | model | backend | n | accuracy | macro-F1 | wall time (s) | trainable params |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| strategy | model | backend | n | accuracy | vs scratch (paired) | macro-F1 | wall time (s) | "
+             "trainable params |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for a in agg:
+        vs = (f"{100 * a['vs_scratch']:+.1f} ± {100 * a['vs_scratch_std']:.1f} points (n={a['vs_scratch_n']})"
+              if "vs_scratch" in a else "")
         lines.append(f"| {a['strategy']} | {a['model']} | {a['backend']} | {a['n']} | "
-                     f"{a['accuracy']:.4f} ± {a['accuracy_std']:.4f} | {a['macro_f1']:.4f} ± "
+                     f"{a['accuracy']:.4f} ± {a['accuracy_std']:.4f} | {vs} | {a['macro_f1']:.4f} ± "
                      f"{a['macro_f1_std']:.4f} | {a['wall_time']:.1f} ± {a['wall_time_std']:.1f} | "
                      f"{int(a['trainable_params']):,} |")
-    lines += ["", "(mean ± sample standard deviation over runs; ± 0 where a group has one run)", "",
+    lines += ["", "Mean ± sample standard deviation over runs (± 0 where a group has one run). \"vs scratch\": "
+              "the accuracy minus the same run's scratch baseline (same seed and target images), averaged "
+              "over runs; its spread is the one to read against the difference. Trainable parameters are "
+              "counted when a strategy starts (gradual: its head-only phase).", "",
               '<img src="comparison.png" alt="comparison">', ""]
     write_report(out_dir, "\n".join(lines), "keras-transfer comparison")
     return agg

@@ -58,3 +58,21 @@ def test_compare_mean_and_std():
     assert agg["full"]["accuracy"] == pytest.approx(0.9)
     assert agg["full"]["accuracy_std"] == pytest.approx(0.1)  # sample std of 0.8, 0.9, 1.0
     assert agg["linear"]["accuracy_std"] == 0.0
+
+
+def test_compare_orders_strategies_and_pairs_them_with_scratch():
+    """Strategies come in STRATEGIES order, each with its accuracy minus the same run's scratch."""
+    accs = {"r0": {"scratch": 0.90, "full": 0.95, "linear": 0.50}, "r1": {"scratch": 0.80, "full": 0.83,
+                                                                    "linear": 0.52}}
+    rows = [{"run": run, "strategy": s, "model": "m", "backend": "jax", "accuracy": a, "macro_f1": a,
+             "wall_time": 1.0, "trainable_params": 1} for run, d in accs.items() for s, a in d.items()]
+    rows.append({"run": "r2", "strategy": "full", "model": "m", "backend": "jax", "accuracy": 0.99,
+                 "macro_f1": 0.99, "wall_time": 1.0, "trainable_params": 1})  # no scratch: not paired
+    agg = aggregate(rows)
+    assert [a["strategy"] for a in agg] == ["scratch", "linear", "full"]
+    full = agg[2]
+    assert full["n"] == 3 and full["vs_scratch_n"] == 2
+    assert full["vs_scratch"] == pytest.approx(0.04)  # (0.05 + 0.03) / 2
+    assert full["vs_scratch_std"] == pytest.approx(np.std([0.05, 0.03], ddof=1))
+    assert agg[1]["vs_scratch"] == pytest.approx((-0.40 - 0.28) / 2)
+    assert "vs_scratch" not in agg[0]
