@@ -320,7 +320,8 @@ def _run_data_config(run_dir):
     """The ``data`` section of the run's ``config.yaml`` (a finetune run's, for its ``pretrain/``), or {}."""
     import yaml
 
-    for d in (run_dir, os.path.dirname(os.path.abspath(run_dir))):
+    finetune_run = os.path.dirname(os.path.abspath(run_dir))
+    for d in [run_dir] + ([finetune_run] if os.path.basename(os.path.abspath(run_dir)) == "pretrain" else []):
         path = os.path.join(d, "config.yaml")
         if os.path.isfile(path):
             try:

@@ -62,15 +62,14 @@ def _classifier(backbone, mcfg, ds, x_train, dcfg, seed, standardise_features=Fa
     features standardised over ``x_train`` (`feature_statistics`; for the linear probe)."""
     channels = backbone.input.shape[-1]
     mean, std = channel_stats(x_train, channels)
-    model = build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
-                             augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
-                             head_dropout=mcfg.head_dropout, seed=seed)
-    if not standardise_features:
-        return model
-    return build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
-                            augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
-                            head_dropout=mcfg.head_dropout, seed=seed,
-                            feature_stats=feature_statistics(model, x_train))
+
+    def build(feature_stats=None):
+        return build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
+                                augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
+                                head_dropout=mcfg.head_dropout, seed=seed, feature_stats=feature_stats)
+
+    model = build()
+    return build(feature_statistics(model, x_train)) if standardise_features else model
 
 
 def _evaluate_and_plot(model, ds, splits, stage_dir, label, history, tta="none"):
