@@ -87,7 +87,8 @@ def write_finetune_report(cfg, run_dir, ds, splits, results):
               "| strategy | accuracy | macro-F1 | trainable params | frozen params | epochs | wall time (s) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for s, r in results.items():
-        lines.append(f"| {s} | {r['accuracy']:.4f} | {r['macro']['f1']:.4f} | {r['trainable_params']:,} | "
+        trainable = " → ".join(f"{t:,}" for t in r.get("trainable_params_by_phase", [r["trainable_params"]]))
+        lines.append(f"| {s} | {r['accuracy']:.4f} | {r['macro']['f1']:.4f} | {trainable} | "
                      f"{r['non_trainable_params']:,} | {r['epochs']} | {r['wall_time']:.1f} |")
     lines += ["", '<img src="comparison.png" alt="comparison">', "",
               '<img src="curves.png" alt="curves">', ""]
@@ -230,8 +231,8 @@ def write_comparison(run_dirs, out_dir):
                      f"{int(a['trainable_params']):,} |")
     lines += ["", "Mean ± sample standard deviation over runs (± 0 where a group has one run). \"vs scratch\": "
               "the accuracy minus the same run's scratch baseline (same seed and target images), averaged "
-              "over runs; its spread is the one to read against the difference. Trainable parameters are "
-              "counted when a strategy starts (gradual: its head-only phase).", "",
+              "over runs; its spread is the one to read against the difference. Trainable parameters: "
+              "those a strategy trains (gradual: in its last phase).", "",
               '<img src="comparison.png" alt="comparison">', ""]
     write_report(out_dir, "\n".join(lines), "keras-transfer comparison")
     return agg

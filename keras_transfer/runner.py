@@ -256,8 +256,19 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=Tru
             initialise_from_data(model, spec_name, splits["train"][0])
         apply_strategy(model, spec_name, strategy, cfg.transfer.freeze_until, cfg.transfer.train_last_k)
         phases = gradual_schedule(spec_name, cfg.transfer.gradual_phases) if strategy == "gradual" else None
-        trainable, frozen = parameter_counts(model)
-        _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
+        extra = {}
+        if phases:  # gradual: the parameters each phase trains; its own count is its last phase's
+            counts = []
+            for blocks in phases:
+                set_trainable_blocks(model, spec_name, blocks)
+                counts.append(parameter_counts(model))
+            apply_strategy(model, spec_name, strategy)  # back to the head-only first phase
+            (trainable, frozen), extra = counts[-1], {"trainable_params_by_phase": [t for t, _ in counts]}
+            _log(f"  {strategy:8s} trainable {' -> '.join(f'{t:,}' for t, _ in counts)} parameters over "
+                 f"{len(phases)} phases", echo)
+        else:
+            trainable, frozen = parameter_counts(model)
+            _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
         if strategy == "linear" and cfg.transfer.cached_features:
             model, wall = train_cached_linear(model, splits, cfg.finetune, stage_dir, cfg.seed,
                                               cfg.data.batch_size)
@@ -268,7 +279,7 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=Tru
         metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
         metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall,
                        trainable_params=trainable, non_trainable_params=frozen,
-                       backend=keras.config.backend(), epochs=len(history.get("epoch", [])))
+                       backend=keras.config.backend(), epochs=len(history.get("epoch", [])), **extra)
         write_json(os.path.join(stage_dir, "metrics.json"), metrics)
         save_model(model, os.path.join(stage_dir, "model.keras"))
         results[strategy] = metrics

@@ -41,6 +41,10 @@ def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
     assert set(summary["strategies"]) == {"scratch", "linear", "partial", "full", "gradual"}
     s = summary["strategies"]
     assert s["linear"]["trainable_params"] < s["partial"]["trainable_params"] < s["full"]["trainable_params"]
+    # gradual: head only, then +stage3, then +stage2 (its own count is its last phase's)
+    phases = json.load(open(os.path.join(ft, "strategies", "gradual", "metrics.json")))["trainable_params_by_phase"]
+    assert phases[0] == s["linear"]["trainable_params"] and phases[1] == s["partial"]["trainable_params"]
+    assert phases[0] < phases[1] < phases[2] == s["gradual"]["trainable_params"] < s["full"]["trainable_params"]
     for f in ("report.md", "report.html", "comparison.png", "curves.png", "config.yaml", "augmentation.png"):
         assert os.path.exists(os.path.join(ft, f)), f
     assert "data:image/png;base64" in open(os.path.join(ft, "report.html")).read()
