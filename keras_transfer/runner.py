@@ -57,19 +57,13 @@ def _augment(dcfg, ds, seed):
                               seed=seed)
 
 
-def _classifier(backbone, mcfg, ds, x_train, dcfg, seed, standardise_features=False):
-    """The classifier around ``backbone``; ``standardise_features``: its head starts with the backbone
-    features standardised over ``x_train`` (`feature_statistics`; for the linear probe)."""
+def _classifier(backbone, mcfg, ds, x_train, dcfg, seed, feature_stats=None):
+    """The classifier around ``backbone``; ``feature_stats``: see `build_classifier` (the linear probe's)."""
     channels = backbone.input.shape[-1]
     mean, std = channel_stats(x_train, channels)
-
-    def build(feature_stats=None):
-        return build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
-                                augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
-                                head_dropout=mcfg.head_dropout, seed=seed, feature_stats=feature_stats)
-
-    model = build()
-    return build(feature_statistics(model, x_train)) if standardise_features else model
+    return build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
+                            augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
+                            head_dropout=mcfg.head_dropout, seed=seed, feature_stats=feature_stats)
 
 
 def _evaluate_and_plot(model, ds, splits, stage_dir, label, history, tta="none"):
@@ -133,18 +127,21 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
     return model, time.perf_counter() - t0
 
 
-def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size):
+def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size, train_features=None):
     """Linear probe on cached features: the frozen backbone runs once, the head trains on its output.
 
     The head layers are shared with ``model``, so ``model`` holds the trained head afterwards.
     Augmentation does not apply (features are computed once, in inference mode).
+    ``train_features``: the backbone's output on ``splits["train"]`` when already computed.
 
     Returns:
         ``(model, wall_seconds)``.
     """
     t0 = time.perf_counter()
     extractor = feature_extractor(model)
-    feats = {k: extractor.predict(splits[k][0], batch_size=256, verbose=0) for k in ("train", "val")}
+    feats = {k: extractor.predict(splits[k][0], batch_size=256, verbose=0)
+             for k in ("train", "val") if k != "train" or train_features is None}
+    feats.setdefault("train", train_features)
     head = head_model(model)
     compile_model(head, tcfg, steps_per_epoch(len(feats["train"]), batch_size))
     fit(head, make_input(feats["train"], splits["train"][1], batch_size, True, seed, "memory"),
@@ -249,9 +246,14 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=Tru
             channels = 1
         # scratch: the same architecture with a fresh initialisation.
         backbone = copy_backbone(source_backbone, channels, fresh=strategy == "scratch")
-        # linear: the frozen backbone's features are standardised for the head (feature_statistics).
-        model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed,
-                            standardise_features=strategy == "linear")
+        model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed)
+        train_features, feature_pass = None, 0.0
+        if strategy == "linear":  # the head trains on the frozen features standardised (feature_statistics)
+            t0 = time.perf_counter()
+            train_features = feature_extractor(model).predict(splits["train"][0], batch_size=256, verbose=0)
+            model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed,
+                                feature_stats=feature_statistics(train_features))
+            feature_pass = time.perf_counter() - t0  # counted in linear's wall time
         if strategy == "scratch":
             initialise_from_data(model, spec_name, splits["train"][0])
         apply_strategy(model, spec_name, strategy, cfg.transfer.freeze_until, cfg.transfer.train_last_k)
@@ -271,20 +273,20 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=Tru
             _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
         if strategy == "linear" and cfg.transfer.cached_features:
             model, wall = train_cached_linear(model, splits, cfg.finetune, stage_dir, cfg.seed,
-                                              cfg.data.batch_size)
+                                              cfg.data.batch_size, train_features)
         else:
             model, wall = train_stage(model, spec_name, splits, cfg.finetune, cfg.data, stage_dir, cfg.seed,
                                       strategy, phases, resume, echo)
         history = read_history(os.path.join(stage_dir, "history.csv"))
         metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
-        metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall,
+        metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall + feature_pass,
                        trainable_params=trainable, non_trainable_params=frozen,
                        backend=keras.config.backend(), epochs=len(history.get("epoch", [])), **extra)
         write_json(os.path.join(stage_dir, "metrics.json"), metrics)
         save_model(model, os.path.join(stage_dir, "model.keras"))
         results[strategy] = metrics
         _log(f"  {strategy:8s} test accuracy {metrics['accuracy']:.4f}  macro-F1 "
-             f"{metrics['macro']['f1']:.4f}  ({wall:.1f} s)", echo)
+             f"{metrics['macro']['f1']:.4f}  ({metrics['wall_time']:.1f} s)", echo)
     from keras_transfer.report import write_finetune_report
 
     write_finetune_report(cfg, run_dir, ds, splits, results)

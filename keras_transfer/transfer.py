@@ -120,11 +120,12 @@ def feature_extractor(model):
     return keras.Model(model.input, features_tensor(model), name="feature_extractor")
 
 
-def feature_statistics(model, x, batch_size=256):
-    """``(mean, variance)`` of each backbone feature over images ``x`` (inference mode, no augmentation).
+def feature_statistics(features):
+    """``(mean, variance)`` of each column of ``features``, the backbone's output on the training images
+    (``feature_extractor(model).predict(x)``: inference mode, no augmentation).
 
     The variance has a floor of 0.1% of the mean feature variance, so that a feature that is (nearly)
-    constant on ``x`` is not scaled up without bound on other images. A linear probe trains its head
+    constant on the training images is not scaled up without bound on other images. A linear probe trains its head
     on features standardised with these (``build_classifier(feature_stats=...)``), as MAE's probe
     does with an affine-free BatchNorm: a fixed affine map of frozen features, which leaves the
     probe's capacity as it is but makes its learning rate independent of the backbone's feature
@@ -132,7 +133,7 @@ def feature_statistics(model, x, batch_size=256):
     120 Adam steps took a probe on 100 MNIST images to 0.26 validation accuracy on raw features
     against 0.60 on standardised ones).
     """
-    f = feature_extractor(model).predict(x, batch_size=batch_size, verbose=0).astype("float64")
+    f = np.asarray(features, "float64")
     variance = f.var(0)
     return f.mean(0), variance + 1e-3 * variance.mean() + 1e-12
 

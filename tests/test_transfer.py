@@ -98,12 +98,12 @@ def test_linear_probe_head_standardises_the_frozen_features(tmp_path):
     """feature_statistics + build_classifier(feature_stats=): the head sees the training images' features
     at mean 0 and variance 1, trains no extra parameter, and the model saves and loads with it."""
     from keras_transfer.models import build_classifier, create_backbone
-    from keras_transfer.transfer import feature_statistics
+    from keras_transfer.transfer import feature_extractor, feature_statistics
 
     bb = create_backbone("resnet", 8, 1, widths=(4, 8, 8))
     plain = build_classifier(bb, "resnet", (8, 8, 1), 10, head_hidden=8)
     x, y = tiny_data(64)
-    mean, variance = feature_statistics(plain, x)
+    mean, variance = feature_statistics(feature_extractor(plain).predict(x, verbose=0))
     assert mean.shape == variance.shape == (8,) and variance.min() > 0
     model = build_classifier(bb, "resnet", (8, 8, 1), 10, head_hidden=8, feature_stats=(mean, variance))
     apply_strategy(model, "resnet", "linear")
