@@ -313,9 +313,18 @@ def bench_timm(size, batch, steps, precision="float32", repeats=3):
     return rows
 
 
+def probe_config(cfg):
+    """``cfg`` as `bench_cached_probe` runs it: the linear strategy alone, augmentation off (cached
+    features are of un-augmented images, so the ordinary probe must see the same)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment="none"),
+                               transfer=dataclasses.replace(cfg.transfer, strategies=("linear",)))
+
+
 def bench_cached_probe(cfg, pretrained, out_dir, seeds=(0,), echo=None):
     """Linear probe two ways on the same data and seeds: ordinary (the frozen backbone runs every
-    epoch) and on cached features (it runs once). Augmentation is off, so both see the same images.
+    epoch) and on cached features (it runs once), each with `probe_config(cfg)`.
 
     Returns:
         rows ``{"seed", "cached", "accuracy", "macro_f1", "wall_time"}``; runs under ``out_dir``.
@@ -325,12 +334,12 @@ def bench_cached_probe(cfg, pretrained, out_dir, seeds=(0,), echo=None):
 
     from keras_transfer import runner
 
+    cfg = probe_config(cfg)
     rows = []
     for seed in seeds:
         for cached in (False, True):
-            c = dataclasses.replace(
-                cfg, seed=seed, data=dataclasses.replace(cfg.data, augment="none"),
-                transfer=dataclasses.replace(cfg.transfer, strategies=("linear",), cached_features=cached))
+            c = dataclasses.replace(cfg, seed=seed,
+                                    transfer=dataclasses.replace(cfg.transfer, cached_features=cached))
             run_dir = os.path.join(out_dir, f"seed{seed}-{'cached' if cached else 'ordinary'}")
             r = runner.finetune(c, run_dir, pretrained=pretrained)["linear"]
             rows.append({"seed": seed, "cached": cached, "accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"],

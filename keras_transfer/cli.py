@@ -565,7 +565,7 @@ def bench_probe(config_path, pretrained, seeds, **o):
     from keras_transfer import bench as bench_lib
     from keras_transfer.io import atomic_write_text, new_run_dir, write_json
 
-    cfg = _resolve(config_path, o)
+    cfg = bench_lib.probe_config(_resolve(config_path, o))  # recorded as run
     o.pop("resume_dir", None)
     out = new_run_dir(o.get("out"), "bench-probe", o.get("overwrite"))
     seed_list = [int(s) for s in seeds.split(",")]

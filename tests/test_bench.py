@@ -125,7 +125,10 @@ def test_bench_probe_compares_ordinary_and_cached_linear_probes(tmp_path, digits
     r = CliRunner().invoke(main, ["bench-probe", "--config", str(path), "--pretrained", pre, "--seeds", "0",
                                   "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    rows = json.load(open(out / "probe.json"))["rows"]
+    record = json.load(open(out / "probe.json"))
+    assert record["config"]["data"]["augment"] == "none"  # as the probes ran (the recipe's preset is mild)
+    assert record["config"]["transfer"]["strategies"] == ["linear"]
+    rows = record["rows"]
     assert [row["cached"] for row in rows] == [False, True]
     ordinary, cached = rows
     # Same frozen features, same head initialisation and batches: the same predictions up to float noise.
