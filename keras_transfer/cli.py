@@ -10,7 +10,7 @@ import sys
 import click
 
 from keras_transfer import config as config_lib
-from keras_transfer.backend import avoid_device_syncs
+from keras_transfer.backend import avoid_device_syncs, defer_tensorflow_import
 from keras_transfer.data.augment import PRESETS
 from keras_transfer.errors import KTransferError
 
@@ -61,6 +61,7 @@ def main():
     """
     keep_freed_host_memory()  # KTRANSFER_MALLOC_TUNING=off keeps glibc's defaults
     avoid_device_syncs()  # torch only; KTRANSFER_SYNC_FREE=off keeps Keras' own conversions
+    defer_tensorflow_import()  # JAX and torch: TensorFlow only when the tf.data pipeline runs
 
 
 def _run_options(fn):
@@ -452,9 +453,15 @@ def models(size):
         n = create_backbone(name, side).count_params()
         keras.backend.clear_session()
         click.echo(f"{name:16s} {n:>11,d} params (backbone, {side}x{side}x{s.channels}); input min "
-                   f"{s.min_size}, default {s.default_size}, values {s.value_range}; blocks: "
-                   f"{', '.join(s.blocks[:4])}{' ...' if len(s.blocks) > 4 else ''} {s.blocks[-1]}")
+                   f"{s.min_size}, default {s.default_size}, values {s.value_range}; {_block_summary(s.blocks)}")
         click.echo(f"{'':16s} {s.description}")
+
+
+def _block_summary(blocks, show=6):
+    """``blocks (n): a, b, c`` with every block when there are at most ``show``, else the first four and the
+    last."""
+    names = list(blocks) if len(blocks) <= show else [*blocks[:4], "...", blocks[-1]]
+    return f"blocks ({len(blocks)}): {', '.join(names)}"
 
 
 @main.command()

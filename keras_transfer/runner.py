@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from keras_transfer import plots
-from keras_transfer.backend import enable_compilation_cache
+from keras_transfer.backend import defer_tensorflow_import, enable_compilation_cache
 from keras_transfer.data import load_dataset, train_val_test
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input, steps_per_epoch
@@ -152,6 +152,7 @@ def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size, train_
 def pretrain(cfg, run_dir, echo=None, resume=False):
     """Pretrain the backbone on ``cfg.data.source``; writes ``run_dir/model.keras``."""
     enable_compilation_cache()
+    defer_tensorflow_import()
     set_precision(cfg.pretrain.precision)
     keras.utils.set_random_seed(cfg.seed)
     ds, splits = _splits(cfg.data.source, cfg.data, cfg.seed, low_data=False)
@@ -218,6 +219,7 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=Tru
     preview (``preview``, written unless the preset is ``none``) comes from the same arrays.
     """
     enable_compilation_cache()
+    defer_tensorflow_import()
     source_model = load_pretrained(pretrained) if pretrained is not None else None
     ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
     if preview and cfg.data.augment != "none":

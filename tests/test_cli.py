@@ -235,6 +235,12 @@ def test_listing_commands():
     assert r.exit_code == 0 and "emnist_letters" in r.output and "mnist_5k" in r.output
     r = invoke("info")
     assert r.exit_code == 0 and "backend" in r.output
+    r = invoke("models", "--size", "32")
+    lines = {line.split()[0]: line for line in r.output.splitlines() if line.strip() and not line.startswith(" ")}
+    assert r.exit_code == 0, r.output
+    # every block once (a model of four blocks had its last one printed twice), the count of a long list
+    assert lines["airbench"].endswith("; blocks (4): whiten, group1, group2, group3"), lines["airbench"]
+    assert lines["efficientnet_b0"].endswith("; blocks (9): stem, block1, block2, block3, ..., top"), r.output
     for cmd in ("pretrain", "finetune", "evaluate", "gradcam", "compare", "datasets", "models", "info"):
         r = invoke(cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output

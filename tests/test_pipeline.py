@@ -87,7 +87,7 @@ def test_auto_path_prefers_memory_for_small_arrays():
     assert choose_input_path(x, "tfdata") == "tfdata"
 
 
-def test_in_memory_training_never_imports_tensorflow():
+def test_in_memory_training_never_imports_tensorflow(tmp_path):
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if backend == "tensorflow":
         pytest.skip("the TensorFlow backend imports TensorFlow by definition")
@@ -102,10 +102,41 @@ def test_in_memory_training_never_imports_tensorflow():
         "x, y = tiny_data(16)\n"
         "m.fit(make_input(x, y, 8, True), epochs=1, verbose=0)\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+        # Keras itself imports TensorFlow, when installed, to seed it and to serialise any layer config
+        "from keras_transfer.backend import defer_tensorflow_import\n"
+        "assert defer_tensorflow_import()\n"
+        "keras.utils.set_random_seed(1)\n"
+        "m.save('m.keras')\n"
+        "keras.models.load_model('m.keras')\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported by seeding or saving'\n"
         "print('ok')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                         env={**os.environ, "KERAS_BACKEND": backend}, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": root}, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_tensorflow_imported_late_gets_the_keras_seed_and_is_seen_by_keras(tmp_path):
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend == "tensorflow" or not importlib.util.find_spec("tensorflow"):
+        pytest.skip("needs TensorFlow installed beside the JAX or torch backend")
+    code = (
+        "import sys, keras\n"
+        "from keras.src.utils import module_utils\n"
+        "from keras_transfer import backend\n"
+        "backend.defer_tensorflow_import()\n"
+        "keras.utils.set_random_seed(7)\n"
+        "assert 'tensorflow' not in sys.modules and not module_utils.tensorflow.available\n"
+        "tf = backend.import_tensorflow()  # as the tf.data pipeline does\n"
+        "assert module_utils.tensorflow.available  # Keras sees TensorFlow types again\n"
+        "a = tf.random.uniform([4]).numpy()\n"
+        "tf.random.set_seed(7)  # what keras.utils.set_random_seed(7) does with TensorFlow imported\n"
+        "b = tf.random.uniform([4]).numpy()\n"
+        "assert (a == b).all(), (a, b)\n"
+        "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": root}, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 

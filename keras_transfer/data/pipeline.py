@@ -1,8 +1,9 @@
 """Input pipelines: in-memory uint8 batches (no TensorFlow) and tf.data.
 
 Both feed the same uint8 NHWC batches to the same model; preprocessing and
-augmentation are layers inside the model. TensorFlow is imported only inside
-`tf_dataset`, the one place in the package that uses it.
+augmentation are layers inside the model. TensorFlow is imported only for the
+tf.data pipelines (`tf_dataset`, `ArrayBatches.as_tf_dataset`), through
+`backend.import_tensorflow`.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class ArrayBatches(keras.utils.PyDataset):
         work: on an endless stream Keras' TensorFlow trainer runs whole executions, so an epoch of
         5 steps at 4 steps per execution took 8 and ate into the next epoch.
         """
-        import tensorflow as tf
+        tf = backend.import_tensorflow()
 
         def current_epoch(_):
             epoch = tf.numpy_function(lambda: np.int64(self.epoch), [], tf.int64, stateful=True)
@@ -166,7 +167,7 @@ def fit_input(data):
 
 def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True, drop_last=False):
     """A tf.data pipeline over arrays: cache, shuffle, batch, prefetch(AUTOTUNE)."""
-    import tensorflow as tf
+    tf = backend.import_tensorflow()
 
     ds = tf.data.Dataset.from_tensor_slices((x, np.asarray(y, dtype=np.int32)))
     if cache:
@@ -183,7 +184,7 @@ def choose_input_path(x, requested="auto"):
     if x.nbytes <= IN_MEMORY_LIMIT_BYTES:
         return "memory"
     try:
-        import tensorflow  # noqa: F401
+        backend.import_tensorflow()
     except ImportError:
         return "memory"
     return "tfdata"
