@@ -46,19 +46,25 @@ def confusion_matrix_figure(cm, class_names, path, title="Confusion matrix (row-
 
 
 def curves_figure(histories, path, title="Training curves"):
-    """``histories``: ``{label: {"loss": [...], "val_loss": [...], "accuracy": [...], ...}}``."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    """``histories``: ``{label: {"loss": [...], "val_loss": [...], "accuracy": [...], ...}}``; a third
+    panel shows ``learning_rate`` when any history has it (log scale unless a rate is 0)."""
+    keys = ["loss", "accuracy"] + (["learning_rate"] if any("learning_rate" in h for h in histories.values()) else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), layout="constrained")
     for (label, h), color in zip(histories.items(), plt.cm.tab10.colors):
         epochs = np.arange(1, len(h.get("loss", [])) + 1)
-        for ax, key in zip(axes, ("loss", "accuracy")):
+        for ax, key in zip(axes, keys):
             if key in h:
-                ax.plot(epochs, h[key], "--", color=color, label=f"{label} train")
+                ax.plot(epochs, h[key], "-" if key == "learning_rate" else "--", color=color,
+                        label=label if key == "learning_rate" else f"{label} train")
             if f"val_{key}" in h:
                 ax.plot(epochs, h[f"val_{key}"], "-", color=color, label=f"{label} val")
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, keys):
         ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
+        ax.set_ylabel(key.replace("_", " "))
         ax.grid(alpha=0.3)
+    rates = [r for h in histories.values() for r in h.get("learning_rate", [])]
+    if rates and min(rates) > 0:  # a schedule that ends at 0 stays on a linear axis
+        axes[2].set_yscale("log")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
     save_figure(fig, path)

@@ -229,6 +229,17 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_time"] = time.perf_counter() - self._t
 
 
+class LearningRateLog(keras.callbacks.Callback):
+    """Adds ``learning_rate`` to the logs of each epoch: the optimizer's rate when the epoch ends (a
+    schedule's value at the step count reached; with ``ReduceLROnPlateau``, the rate before any cut it
+    makes at that epoch's end)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        rate = getattr(self.model.optimizer, "learning_rate", None)
+        if logs is not None and rate is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(rate))
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Save ``last.keras`` every epoch and ``best.keras`` on a better ``monitor`` value.
 
@@ -341,6 +352,21 @@ class FreezeBias(keras.callbacks.Callback):
             layer.unfreeze()
 
 
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """``keras.callbacks.CSVLogger`` that, appending to a history with a header, keeps that header's
+    columns: a run begun by an earlier version (no ``learning_rate`` column) resumes into a file that
+    still reads, where Keras would write rows of more values than the header names."""
+
+    def on_train_begin(self, logs=None):
+        header = None
+        if self.append and os.path.exists(self.filename):
+            with open(self.filename, newline="") as f:
+                header = next(csv.reader(f), None)
+        super().on_train_begin(logs)
+        if header and header[0] == "epoch":
+            self.keys = header[1:]
+
+
 def _all_layers(model):
     for layer in model.layers:
         yield layer
@@ -361,8 +387,9 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     """
     os.makedirs(stage_dir, exist_ok=True)
     ckpt = os.path.join(stage_dir, "checkpoints")
-    callbacks = [EpochTimer(), AtomicCheckpoint(ckpt), SeedState(os.path.join(ckpt, "rng.npz"), initial_epoch > 0),
-                 keras.callbacks.CSVLogger(os.path.join(stage_dir, "history.csv"), append=initial_epoch > 0),
+    callbacks = [EpochTimer(), LearningRateLog(), AtomicCheckpoint(ckpt),
+                 SeedState(os.path.join(ckpt, "rng.npz"), initial_epoch > 0),
+                 HistoryLogger(os.path.join(stage_dir, "history.csv"), append=initial_epoch > 0),
                  *extra_callbacks]
     if cfg.whiten_bias_epochs is not None:
         callbacks.append(FreezeBias.for_model(model, cfg.whiten_bias_epochs))
@@ -371,7 +398,7 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     if cfg.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=cfg.early_stopping,
                                                        mode="max", restore_best_weights=True))
-    # CSVLogger must see epoch_time: it is filled by EpochTimer, which runs first.
+    # CSVLogger must see epoch_time and learning_rate: EpochTimer and LearningRateLog, which run first, add them.
     # shuffle=False: the input (ArrayBatches, tf.data) shuffles itself, seeded per epoch; Keras' own
     # batch-order shuffle on torch would draw from torch's global RNG and break resume equality.
     train, follow = fit_input(train)

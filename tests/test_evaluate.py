@@ -36,6 +36,11 @@ def test_figures_are_valid_pngs(tmp_path):
     plots.confusion_matrix_figure(cm, names, str(tmp_path / "cm.png"))
     plots.curves_figure({"full": {"loss": [1, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8],
                                   "val_accuracy": [0.4, 0.7]}}, str(tmp_path / "curves.png"))
+    plots.curves_figure({"full": {"loss": [1, 0.5], "accuracy": [0.5, 0.8], "learning_rate": [1e-3, 5e-4]},
+                         "cosine": {"loss": [1, 0.6], "accuracy": [0.5, 0.7], "learning_rate": [1e-3, 0.0]}},
+                        str(tmp_path / "curves_lr.png"))
+    with Image.open(tmp_path / "curves.png") as two, Image.open(tmp_path / "curves_lr.png") as three:
+        assert three.size[0] > 1.4 * two.size[0]  # a third panel: the learning rate
     x = np.random.default_rng(0).integers(0, 255, (12, 8, 8, 1), dtype=np.uint8)
     probs = np.random.default_rng(1).random((12, 10))
     plots.misclassified_figure(x, np.zeros(12, int), probs, names, str(tmp_path / "mis.png"))

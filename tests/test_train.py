@@ -9,7 +9,7 @@ from keras_transfer.config import TrainConfig
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input
 from keras_transfer.errors import ConfigError
-from keras_transfer.train import compile_model, fit, read_history, resume_state
+from keras_transfer.train import compile_model, fit, learning_rate, read_history, resume_state
 from tests.conftest import tiny_data, tiny_model
 
 CFG = TrainConfig(epochs=3, optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
@@ -39,8 +39,31 @@ def test_resume_reaches_the_same_weights(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     hist = read_history(str(tmp_path / "part" / "history.csv"))
     assert hist["epoch"] == [0.0, 1.0, 2.0] and "epoch_time" in hist
+    # the schedule's rate where each epoch (4 steps) ends, resumed or not: warm-up to 0.05, then cosine
+    schedule = learning_rate(CFG, 4)
+    want = [float(keras.ops.convert_to_numpy(schedule(4 * (e + 1)))) for e in range(3)]
+    np.testing.assert_allclose(hist["learning_rate"], want, rtol=1e-5)
+    np.testing.assert_allclose(read_history(str(tmp_path / "full" / "history.csv"))["learning_rate"], want, rtol=1e-5)
+    assert want[0] == pytest.approx(0.05) and want[0] > want[1] > want[2]
     assert os.path.exists(tmp_path / "part" / "checkpoints" / "best.keras")
     assert not [f for f in os.listdir(tmp_path / "part" / "checkpoints") if f.startswith(".tmp")]
+
+
+def test_resuming_a_history_without_a_learning_rate_column_keeps_its_columns(tmp_path):
+    stage = tmp_path / "old"
+    _run(str(stage), 2)
+    path = stage / "history.csv"
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    drop = rows[0].index("learning_rate")  # as an earlier version wrote it
+    path.write_text("".join(",".join(r[:drop] + r[drop + 1:]) + "\n" for r in rows))
+    model, start = resume_state(str(stage))
+    x, y = tiny_data(32)
+    xv, yv = tiny_data(16, seed=1)
+    fit(model, make_input(x, y, 8, True, 0, initial_epoch=start), make_input(xv, yv, 8, False), CFG, str(stage),
+        initial_epoch=start)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and {len(line.split(",")) for line in lines} == {len(rows[0]) - 1}, lines
+    assert read_history(str(path))["epoch"] == [0.0, 1.0, 2.0]
 
 
 def test_steps_per_execution_trains_exactly_like_one_step_per_call(tmp_path):
