@@ -87,6 +87,14 @@ def test_auto_path_prefers_memory_for_small_arrays():
     assert choose_input_path(x, "tfdata") == "tfdata"
 
 
+def _python_prints_ok(code, backend, cwd):
+    """Runs ``code`` in a fresh interpreter (so that ``sys.modules`` starts empty) on ``backend``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                         env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": root}, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_in_memory_training_never_imports_tensorflow(tmp_path):
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if backend == "tensorflow":
@@ -110,10 +118,7 @@ def test_in_memory_training_never_imports_tensorflow(tmp_path):
         "keras.models.load_model('m.keras')\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported by seeding or saving'\n"
         "print('ok')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": root}, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _python_prints_ok(code, backend, tmp_path)
 
 
 def test_tensorflow_imported_late_gets_the_keras_seed_and_is_seen_by_keras(tmp_path):
@@ -134,10 +139,7 @@ def test_tensorflow_imported_late_gets_the_keras_seed_and_is_seen_by_keras(tmp_p
         "b = tf.random.uniform([4]).numpy()\n"
         "assert (a == b).all(), (a, b)\n"
         "print('ok')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": root}, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _python_prints_ok(code, backend, tmp_path)
 
 
 def test_device_gather_gives_the_host_batches_and_trains():
