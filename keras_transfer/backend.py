@@ -454,7 +454,7 @@ def _imported_tensorflow_class():
         def available(self):
             import sys
 
-            return "tensorflow" in sys.modules and module_utils.LazyModule.available.fget(self)
+            return "tensorflow" in sys.modules and super().available
 
     return ImportedTensorFlow
 

@@ -139,9 +139,9 @@ def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size, train_
     """
     t0 = time.perf_counter()
     extractor = feature_extractor(model)
-    feats = {k: extractor.predict(splits[k][0], batch_size=256, verbose=0)
-             for k in ("train", "val") if k != "train" or train_features is None}
-    feats.setdefault("train", train_features)
+    if train_features is None:
+        train_features = extractor.predict(splits["train"][0], batch_size=256, verbose=0)
+    feats = {"train": train_features, "val": extractor.predict(splits["val"][0], batch_size=256, verbose=0)}
     head = head_model(model)
     compile_model(head, tcfg, steps_per_epoch(len(feats["train"]), batch_size))
     fit(head, make_input(feats["train"], splits["train"][1], batch_size, True, seed, "memory"),
