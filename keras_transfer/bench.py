@@ -334,14 +334,14 @@ def bench_cached_probe(cfg, pretrained, out_dir, seeds=(0,), echo=None):
 
     from keras_transfer import runner
 
-    cfg = probe_config(cfg)
+    cfg = runner.with_pretrained(probe_config(cfg), pretrained)
     rows = []
     for seed in seeds:
         for cached in (False, True):
             c = dataclasses.replace(cfg, seed=seed,
                                     transfer=dataclasses.replace(cfg.transfer, cached_features=cached))
             run_dir = os.path.join(out_dir, f"seed{seed}-{'cached' if cached else 'ordinary'}")
-            r = runner.finetune(c, run_dir, pretrained=pretrained)["linear"]
+            r = runner.finetune(c, run_dir)["linear"]
             rows.append({"seed": seed, "cached": cached, "accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"],
                          "wall_time": r["wall_time"], "epochs": r["epochs"], "n_test": r["n"]})
             if echo:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -127,6 +128,13 @@ def _resolve(config_path, o, **transfer):
     }
     if o.get("fraction") is not None and o.get("per_class") is None:
         cfg = config_lib.merge(cfg, {"data": {"per_class": None}})
+    if o.get("model_name") and o["model_name"] != cfg.model.name:
+        # The config's input side and channels were chosen for its own model: --model gets its defaults.
+        from keras_transfer.models import get_spec
+
+        spec = get_spec(o["model_name"])
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, input_size=spec.default_size,
+                                                                 channels=spec.channels))
     cfg = config_lib.merge(cfg, overrides)
     # Paths are recorded absolute, so evaluate, gradcam and --resume find the data from any directory.
     d = cfg.data
@@ -236,14 +244,16 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
                 "freeze_until": freeze_until, "train_last_k": train_last_k, "channel_mode": channel_mode,
                 "cached_features": cached_features}
     cfg = _resolve(config_path, o, **transfer)
+    if pretrained is not None and not o.get("resume_dir"):
+        cfg = runner.with_pretrained(cfg, pretrained, source=_absolute_dataset(o.get("source")),
+                                     model=o.get("model_name"))
     existed = _empty_dir_given(o)
     run_dir, resume = _prepare_run("finetune", o)
-    if resume:
+    if resume:  # the run's own config.yaml, --pretrained (transfer.pretrained) included
         cfg = _load_resume_config(run_dir, cfg)
     with _started_run(run_dir, resume, existed):
         config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
-        results = runner.finetune(cfg, run_dir, pretrained=pretrained, echo=click.echo, resume=resume,
-                                  preview=preview)
+        results = runner.finetune(cfg, run_dir, echo=click.echo, resume=resume, preview=preview)
     click.echo("")
     click.echo(f"{'strategy':10s} {'accuracy':>9s} {'macro-F1':>9s} {'trainable':>10s} {'time (s)':>9s}")
     for s, r in results.items():
@@ -438,6 +448,11 @@ def datasets(data_dir):
     click.echo(f"\ncache: {os.path.dirname(dataset_dir('x', data_dir))}; also folder:PATH and npz:PATH")
 
 
+# How the classifier hands a backbone its pixels (`keras_transfer.models.build_classifier`), by value_range.
+_VALUE_RANGES = {"unit": "to [0, 1], then per-channel mean/std", "0-255": "as 0..255",
+                 "-1-1": "to [-1, 1]", "caffe": "to BGR minus ImageNet means"}
+
+
 @main.command()
 @click.option("--size", type=click.IntRange(min=1), help="Input side for the parameter count (default: each model's).")
 @_fail_cleanly
@@ -453,7 +468,8 @@ def models(size):
         n = create_backbone(name, side).count_params()
         keras.backend.clear_session()
         click.echo(f"{name:16s} {n:>11,d} params (backbone, {side}x{side}x{s.channels}); input min "
-                   f"{s.min_size}, default {s.default_size}, values {s.value_range}; {_block_summary(s.blocks)}")
+                   f"{s.min_size}, default {s.default_size}, pixels {_VALUE_RANGES[s.value_range]}; "
+                   f"{_block_summary(s.blocks)}")
         click.echo(f"{'':16s} {s.description}")
 
 

@@ -54,17 +54,35 @@ def per_class_table(metrics):
     return "\n".join(lines)
 
 
-def write_finetune_report(cfg, run_dir, ds, splits, results):
-    """Comparison table, verdict on transfer vs scratch, per-strategy figures; md + html + json."""
+def _pretraining(cfg, run_dir):
+    """``(source label, pretrain metrics or None)``: this run's pretraining, or the pretrained model's."""
+    if cfg.transfer.pretrained is None:
+        pre = os.path.join(run_dir, "pretrain", "metrics.json")
+        return cfg.data.source, read_json(pre) if os.path.exists(pre) else None
+    from keras_transfer.runner import pretrained_provenance
+
+    prov = pretrained_provenance(cfg.transfer.pretrained)
+    metrics = prov["metrics"]
+    if prov["config"] is not None:
+        return cfg.data.source, metrics
+    return (metrics["dataset"] if metrics else os.path.basename(prov["file"])), metrics
+
+
+def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None):
+    """Comparison table, verdict on transfer vs scratch, per-strategy figures; md + html + json.
+
+    ``model_name``: the registered backbone fine-tuned (default ``cfg.model.name``).
+    """
+    model_name = model_name or cfg.model.name
+    source, pre_metrics = _pretraining(cfg, run_dir)
     rows = [{"label": s, "accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"], "wall_time": r["wall_time"],
              "trainable_params": r["trainable_params"]} for s, r in results.items()]
     plots.comparison_figure(rows, os.path.join(run_dir, "comparison.png"),
-                            title=f"{cfg.data.source} -> {ds.name}: strategies on the test split")
+                            title=f"{source} -> {ds.name}: strategies on the test split")
     histories = {s: _history(run_dir, s) for s in results}
     plots.curves_figure(histories, os.path.join(run_dir, "curves.png"), title="Fine-tuning curves, all strategies")
-    pre = os.path.join(run_dir, "pretrain", "metrics.json")
-    pre_metrics = read_json(pre) if os.path.exists(pre) else None
-    summary = {"backend": keras.config.backend(), "keras": keras.__version__, "source": cfg.data.source,
+    summary = {"backend": keras.config.backend(), "keras": keras.__version__, "source": source,
+               "pretrained": cfg.transfer.pretrained, "model": model_name,
                "target": ds.name, "target_train": int(len(splits["train"][0])),
                "target_test": int(len(splits["test"][0])),
                "pretrain_accuracy": pre_metrics["accuracy"] if pre_metrics else None,
@@ -75,12 +93,16 @@ def write_finetune_report(cfg, run_dir, ds, splits, results):
     summary["verdict"] = verdict
     write_json(os.path.join(run_dir, "summary.json"), summary)
 
-    lines = [f"# Transfer report: {cfg.data.source} → {ds.name}", "",
-             f"Backend **{keras.config.backend()}** (Keras {keras.__version__}), model **{cfg.model.name}**, "
+    lines = [f"# Transfer report: {source} → {ds.name}", "",
+             f"Backend **{keras.config.backend()}** (Keras {keras.__version__}), model **{model_name}**, "
              f"seed {cfg.seed}. Target training set: **{len(splits['train'][0])} images** "
              f"({cfg.data.per_class or 'all'} per class), validation {len(splits['val'][0])}, "
              f"test {len(splits['test'][0])}.", ""]
-    if pre_metrics:
+    if cfg.transfer.pretrained:
+        lines += [f"Pretrained model: `{cfg.transfer.pretrained}`" + (
+            f", trained on {pre_metrics['dataset']} to test accuracy **{pre_metrics['accuracy']:.4f}**."
+            if pre_metrics else " (no metrics.json beside it: where it was trained is not recorded)."), ""]
+    elif pre_metrics:
         lines += [f"Pretraining on {pre_metrics['dataset']}: test accuracy **{pre_metrics['accuracy']:.4f}** "
                   f"in {pre_metrics['wall_time']:.1f} s.", ""]
     lines += ["## Verdict", "", verdict, "", "## Strategies on the test split", "",
@@ -99,7 +121,7 @@ def write_finetune_report(cfg, run_dir, ds, splits, results):
     if os.path.exists(os.path.join(run_dir, "augmentation.png")):
         lines += ["## Augmentation", "", '<img src="augmentation.png" alt="augmentation preview">', ""]
     lines += ["## Configuration", "", "```yaml", _yaml(to_dict(cfg)).rstrip(), "```", ""]
-    write_report(run_dir, "\n".join(lines), f"keras-transfer: {cfg.data.source} -> {ds.name}")
+    write_report(run_dir, "\n".join(lines), f"keras-transfer: {source} -> {ds.name}")
 
 
 def transfer_verdict(results):

@@ -57,11 +57,12 @@ def _augment(dcfg, ds, seed):
                               seed=seed)
 
 
-def _classifier(backbone, mcfg, ds, x_train, dcfg, seed, feature_stats=None):
-    """The classifier around ``backbone``; ``feature_stats``: see `build_classifier` (the linear probe's)."""
+def _classifier(backbone, spec_name, mcfg, ds, x_train, dcfg, seed, feature_stats=None):
+    """The classifier around ``backbone`` (registered as ``spec_name``, whose input contract it gets);
+    ``feature_stats``: see `build_classifier` (the linear probe's)."""
     channels = backbone.input.shape[-1]
     mean, std = channel_stats(x_train, channels)
-    return build_classifier(backbone, mcfg.name, ds.image_shape, ds.num_classes, mean=mean, std=std,
+    return build_classifier(backbone, spec_name, ds.image_shape, ds.num_classes, mean=mean, std=std,
                             augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
                             head_dropout=mcfg.head_dropout, seed=seed, feature_stats=feature_stats)
 
@@ -159,7 +160,7 @@ def pretrain(cfg, run_dir, echo=None, resume=False):
     m = cfg.model
     backbone = create_backbone(m.name, m.input_size, m.channels or ds.image_shape[-1], m.weights,
                                **m.backbone_options())
-    model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed)
+    model = _classifier(backbone, m.name, m, ds, splits["train"][0], cfg.data, cfg.seed)
     initialise_from_data(model, m.name, splits["train"][0])
     _log(f"pretrain {m.name} on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
          f"{len(splits['test'][0])} test, {cfg.pretrain.epochs} epochs", echo)
@@ -193,33 +194,93 @@ def epoch_timing(epoch_times):
             "train_s_without_compile": float(np.sum(epoch_times[1:])) + steady}
 
 
-def load_pretrained(path):
-    """A pretrained classifier from ``MODEL.keras`` or a run directory holding ``model.keras``."""
-    candidates = [path, os.path.join(path, "model.keras"), os.path.join(path, "pretrain", "model.keras")]
-    for c in candidates:
+def _pretrained_file(path):
+    """The ``.keras`` file ``path`` names: itself, or ``model.keras`` in a run directory (or its ``pretrain/``)."""
+    for c in (path, os.path.join(path, "model.keras"), os.path.join(path, "pretrain", "model.keras")):
         if os.path.isfile(c):
-            import zipfile
-
-            if not zipfile.is_zipfile(c):  # Keras' own error says "File not found" for a truncated file
-                raise DataError(f"Could not load {c}: expected a complete Keras .keras (zip) file. Received: "
-                                f"{os.path.getsize(c):,} bytes, not a zip archive (truncated?)")
-            try:
-                return load_model(c)
-            except Exception as e:
-                raise DataError(f"Could not load {c}: expected a Keras .keras model. Received: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+            return c
     raise DataError(f"Expected a .keras file or a run directory with model.keras. Received: {path!r}")
 
 
-def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=True):
-    """Pretrain (unless ``pretrained`` is given), then fine-tune every strategy and report.
+def load_pretrained(path):
+    """A pretrained classifier from ``MODEL.keras`` or a run directory holding ``model.keras``."""
+    c = _pretrained_file(path)
+    import zipfile
 
-    The pretrained model (if given) and then the target are loaded first, once: a bad ``pretrained``
+    if not zipfile.is_zipfile(c):  # Keras' own error says "File not found" for a truncated file
+        raise DataError(f"Could not load {c}: expected a complete Keras .keras (zip) file. Received: "
+                        f"{os.path.getsize(c):,} bytes, not a zip archive (truncated?)")
+    try:
+        return load_model(c)
+    except Exception as e:
+        raise DataError(f"Could not load {c}: expected a Keras .keras model. Received: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+
+def pretrained_provenance(path):
+    """What the run that wrote the model at ``path`` says about it, read from beside the file.
+
+    Returns:
+        dict with ``file`` (the ``.keras`` file), ``metrics`` (its ``metrics.json``, with ``dataset``
+        and ``accuracy``) and ``config`` (the pretrain run's resolved
+        `RunConfig`); either is None when absent or unreadable (a model file on its own).
+    """
+    from keras_transfer import config as config_lib
+    from keras_transfer.errors import KTransferError
+
+    file = os.path.abspath(_pretrained_file(path))
+    meta = os.path.dirname(file)
+    metrics = run_cfg = None
+    try:
+        metrics = read_json(os.path.join(meta, "metrics.json"))
+    except (OSError, ValueError):
+        pass
+    # A pretrain run keeps config.yaml beside model.keras; a finetune run one level above pretrain/.
+    for d in (meta, os.path.dirname(meta) if os.path.basename(meta) == "pretrain" else None):
+        if d and os.path.isfile(os.path.join(d, "config.yaml")):
+            try:
+                run_cfg = config_lib.load(os.path.join(d, "config.yaml"))
+            except KTransferError:
+                pass
+            break
+    if not (isinstance(metrics, dict) and {"dataset", "accuracy"} <= set(metrics)):
+        metrics = None
+    return {"file": file, "metrics": metrics, "config": run_cfg}
+
+
+def with_pretrained(cfg, path, source=None, model=None):
+    """``cfg`` fine-tuning from the model at ``path``: ``transfer.pretrained`` set, and ``data.source``
+    and the ``model`` section (all but the new head's ``head_hidden`` / ``head_dropout``) taken from
+    the run that wrote it, so the resolved config and the report say what the backbone is.
+
+    ``source`` / ``model``: names given on the command line, refused when the pretrained run says otherwise.
+    """
+    import dataclasses
+
+    prov = pretrained_provenance(path)
+    run_cfg = prov["config"]
+    cfg = dataclasses.replace(cfg, transfer=dataclasses.replace(cfg.transfer, pretrained=prov["file"]))
+    if run_cfg is None:
+        return cfg
+    for flag, given, recorded in (("--source", source, run_cfg.data.source), ("--model", model, run_cfg.model.name)):
+        if given is not None and given != recorded:
+            raise ConfigError(f"{flag}: expected {recorded!r}, what the pretrained model {prov['file']} was "
+                              f"trained with (or leave it out). Received: {given!r}")
+    m = dataclasses.replace(run_cfg.model, head_hidden=cfg.model.head_hidden, head_dropout=cfg.model.head_dropout)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=run_cfg.data.source), model=m)
+
+
+def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
+    """Pretrain (unless ``cfg.transfer.pretrained`` is set, see `with_pretrained`), then fine-tune
+    every strategy and report.
+
+    The pretrained model (if given) and then the target are loaded first, once: a bad pretrained
     file or a target that cannot be read stops the run before any pretraining, and the augmentation
     preview (``preview``, written unless the preset is ``none``) comes from the same arrays.
     """
     enable_compilation_cache()
     defer_tensorflow_import()
+    pretrained = cfg.transfer.pretrained
     source_model = load_pretrained(pretrained) if pretrained is not None else None
     ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
     if preview and cfg.data.augment != "none":
@@ -248,12 +309,12 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=Tru
             channels = 1
         # scratch: the same architecture with a fresh initialisation.
         backbone = copy_backbone(source_backbone, channels, fresh=strategy == "scratch")
-        model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed)
+        model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed)
         train_features, feature_pass = None, 0.0
         if strategy == "linear":  # the head trains on the frozen features standardised (feature_statistics)
             t0 = time.perf_counter()
             train_features = feature_extractor(model).predict(splits["train"][0], batch_size=256, verbose=0)
-            model = _classifier(backbone, m, ds, splits["train"][0], cfg.data, cfg.seed,
+            model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed,
                                 feature_stats=feature_statistics(train_features))
             feature_pass = time.perf_counter() - t0  # counted in linear's wall time
         if strategy == "scratch":
@@ -291,7 +352,7 @@ def finetune(cfg, run_dir, pretrained=None, echo=None, resume=False, preview=Tru
              f"{metrics['macro']['f1']:.4f}  ({metrics['wall_time']:.1f} s)", echo)
     from keras_transfer.report import write_finetune_report
 
-    write_finetune_report(cfg, run_dir, ds, splits, results)
+    write_finetune_report(cfg, run_dir, ds, splits, results, model_name=spec_name)
     return results
 
 

@@ -34,6 +34,9 @@ class TransferConfig:
         cached_features: bool. ``linear``: run the frozen backbone once over the data and
             train the head on the stored features (no augmentation), instead of running the
             backbone at every step.
+        pretrained: str or None. A ``.keras`` model, or a run directory holding ``model.keras``, to
+            start from instead of pretraining (``--pretrained``). Recorded so ``--resume`` and the
+            report know where the backbone came from.
     """
 
     strategies: tuple = ("scratch", "linear", "partial", "full")
@@ -42,6 +45,7 @@ class TransferConfig:
     gradual_phases: int = 2
     channel_mode: str = "repeat"
     cached_features: bool = False
+    pretrained: str | None = None
 
     def __post_init__(self):  # checked here, so bad values are refused before any run directory
         for s in self.strategies:

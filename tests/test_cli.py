@@ -241,6 +241,7 @@ def test_listing_commands():
     # every block once (a model of four blocks had its last one printed twice), the count of a long list
     assert lines["airbench"].endswith("; blocks (4): whiten, group1, group2, group3"), lines["airbench"]
     assert lines["efficientnet_b0"].endswith("; blocks (9): stem, block1, block2, block3, ..., top"), r.output
+    assert "pixels to [-1, 1];" in lines["mobilenet_v2"] and "pixels as 0..255;" in lines["efficientnet_b0"]
     for cmd in ("pretrain", "finetune", "evaluate", "gradcam", "compare", "datasets", "models", "info"):
         r = invoke(cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output
@@ -282,3 +283,81 @@ def test_host_memory_reuse_is_set_on_glibc_and_can_be_turned_off(monkeypatch):
     except (OSError, AttributeError):
         glibc = False
     assert keep_freed_host_memory() is glibc
+
+
+def test_finetune_records_the_pretrained_model_and_where_it_came_from(tmp_path, tiny_config, digits_npz):
+    """--pretrained goes into config.yaml (transfer.pretrained) with the pretrain run's source and backbone,
+    so the report names them and --resume continues from the same model instead of pretraining anew;
+    a --source that contradicts the pretrained run is refused in one line."""
+    pre = str(tmp_path / "pre")
+    assert invoke("pretrain", "--config", tiny_config, "--out", pre).exit_code == 0
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg["data"]["source"] = "mnist_5k"  # the file's own defaults, not what the pretrained model saw
+    cfg["model"]["widths"] = [16, 16, 16]
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(cfg))
+    ft = str(tmp_path / "ft")
+    r = invoke("finetune", "--config", str(other), "--pretrained", pre, "--strategies", "linear,full", "--out", ft)
+    assert r.exit_code == 0, r.output
+    resolved = yaml.safe_load(open(os.path.join(ft, "config.yaml")))
+    assert resolved["transfer"]["pretrained"] == os.path.join(pre, "model.keras")
+    assert resolved["data"]["source"] == f"npz:{digits_npz}" and resolved["model"]["widths"] == [4, 8, 8]
+    summary = json.load(open(os.path.join(ft, "summary.json")))
+    assert summary["source"] == f"npz:{digits_npz}" and summary["model"] == "resnet"
+    assert summary["pretrain_accuracy"] == json.load(open(os.path.join(pre, "metrics.json")))["accuracy"]
+    report = open(os.path.join(ft, "report.md")).read()
+    assert report.startswith(f"# Transfer report: npz:{digits_npz} → digits")
+    assert f"Pretrained model: `{os.path.join(pre, 'model.keras')}`, trained on digits" in report
+
+    os.remove(os.path.join(ft, "strategies", "full", "metrics.json"))  # as if stopped during "full"
+    r = invoke("finetune", "--resume", ft)
+    assert r.exit_code == 0, r.output
+    assert "pretrain" not in r.output and not os.path.exists(os.path.join(ft, "pretrain"))
+    assert os.path.exists(os.path.join(ft, "strategies", "full", "metrics.json"))
+
+    r = CliRunner().invoke(main, ["finetune", "--config", tiny_config, "--pretrained", pre, "--source", "mnist",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    err = r.output.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: --source: expected 'npz:") and "Received: 'mnist'" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bare_pretrained_model_file_keeps_its_own_input_contract(tmp_path, tiny_config):
+    """A .keras file with no run beside it, of another registered model than the config names: the
+    fine-tuned classifier gets that model's preprocessing (MobileNetV2: pixels to [-1, 1]), not the
+    configured residual CNN's per-channel normalisation, and the report names the file."""
+    from keras_transfer.models import build_classifier, create_backbone
+
+    backbone = create_backbone("mobilenet_v2", 32, 3)
+    model_file = str(tmp_path / "mobilenet.keras")
+    build_classifier(backbone, "mobilenet_v2", (32, 32, 3), 10, head_hidden=0).save(model_file)
+    ft = str(tmp_path / "ft")
+    r = invoke("finetune", "--config", tiny_config, "--pretrained", model_file, "--strategies", "linear",
+               "--out", ft)
+    assert r.exit_code == 0, r.output
+    tuned = keras.saving.load_model(os.path.join(ft, "strategies", "linear", "model.keras"))
+    names = [layer.name for layer in tuned.layers]
+    assert "pre_norm" not in names
+    scale = tuned.get_layer("pre_scale")
+    assert scale.scale == pytest.approx(1 / 127.5) and scale.offset == -1.0
+    summary = json.load(open(os.path.join(ft, "summary.json")))
+    assert summary["model"] == "mobilenet_v2" and summary["source"] == "mobilenet.keras"
+    assert "where it was trained is not recorded" in open(os.path.join(ft, "report.md")).read()
+
+
+def test_model_flag_brings_its_own_input_size_and_channels(tmp_path, tiny_config):
+    """The embedded default (and a config file) size the input for its own model (the residual CNN at
+    28x28 grey); --model efficientnet_b0 used to stop on "needs inputs of at least 32x32. Received: 28"."""
+    from keras_transfer.cli import _resolve
+
+    cfg = _resolve(None, {"model_name": "efficientnet_b0"})
+    assert (cfg.model.name, cfg.model.input_size, cfg.model.channels) == ("efficientnet_b0", 224, 3)
+    cfg = _resolve(tiny_config, {"model_name": "airbench", "input_size": 16})
+    assert (cfg.model.input_size, cfg.model.channels) == (16, 3)  # a flag still wins
+    cfg = _resolve(tiny_config, {"model_name": "resnet"})  # the config's own model: its sizes stay
+    assert (cfg.model.input_size, cfg.model.channels) == (8, 1)
+    r = CliRunner().invoke(main, ["pretrain", "--model", "efficientnet_b0", "--input-size", "16",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and not (tmp_path / "o").exists()
+    assert "at least 32x32 (model.input_size, --input-size; its default is 224). Received: 16" in r.output

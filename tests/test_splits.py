@@ -1,6 +1,9 @@
 import numpy as np
+import pytest
 
-from keras_transfer.data import stratified_split, subsample
+from keras_transfer.data import stratified_split, subsample, train_val_test
+from keras_transfer.data.registry import Dataset
+from keras_transfer.errors import DataError
 
 
 def test_stratified_split_keeps_proportions_and_is_seeded():
@@ -25,3 +28,16 @@ def test_low_data_subsets():
     assert np.bincount(y[idx]).tolist() == [7] * 5
     idx = subsample(y, fraction=0.25, seed=0)
     assert np.bincount(y[idx]).tolist() == [10] * 5
+
+
+def test_too_few_images_per_class_names_the_class_and_the_validation_holdout():
+    y = np.repeat(np.arange(3), 20)
+    ds = Dataset("pets", np.zeros((60, 4, 4, 1), np.uint8), y, np.zeros((6, 4, 4, 1), np.uint8),
+                 np.arange(6) % 3, ["cat", "dog", "fish"])
+    assert np.bincount(train_val_test(ds, 0.1, per_class=18)["train"][1]).tolist() == [18] * 3
+    with pytest.raises(DataError) as e:
+        train_val_test(ds, 0.1, per_class=20)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "Expected at least 20 images of class 'cat' (0). Received: 18" in msg
+    assert "6 of its 60 training images are held out for validation" in msg

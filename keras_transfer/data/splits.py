@@ -33,8 +33,11 @@ def stratified_split(y, holdout, seed=0):
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def subsample(y, per_class=None, fraction=None, seed=0):
-    """Indices of a low-data subset: ``per_class`` images per class or a stratified ``fraction``."""
+def subsample(y, per_class=None, fraction=None, seed=0, class_names=None):
+    """Indices of a low-data subset: ``per_class`` images per class or a stratified ``fraction``.
+
+    ``class_names`` (indexed by label) only words the error for a class with too few images.
+    """
     y = np.asarray(y)
     if per_class is None and fraction is None:
         return np.arange(len(y))
@@ -50,7 +53,8 @@ def subsample(y, per_class=None, fraction=None, seed=0):
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
         if len(members) < per_class:
-            raise DataError(f"Expected at least {per_class} images of class {c}. Received: {len(members)}")
+            name = f"'{class_names[c]}' ({c})" if class_names is not None else str(c)
+            raise DataError(f"Expected at least {per_class} images of class {name}. Received: {len(members)}")
         idx.append(rng.permutation(members)[:per_class])
     return np.sort(np.concatenate(idx))
 
@@ -62,7 +66,11 @@ def train_val_test(ds, val=0.1, per_class=None, fraction=None, seed=0):
         dict with ``train``, ``val``, ``test`` -> ``(x, y)``.
     """
     keep, val_idx = stratified_split(ds.y_train, val, seed)
-    sub = keep[subsample(ds.y_train[keep], per_class, fraction, seed)]
+    try:
+        sub = keep[subsample(ds.y_train[keep], per_class, fraction, seed, ds.class_names)]
+    except DataError as e:
+        raise DataError(f"{e} ({ds.name}: {len(val_idx)} of its {len(ds.y_train)} training images are held out "
+                        f"for validation, data.val {val}; lower --per-class or data.val)") from None
     return {"train": (ds.x_train[sub], ds.y_train[sub]),
             "val": (ds.x_train[val_idx], ds.y_train[val_idx]),
             "test": (ds.x_test, ds.y_test)}

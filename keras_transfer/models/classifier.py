@@ -65,12 +65,12 @@ def create_backbone(name, input_size=None, channels=None, weights=None, **option
     spec = get_spec(name)
     size = input_size or spec.default_size
     if size < spec.min_size:
-        raise ConfigError(f"{name} needs inputs of at least {spec.min_size}x{spec.min_size}. "
-                          f"Received: {size}")
+        raise ConfigError(f"{name} needs inputs of at least {spec.min_size}x{spec.min_size} (model.input_size, "
+                          f"--input-size; its default is {spec.default_size}). Received: {size}")
     ch = channels or spec.channels
     if ch != spec.channels and spec.value_range != "unit":
-        raise ConfigError(f"{name} takes {spec.channels}-channel input only; use channel_mode "
-                          f"'repeat'. Received: channels={ch}")
+        raise ConfigError(f"{name} takes {spec.channels}-channel input only (model.channels, --channels "
+                          f"{spec.channels}; grey images are repeated to {spec.channels}). Received: channels={ch}")
     allowed = {"resnet": {"widths", "blocks_per_stage", "batch_norm", "dropout", "pooling"},
                "airbench": {"widths", "bn_bias_lr"}}.get(name, set())
     if set(options) - allowed:
