@@ -476,6 +476,29 @@ def import_tensorflow():
     return tf
 
 
+class _RetracingFilter:
+    """Drops TensorFlow's "triggered tf.function retracing" warnings (see `quiet_tensorflow_retracing`)."""
+
+    @staticmethod
+    def filter(record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+def quiet_tensorflow_retracing():
+    """Stop TensorFlow warning that Keras' predict function "triggered tf.function retracing".
+
+    A fine-tuning run predicts with a new model per strategy (the linear probe's feature pass, each
+    evaluation): every one is traced once, as it must be, and after five TensorFlow calls this misuse
+    of ``tf.function`` in a loop, printing a paragraph on how to avoid it. Only that message is dropped,
+    with a filter on the ``tensorflow`` logger; nothing is imported. Called by the ``ktransfer`` command.
+    """
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _RetracingFilter) for f in logger.filters):
+        logger.addFilter(_RetracingFilter())
+
+
 _SYNC_FREE = {"installed": False, "on": True}
 _OFF = ("off", "0", "false", "no")
 

@@ -11,7 +11,7 @@ import sys
 import click
 
 from keras_transfer import config as config_lib
-from keras_transfer.backend import avoid_device_syncs, defer_tensorflow_import
+from keras_transfer.backend import avoid_device_syncs, defer_tensorflow_import, quiet_tensorflow_retracing
 from keras_transfer.data.augment import PRESETS
 from keras_transfer.errors import KTransferError
 
@@ -63,6 +63,7 @@ def main():
     keep_freed_host_memory()  # KTRANSFER_MALLOC_TUNING=off keeps glibc's defaults
     avoid_device_syncs()  # torch only; KTRANSFER_SYNC_FREE=off keeps Keras' own conversions
     defer_tensorflow_import()  # JAX and torch: TensorFlow only when the tf.data pipeline runs
+    quiet_tensorflow_retracing()  # a new model per strategy is traced once: not TensorFlow's misuse case
 
 
 def _run_options(fn):
@@ -418,18 +419,20 @@ def gradcam(target, dataset, data_dir, layer, num_images, out):
 def compare(run_dirs, out):
     """Side-by-side table and figure across runs (mean ± std over seeds)."""
     from keras_transfer.io import new_run_dir
-    from keras_transfer.report import write_comparison
+    from keras_transfer.report import clip_condition, mean_sd, vs_scratch, write_comparison
 
     for d in run_dirs:
         if not os.path.isdir(d):
             raise KTransferError(f"Expected run directories. Received: {d} does not exist")
     out = new_run_dir(out, "compare")
     agg = write_comparison(list(run_dirs), out)
-    for a in agg:
-        vs = (f"  vs scratch {100 * a['vs_scratch']:+.1f} ± {100 * a['vs_scratch_std']:.1f} points"
-              if "vs_scratch" in a else "")
-        click.echo(f"{a['strategy']:10s} {a['model']:16s} {a['backend']:10s} n={a['n']}  "
-                   f"acc {a['accuracy']:.4f} ± {a['accuracy_std']:.4f}{vs}")
+    conditions = [clip_condition(a["condition"]) for a in agg]
+    width = max(map(len, conditions))
+    for a, condition in zip(agg, conditions):
+        vs = f"  vs scratch {vs_scratch(a)}" if "vs_scratch" in a else ""
+        click.echo((f"{condition:{width}s}  " if width else "") +
+                   f"{a['strategy']:10s} {a['model']:16s} {a['backend']:10s} n={a['n']}  "
+                   f"acc {mean_sd(a, 'accuracy', '.4f')}{vs}")
     click.echo(f"wrote {out}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402,F401
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
@@ -114,18 +115,23 @@ def comparison_figure(rows, path, title="Strategy comparison"):
     """Bar charts of accuracy, macro-F1, wall time and trainable params per row.
 
     ``rows``: list of dicts with ``label``, ``accuracy``, ``macro_f1``, ``wall_time``,
-    ``trainable_params`` and optional ``accuracy_std``/``macro_f1_std``.
+    ``trainable_params``, optional ``accuracy_std``/``macro_f1_std``, and optional ``group`` (compare's
+    condition): rows of one group share a colour, named in a legend.
     """
     labels = [r["label"] for r in rows]
+    groups = list(dict.fromkeys(r.get("group", "") for r in rows))
+    grouped = len(groups) > 1
     panels = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"),
               ("wall_time", "wall time (s)"), ("trainable_params", "trainable parameters")]
-    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 3.6), layout="constrained")
-    colors = plt.cm.tab10.colors
+    fig, axes = plt.subplots(1, 4, figsize=(4 * max(4.0, 0.45 * len(rows)), 3.6 + 0.25 * grouped * len(groups)),
+                             layout="constrained")
+    palette = plt.cm.tab10.colors
+    colors = ([palette[groups.index(r.get("group", "")) % 10] for r in rows] if grouped
+              else [palette[i % 10] for i in range(len(rows))])
     for ax, (key, name) in zip(axes, panels):
         vals = [r.get(key, np.nan) for r in rows]
         errs = [r.get(f"{key}_std", 0.0) for r in rows]
-        bars = ax.bar(range(len(rows)), vals, yerr=errs if any(errs) else None, color=colors[:len(rows)],
-                      capsize=3)
+        bars = ax.bar(range(len(rows)), vals, yerr=errs if any(errs) else None, color=colors, capsize=3)
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
         ax.set_title(name)
         if key == "trainable_params":
@@ -136,6 +142,9 @@ def comparison_figure(rows, path, title="Strategy comparison"):
             ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
         if key in ("accuracy", "macro_f1"):
             ax.set_ylim(0, 1.05)
+    if grouped:
+        handles = [matplotlib.patches.Patch(color=palette[i % 10], label=g or "(none)") for i, g in enumerate(groups)]
+        fig.legend(handles=handles, loc="outside lower center", ncols=1, fontsize=8, frameon=False)
     fig.suptitle(title)
     save_figure(fig, path)
     plt.close(fig)

@@ -156,27 +156,74 @@ def _yaml(d):
     return yaml.safe_dump(d, sort_keys=False)
 
 
+# Config keys in which replicates of one experiment differ: not what makes two runs different experiments.
+_REPLICATE_KEYS = {"seed", "data.data_dir", "transfer.pretrained", "transfer.strategies"}
+
+
+def _run_config(d):
+    """The run's ``config.yaml`` as ``{"section.key": value}`` (empty when it has none or it is unreadable)."""
+    import yaml
+
+    try:
+        with open(os.path.join(d, "config.yaml")) as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    flat = {}
+    for section, values in cfg.items():
+        for k, v in (values.items() if isinstance(values, dict) else [(None, values)]):
+            flat[f"{section}.{k}" if k else section] = v
+    return flat
+
+
+def _short(value):
+    if isinstance(value, (list, tuple)):
+        return ",".join(_short(v) for v in value)
+    if isinstance(value, str) and "/" in value:  # folder:/a/b/photos -> folder:photos
+        kind, _, path = value.rpartition(":")
+        return (kind + ":" if kind else "") + os.path.basename(path.rstrip("/"))
+    return str(value)
+
+
+def run_conditions(configs):
+    """``{run: label}``: each run's experimental condition, named by the config keys in which the runs
+    differ (``data.per_class=10, finetune.epochs=30``), leaving out the keys replicates differ in
+    (`_REPLICATE_KEYS`: the seed, the data root, the pretrained file, which strategies ran). Runs that
+    differ only there get the same label, ``""`` when all do.
+
+    ``configs``: ``{run: {"section.key": value}}`` (`_run_config`).
+    """
+    keys = sorted({k for c in configs.values() for k in c} - _REPLICATE_KEYS)
+    differ = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
+    return {run: ", ".join(f"{k}={_short(c.get(k, '-'))}" for k in differ) for run, c in configs.items()}
+
+
+def clip_condition(label, most=3):
+    """A condition label cut to its first ``most`` settings, for a figure or a terminal line."""
+    parts = label.split(", ")
+    return ", ".join(parts[:most] + (["..."] if len(parts) > most else []))
+
+
 def collect_runs(run_dirs):
-    """Rows ``(run, strategy, model, backend, seed, accuracy, macro_f1, wall_time, trainable)``."""
+    """Rows ``(run, condition, strategy, model, backend, seed, accuracy, macro_f1, wall_time, trainable)``;
+    ``condition``: see `run_conditions`."""
+    configs = {d: _run_config(d) for d in run_dirs}
+    conditions = run_conditions(configs)
     rows = []
     for d in run_dirs:
-        cfg_path = os.path.join(d, "config.yaml")
-        seed = None
-        if os.path.exists(cfg_path):
-            import yaml
-
-            with open(cfg_path) as f:
-                seed = (yaml.safe_load(f) or {}).get("seed")
+        seed, condition = configs[d].get("seed"), conditions[d]
         found = False
         strat_root = os.path.join(d, "strategies")
         if os.path.isdir(strat_root):
             for s in sorted(os.listdir(strat_root)):
                 p = os.path.join(strat_root, s, "metrics.json")
                 if os.path.exists(p):
-                    rows.append(_row(d, read_json(p), seed, s))
+                    rows.append(_row(d, read_json(p), seed, s, condition))
                     found = True
         if os.path.exists(os.path.join(d, "metrics.json")):
-            rows.append(_row(d, read_json(os.path.join(d, "metrics.json")), seed, "pretrain"))
+            rows.append(_row(d, read_json(os.path.join(d, "metrics.json")), seed, "pretrain", condition))
             found = True
         if not found:
             from keras_transfer.errors import DataError
@@ -186,8 +233,8 @@ def collect_runs(run_dirs):
     return rows
 
 
-def _row(d, m, seed, strategy):
-    return {"run": d, "strategy": m.get("strategy", strategy), "model": m.get("model"),
+def _row(d, m, seed, strategy, condition=""):
+    return {"run": d, "condition": condition, "strategy": m.get("strategy", strategy), "model": m.get("model"),
             "backend": m.get("backend"), "seed": seed, "accuracy": m["accuracy"],
             "macro_f1": m["macro"]["f1"], "wall_time": m.get("wall_time", float("nan")),
             "trainable_params": m.get("trainable_params", 0)}
@@ -196,10 +243,12 @@ def _row(d, m, seed, strategy):
 _ORDER = ("pretrain", "scratch", "linear", "partial", "full", "gradual")
 
 
-def aggregate(rows, keys=("strategy", "model", "backend")):
-    """Group rows by ``keys`` and give mean and sample std (ddof=1; 0 for one run) per metric.
+def aggregate(rows, keys=("condition", "strategy", "model", "backend")):
+    """Group rows by ``keys`` (a missing one counts as ``""``) and give mean and sample std (ddof=1; 0 for
+    one run) per metric.
 
-    Groups come in (model, backend, strategy) order, strategies as in `STRATEGIES` after pretraining.
+    Groups come in (model, backend, condition, strategy) order, strategies as in `STRATEGIES` after
+    pretraining.
     A group whose runs also ran ``scratch`` gets ``vs_scratch`` / ``vs_scratch_std`` / ``vs_scratch_n``:
     the mean and sample std over those runs of its accuracy minus the same run's scratch accuracy
     (paired: same seed, same target subset), the comparison that cancels the run-to-run spread both
@@ -207,7 +256,7 @@ def aggregate(rows, keys=("strategy", "model", "backend")):
     """
     groups = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+        groups.setdefault(tuple(r.get(k, "") for k in keys), []).append(r)
     scratch = {(r["run"], r["model"], r["backend"]): r["accuracy"] for r in rows
                if r["strategy"] == "scratch" and "run" in r}
     out = []
@@ -226,35 +275,53 @@ def aggregate(rows, keys=("strategy", "model", "backend")):
                        vs_scratch_std=float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0)
         out.append(agg)
     rank = {s: i for i, s in enumerate(_ORDER)}
-    return sorted(out, key=lambda a: (str(a.get("model")), str(a.get("backend")),
+    return sorted(out, key=lambda a: (str(a.get("model")), str(a.get("backend")), str(a.get("condition")),
                                       rank.get(a.get("strategy"), len(rank)), str(a.get("strategy"))))
+
+
+def mean_sd(a, metric, fmt):
+    """``mean ± sd`` of a group's metric; the mean alone for a group of one run (no spread to show)."""
+    mean = format(a[metric], fmt)
+    return mean if a["n"] < 2 else f"{mean} ± {format(a[metric + '_std'], fmt)}"
+
+
+def vs_scratch(a):
+    """The paired difference to scratch in points, with its spread over two or more runs; "" without one."""
+    if "vs_scratch" not in a:
+        return ""
+    sd = f" ± {100 * a['vs_scratch_std']:.1f}" if a["vs_scratch_n"] > 1 else ""
+    return f"{100 * a['vs_scratch']:+.1f}{sd} points (n={a['vs_scratch_n']})"
 
 
 def write_comparison(run_dirs, out_dir):
     rows = collect_runs(run_dirs)
     agg = aggregate(rows)
     write_json(os.path.join(out_dir, "comparison.json"), {"runs": rows, "groups": agg})
-    # Labels name the model and backend only where the runs differ in them.
-    shared = {k for k in ("model", "backend") if len({a[k] for a in agg}) == 1}
-    labels = [" / ".join(str(a[k]) for k in ("strategy", "model", "backend") if k not in shared) for a in agg]
-    title = "Comparison across runs" + "".join(f", {agg[0][k]}" for k in ("model", "backend") if k in shared)
-    plots.comparison_figure([{**a, "label": lbl} for a, lbl in zip(agg, labels)],
+    # Labels name the condition, model and backend only where the groups differ in them.
+    varied = [k for k in ("condition", "model", "backend") if len({a[k] for a in agg}) > 1]
+    cond = "condition" in varied
+    labels = [" / ".join(str(a[k]) for k in ("strategy", "model", "backend") if k == "strategy" or k in varied)
+              for a in agg]
+    title = "Comparison across runs" + "".join(f", {agg[0][k]}" for k in ("model", "backend") if k not in varied)
+    plots.comparison_figure([{**a, "label": lbl, "group": clip_condition(a["condition"], 4)}
+                             for a, lbl in zip(agg, labels)],
                             os.path.join(out_dir, "comparison.png"), title=title)
     lines = ["# Comparison across runs", "", f"{len(run_dirs)} run(s): " + ", ".join(run_dirs), "",
-             "| strategy | model | backend | n | accuracy | vs scratch (paired) | macro-F1 | wall time (s) | "
-             "trainable params |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             ("| condition " if cond else "") + "| strategy | model | backend | n | accuracy | vs scratch (paired) | "
+             "macro-F1 | wall time (s) | trainable params |",
+             ("|---" if cond else "") + "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for a in agg:
-        vs = (f"{100 * a['vs_scratch']:+.1f} ± {100 * a['vs_scratch_std']:.1f} points (n={a['vs_scratch_n']})"
-              if "vs_scratch" in a else "")
-        lines.append(f"| {a['strategy']} | {a['model']} | {a['backend']} | {a['n']} | "
-                     f"{a['accuracy']:.4f} ± {a['accuracy_std']:.4f} | {vs} | {a['macro_f1']:.4f} ± "
-                     f"{a['macro_f1_std']:.4f} | {a['wall_time']:.1f} ± {a['wall_time_std']:.1f} | "
-                     f"{int(a['trainable_params']):,} |")
-    lines += ["", "Mean ± sample standard deviation over runs (± 0 where a group has one run). \"vs scratch\": "
-              "the accuracy minus the same run's scratch baseline (same seed and target images), averaged "
-              "over runs; its spread is the one to read against the difference. Trainable parameters: "
-              "those a strategy trains (gradual: in its last phase).", "",
+        lines.append((f"| {a['condition']} " if cond else "") +
+                     f"| {a['strategy']} | {a['model']} | {a['backend']} | {a['n']} | "
+                     f"{mean_sd(a, 'accuracy', '.4f')} | {vs_scratch(a)} | {mean_sd(a, 'macro_f1', '.4f')} | "
+                     f"{mean_sd(a, 'wall_time', '.1f')} | {int(a['trainable_params']):,} |")
+    lines += ["", "Mean ± sample standard deviation over the runs of a group (the mean alone for one run). "
+              "\"vs scratch\": the accuracy minus the same run's scratch baseline (same seed and target images), "
+              "averaged over runs; its spread is the one to read against the difference. Trainable parameters: "
+              "those a strategy trains (gradual: in its last phase)."
+              + (" Condition: the settings in which the runs' config.yaml differ, other than the seed, the data "
+                 "root, the pretrained file and the strategies run; runs of one condition are its replicates."
+                 if cond else ""), "",
               '<img src="comparison.png" alt="comparison">', ""]
     write_report(out_dir, "\n".join(lines), "keras-transfer comparison")
     return agg

@@ -24,7 +24,7 @@ from keras_transfer.models import (
     get_spec,
     initialise_from_data,
 )
-from keras_transfer.train import compile_model, fit, read_history, resume_state, set_precision
+from keras_transfer.train import EpochProgress, compile_model, fit, read_history, resume_state, set_precision
 from keras_transfer.transfer import (
     apply_strategy,
     feature_extractor,
@@ -97,6 +97,8 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
                 echo=None):
     """Train one stage (a strategy, or pretraining); gradual runs phases, recompiling each.
 
+    ``strategy`` labels the progress lines (`EpochProgress`) echoed for slow epochs.
+
     ``tcfg``: the stage's `TrainConfig`; ``dcfg``: the `DataConfig` (batch size, input path, flips,
     full batches only).
 
@@ -109,6 +111,7 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
     if resume and os.path.exists(os.path.join(stage_dir, "checkpoints", "last.keras")):
         model, start = resume_state(stage_dir)
         _log(f"  resuming {stage_dir} at epoch {start}", echo)
+    progress = [EpochProgress(echo, f"{strategy:8s} ")] if echo else []
     t0 = time.perf_counter()
     if phases:
         per_phase = max(1, tcfg.epochs // len(phases))
@@ -119,12 +122,13 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
                 set_trainable_blocks(model, spec_name, blocks)
                 compile_model(model, tcfg, steps)  # recompile after every change of trainable
                 fit(model, _train_input(splits, dcfg, seed, max(start, epoch)), val, tcfg, stage_dir,
-                    initial_epoch=max(start, epoch), epochs=end)
+                    initial_epoch=max(start, epoch), epochs=end, extra_callbacks=progress)
             epoch = end
     elif start < tcfg.epochs:
         if not resume or start == 0:
             compile_model(model, tcfg, steps)
-        fit(model, _train_input(splits, dcfg, seed, start), val, tcfg, stage_dir, initial_epoch=start)
+        fit(model, _train_input(splits, dcfg, seed, start), val, tcfg, stage_dir, initial_epoch=start,
+            extra_callbacks=progress)
     return model, time.perf_counter() - t0
 
 
@@ -164,8 +168,8 @@ def pretrain(cfg, run_dir, echo=None, resume=False):
     initialise_from_data(model, m.name, splits["train"][0])
     _log(f"pretrain {m.name} on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
          f"{len(splits['test'][0])} test, {cfg.pretrain.epochs} epochs", echo)
-    model, wall = train_stage(model, m.name, splits, cfg.pretrain, cfg.data, run_dir, cfg.seed, resume=resume,
-                              echo=echo)
+    model, wall = train_stage(model, m.name, splits, cfg.pretrain, cfg.data, run_dir, cfg.seed, "pretrain",
+                              resume=resume, echo=echo)
     history = read_history(os.path.join(run_dir, "history.csv"))
     metrics = _evaluate_and_plot(model, ds, splits, run_dir, f"pretrain {ds.name}", history, cfg.data.tta)
     trainable, frozen = parameter_counts(model)

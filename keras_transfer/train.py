@@ -240,6 +240,34 @@ class LearningRateLog(keras.callbacks.Callback):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(rate))
 
 
+class EpochProgress(keras.callbacks.Callback):
+    """Echoes one line for an epoch when ``min_interval`` seconds have passed since the last line (or the
+    start), so a long run shows it is alive and how it learns, and a run of short epochs stays quiet.
+
+    Epoch-level only: a batch-end hook would make Keras read every step's logs, a host-device wait per
+    step on an accelerator.
+    """
+
+    KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+    def __init__(self, echo, label="", min_interval=10.0):
+        super().__init__()
+        self.echo, self.label, self.min_interval = echo, label, min_interval
+
+    def on_train_begin(self, logs=None):
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        if now - self._last < self.min_interval:
+            return
+        self._last = now
+        logs = logs or {}
+        values = ", ".join(f"{k} {float(logs[k]):.4f}" for k in self.KEYS if k in logs)
+        took = f" ({logs['epoch_time']:.1f} s)" if "epoch_time" in logs else ""
+        self.echo(f"  {self.label}epoch {epoch + 1}/{self.params['epochs']}: {values}{took}")
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Save ``last.keras`` every epoch and ``best.keras`` on a better ``monitor`` value.
 

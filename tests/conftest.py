@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,3 +40,11 @@ def tiny_model(image_shape=(8, 8, 1), num_classes=10, augment=(), channels=None,
 def tiny_data(n=32, shape=(8, 8, 1), k=10, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, k, n)
+
+
+def python_prints_ok(code, backend, cwd):
+    """Runs ``code`` in a fresh interpreter (so that ``sys.modules`` starts empty) on ``backend``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                         env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": root}, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -2,6 +2,8 @@ import os
 
 import keras
 
+from tests.conftest import python_prints_ok
+
 
 def test_backend_is_the_one_asked_for():
     # A missing KERAS_BACKEND would silently fall back to TensorFlow: refuse that.
@@ -71,3 +73,46 @@ def test_compilation_cache_can_be_turned_off(monkeypatch):
 
     monkeypatch.setenv("KTRANSFER_COMPILE_CACHE", "off")
     assert enable_compilation_cache() is None
+
+
+def test_tensorflow_retracing_warning_is_dropped_and_other_warnings_kept(tmp_path):
+    """Keras' TensorFlow trainer traces a predict function per model and input size; after five such
+    traces TensorFlow warned of retracing "in a loop", with a paragraph of advice (twice in the main job,
+    for every strategy of an EfficientNet run). `quiet_tensorflow_retracing` drops that message only.
+    TensorFlow warns at most twice per function, so the real warning is provoked in fresh interpreters."""
+    import logging
+
+    from keras_transfer.backend import _RetracingFilter, quiet_tensorflow_retracing
+
+    logger = logging.getLogger("tensorflow")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        quiet_tensorflow_retracing()
+        quiet_tensorflow_retracing()
+        assert sum(isinstance(f, _RetracingFilter) for f in logger.filters) == 1
+        logger.warning("6 out of the last 9 calls to <function f> triggered tf.function retracing. Tracing is ...")
+        logger.warning("another warning")
+        assert seen == ["another warning"]
+    finally:
+        logger.removeHandler(handler)
+    if keras.config.backend() != "tensorflow":
+        return
+    code = ("import logging\n"
+            "from keras_transfer.backend import quiet_tensorflow_retracing\n"
+            "from tests.conftest import tiny_data, tiny_model\n"
+            "seen = []\n"
+            "handler = logging.Handler()\n"
+            "handler.emit = lambda record: seen.append(record.getMessage())\n"
+            "logging.getLogger('tensorflow').addHandler(handler)\n"
+            "{quiet}\n"
+            "x, _ = tiny_data(8)\n"
+            "for n in range(1, 9):\n"
+            "    tiny_model().predict(x[:n], verbose=0)\n"
+            "warned = any('triggered tf.function retracing' in m for m in seen)\n"
+            "assert warned == {expected}, seen\n"
+            "print('ok')\n")
+    python_prints_ok(code.format(quiet="", expected=True), "tensorflow", tmp_path)
+    python_prints_ok(code.format(quiet="quiet_tensorflow_retracing()", expected=False), "tensorflow", tmp_path)

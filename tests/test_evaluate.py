@@ -1,9 +1,12 @@
+import json
+
 import numpy as np
 import pytest
+import yaml
 from sklearn import metrics as skm
 
 from keras_transfer.evaluate import classification_metrics, format_table
-from keras_transfer.report import aggregate
+from keras_transfer.report import aggregate, collect_runs, mean_sd, run_conditions, vs_scratch, write_comparison
 
 
 def test_metrics_equal_scikit_learn():
@@ -81,3 +84,37 @@ def test_compare_orders_strategies_and_pairs_them_with_scratch():
     assert full["vs_scratch_std"] == pytest.approx(np.std([0.05, 0.03], ddof=1))
     assert agg[1]["vs_scratch"] == pytest.approx((-0.40 - 0.28) / 2)
     assert "vs_scratch" not in agg[0]
+
+
+def test_compare_groups_runs_by_the_settings_they_differ_in(tmp_path):
+    """An ablation (10 vs 100 images per class, two seeds each) gives two conditions of two replicates
+    each, named by the one setting that differs; the seed, the data root and the pretrained file do not
+    split replicates. Before, every run of a strategy was averaged into one group whatever its setting."""
+    accs = {("10", 0): (0.50, 0.60), ("10", 1): (0.54, 0.66), ("100", 0): (0.80, 0.90), ("100", 1): (0.84, 0.92)}
+    runs = []
+    for (per_class, seed), (scratch, full) in accs.items():
+        d = tmp_path / f"pc{per_class}-s{seed}"
+        cfg = {"data": {"target": "digits", "per_class": int(per_class), "data_dir": f"/data{seed}"},
+               "transfer": {"pretrained": f"/pre/s{seed}/model.keras"}, "seed": seed}
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        for strategy, acc in (("scratch", scratch), ("full", full)):
+            (d / "strategies" / strategy).mkdir(parents=True)
+            (d / "strategies" / strategy / "metrics.json").write_text(json.dumps(
+                {"strategy": strategy, "model": "resnet", "backend": "jax", "accuracy": acc, "macro": {"f1": acc},
+                 "wall_time": 1.0, "trainable_params": 10}))
+        runs.append(str(d))
+    assert set(run_conditions({r: {"seed": i, "data.per_class": 5} for i, r in enumerate(runs)}).values()) == {""}
+    assert {r["condition"] for r in collect_runs(runs)} == {"data.per_class=10", "data.per_class=100"}
+    agg = write_comparison(runs, str(tmp_path / "cmp"))
+    full = {a["condition"]: a for a in agg if a["strategy"] == "full"}
+    assert full["data.per_class=10"]["n"] == 2 and full["data.per_class=10"]["accuracy"] == pytest.approx(0.63)
+    assert full["data.per_class=100"]["vs_scratch"] == pytest.approx(0.09)
+    assert mean_sd(full["data.per_class=10"], "accuracy", ".2f") == "0.63 ± 0.04"
+    assert vs_scratch(full["data.per_class=10"]) == "+11.0 ± 1.4 points (n=2)"
+    report = open(tmp_path / "cmp" / "report.md").read()
+    assert "| data.per_class=100 | full | resnet | jax | 2 | 0.9100 ± 0.0141 | +9.0 ± 1.4 points (n=2) |" in report
+    one = write_comparison(runs[:1], str(tmp_path / "one"))  # one run: means, no spread of zero
+    assert "| full | resnet | jax | 1 | 0.6000 | +10.0 points (n=1) | 0.6000 | 1.0 | 10 |" in open(
+        tmp_path / "one" / "report.md").read()
+    assert one[0]["condition"] == ""

@@ -1,13 +1,11 @@
 import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from keras_transfer.data.pipeline import ArrayBatches, choose_input_path, tf_dataset
-from tests.conftest import tiny_data
+from tests.conftest import python_prints_ok, tiny_data
 
 
 def test_array_batches_cover_each_epoch_and_are_seeded():
@@ -87,14 +85,6 @@ def test_auto_path_prefers_memory_for_small_arrays():
     assert choose_input_path(x, "tfdata") == "tfdata"
 
 
-def _python_prints_ok(code, backend, cwd):
-    """Runs ``code`` in a fresh interpreter (so that ``sys.modules`` starts empty) on ``backend``."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": root}, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
-
-
 def test_in_memory_training_never_imports_tensorflow(tmp_path):
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if backend == "tensorflow":
@@ -118,7 +108,7 @@ def test_in_memory_training_never_imports_tensorflow(tmp_path):
         "keras.models.load_model('m.keras')\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported by seeding or saving'\n"
         "print('ok')\n")
-    _python_prints_ok(code, backend, tmp_path)
+    python_prints_ok(code, backend, tmp_path)
 
 
 def test_tensorflow_imported_late_gets_the_keras_seed_and_is_seen_by_keras(tmp_path):
@@ -139,7 +129,7 @@ def test_tensorflow_imported_late_gets_the_keras_seed_and_is_seen_by_keras(tmp_p
         "b = tf.random.uniform([4]).numpy()\n"
         "assert (a == b).all(), (a, b)\n"
         "print('ok')\n")
-    _python_prints_ok(code, backend, tmp_path)
+    python_prints_ok(code, backend, tmp_path)
 
 
 def test_device_gather_gives_the_host_batches_and_trains():

@@ -9,7 +9,7 @@ from keras_transfer.config import TrainConfig
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input
 from keras_transfer.errors import ConfigError
-from keras_transfer.train import compile_model, fit, learning_rate, read_history, resume_state
+from keras_transfer.train import EpochProgress, compile_model, fit, learning_rate, read_history, resume_state
 from tests.conftest import tiny_data, tiny_model
 
 CFG = TrainConfig(epochs=3, optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
@@ -396,3 +396,24 @@ def test_resumed_model_gets_the_torch_kernel_layout_and_trains_on_identically(tm
         resumed.append(model.get_weights())
     for a, b in zip(*resumed):
         np.testing.assert_array_equal(a, b)
+
+
+def test_slow_epochs_echo_one_progress_line_and_fast_ones_stay_quiet(tmp_path):
+    """`EpochProgress`: a line per epoch once ``min_interval`` has passed (0 here: every epoch), with the
+    epoch's loss, accuracy, validation figures and time; none while epochs are quicker than it."""
+    x, y = tiny_data(32)
+    xv, yv = tiny_data(16, seed=1)
+    lines = {}
+    for interval in (0.0, 3600.0):
+        lines[interval] = []
+        model = tiny_model()
+        compile_model(model, CFG, 4)
+        fit(model, make_input(x, y, 8, True, 0), make_input(xv, yv, 8, False), CFG, str(tmp_path / str(interval)),
+            epochs=2, extra_callbacks=[EpochProgress(lines[interval].append, "full     ", interval)])
+    assert lines[3600.0] == []
+    h = read_history(str(tmp_path / "0.0" / "history.csv"))
+    assert len(lines[0.0]) == 2
+    for e, line in enumerate(lines[0.0]):
+        assert line.startswith(f"  full     epoch {e + 1}/2: loss {h['loss'][e]:.4f}, accuracy {h['accuracy'][e]:.4f}, "
+                               f"val_loss {h['val_loss'][e]:.4f}, val_accuracy {h['val_accuracy'][e]:.4f} ("), line
+        assert line.endswith(" s)")
