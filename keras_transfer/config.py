@@ -90,6 +90,7 @@ class DataConfig:
             ("image_size", lambda v: v is None or _number(v, True) and v > 0, "a positive number of pixels or null"),
             ("batch_size", lambda v: _number(v, True) and v >= 1, "an integer >= 1"),
             ("per_class", lambda v: v is None or _number(v, True) and v >= 1, "null or an integer >= 1"),
+            ("fraction", lambda v: v is None or _number(v) and 0 < v <= 1, "null or a fraction in (0, 1]"),
             ("val", lambda v: _number(v) and (0 <= v < 1 or _number(v, True) and v >= 1),
              "a fraction in [0, 1) or a count of images"),
         ))

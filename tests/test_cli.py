@@ -106,6 +106,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     ("pretrain", "steps_per_execution", 0, "pretrain.steps_per_execution: expected an integer >= 1. Received: 0"),
     ("data", "drop_last", "sometimes", "data.drop_last: expected true or false. Received: 'sometimes'"),
     ("data", "batch_size", 0, "data.batch_size: expected an integer >= 1. Received: 0"),
+    ("data", "fraction", 2, "data.fraction: expected null or a fraction in (0, 1]. Received: 2"),
     ("data", "image_size", -4, "data.image_size: expected a positive number of pixels or null. Received: -4"),
     ("model", "channels", 2, "model.channels: expected null, 1 (grey) or 3 (RGB). Received: 2"),
     ("pretrain", "learning_rate", -0.1, "pretrain.learning_rate: expected a learning rate > 0. Received: -0.1"),

@@ -69,6 +69,8 @@ def train_val_test(ds, val=0.1, per_class=None, fraction=None, seed=0):
     try:
         sub = keep[subsample(ds.y_train[keep], per_class, fraction, seed, ds.class_names)]
     except DataError as e:
+        if fraction is not None or per_class is None:
+            raise
         raise DataError(f"{e} ({ds.name}: {len(val_idx)} of its {len(ds.y_train)} training images are held out "
                         f"for validation, data.val {val}; lower --per-class or data.val)") from None
     return {"train": (ds.x_train[sub], ds.y_train[sub]),
