@@ -306,11 +306,18 @@ def _model_and_dataset(target, dataset, data_dir):
 
     A run directory gives its model, and its dataset and data root from the run's ``config.yaml`` (for a
     finetune run's ``pretrain/``, the one above it) unless ``--dataset`` / ``--data-dir`` say otherwise.
+    So does a ``.keras`` file inside a run (``strategies/<s>/model.keras``, ``pretrain/model.keras``,
+    their ``checkpoints/``).
     """
     if os.path.isfile(target):
+        run_dir, key = _run_of_model_file(target)
+        run_data = _run_data_config(run_dir) if run_dir else {}
         if dataset is None:
-            raise KTransferError(f"Evaluating a .keras file needs --dataset. Received: {target} alone")
-        return target, dataset, data_dir
+            if not run_data.get(key):
+                raise KTransferError(f"A .keras file outside a run directory needs --dataset. Received: {target} "
+                                     f"alone")
+            dataset = run_data[key]
+        return target, dataset, data_dir or run_data.get("data_dir")
     # A pretrain run (or a finetune run's pretrain/) is evaluated on the source dataset.
     rel, key = next(((r, "source") for r in ("model.keras", "pretrain/model.keras")
                      if os.path.isfile(os.path.join(target, r))), (None, None))
@@ -326,6 +333,19 @@ def _model_and_dataset(target, dataset, data_dir):
                                  f"without data.{key} in config.yaml")
         dataset = run_data[key]
     return os.path.join(target, rel), dataset, data_dir or run_data.get("data_dir")
+
+
+def _run_of_model_file(path):
+    """``(directory whose config.yaml describes the model at path, "source" or "target")``, or
+    ``(None, None)`` for a file outside a run."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(d) == "checkpoints":
+        d = os.path.dirname(d)
+    if os.path.basename(os.path.dirname(d)) == "strategies":
+        return os.path.dirname(os.path.dirname(d)), "target"
+    if os.path.isfile(os.path.join(d, "config.yaml")) or os.path.basename(d) == "pretrain":
+        return d, "source"
+    return None, None
 
 
 def _run_data_config(run_dir):

@@ -190,8 +190,9 @@ def test_image_folder_target_of_mixed_sizes_and_a_corrupted_image(tmp_path, tiny
 
 def test_evaluate_and_gradcam_read_the_runs_dataset_and_data_root(tmp_path, tiny_config, digits_npz, monkeypatch):
     """A run's dataset and --data-dir are its evaluate / gradcam defaults, also for a finetune run's pretrain/;
-    the run's relative --data-dir is found from another working directory; a run directory without a readable
-    config.yaml needs --dataset, said in one line."""
+    the run's relative --data-dir is found from another working directory; so for a model file inside the
+    run (a strategy's, a checkpoint); a run directory without a readable config.yaml, or a model file outside
+    a run, needs --dataset, said in one line."""
     import shutil
 
     import numpy as np
@@ -209,12 +210,23 @@ def test_evaluate_and_gradcam_read_the_runs_dataset_and_data_root(tmp_path, tiny
     assert r.exit_code == 0, r.output
     assert yaml.safe_load(open(ft / "config.yaml"))["data"]["data_dir"] == str(root)  # recorded absolute
     monkeypatch.chdir(tmp_path / "data" / "mnist")
+    linear = ft / "strategies" / "linear"
     for args in (["evaluate", str(ft)], ["evaluate", str(ft / "pretrain")],
-                 ["gradcam", str(ft / "pretrain"), "-n", "2"]):
+                 ["gradcam", str(ft / "pretrain"), "-n", "2"],
+                 # model files inside the run: a strategy's, a checkpoint, pretrain/'s
+                 ["evaluate", str(linear / "model.keras")],
+                 ["gradcam", str(linear / "checkpoints" / "best.keras"), "-n", "2", "--out", str(tmp_path / "c.png")],
+                 ["evaluate", str(ft / "pretrain" / "model.keras"), "--split", "train"]):
         r = invoke(*args)
         assert r.exit_code == 0, r.output
     assert json.load(open(ft / "pretrain" / "eval-mnist-test" / "metrics.json"))["n"] == 100
-    assert (ft / "pretrain" / "gradcam.png").exists()
+    assert json.load(open(ft / "pretrain" / "eval-mnist-train" / "metrics.json"))["n"] == 300
+    assert json.load(open(linear / "eval-mnist-test" / "metrics.json"))["n"] == 100
+    assert (ft / "pretrain" / "gradcam.png").exists() and (tmp_path / "c.png").exists()
+    shutil.copy(linear / "model.keras", tmp_path / "loose.keras")
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "loose.keras")])
+    err = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(err) == 1 and "A .keras file outside a run directory needs --dataset" in err[0]
 
     bare = tmp_path / "bare"
     shutil.copytree(ft, bare)
