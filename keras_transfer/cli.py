@@ -318,21 +318,26 @@ def _model_and_dataset(target, dataset, data_dir):
                                      f"alone")
             dataset = run_data[key]
         return target, dataset, data_dir or run_data.get("data_dir")
-    # A pretrain run (or a finetune run's pretrain/) is evaluated on the source dataset.
-    rel, key = next(((r, "source") for r in ("model.keras", "pretrain/model.keras")
-                     if os.path.isfile(os.path.join(target, r))), (None, None))
-    if rel is None or _best_strategy(target) is not None:
-        best = _best_strategy(target)
-        if best is None:
-            raise KTransferError(f"Expected a .keras file or a run directory with a model. Received: {target}")
-        rel, key = f"strategies/{best}/model.keras", "target"
+    model_path, key = _run_model(target)
     run_data = _run_data_config(target)
     if dataset is None:
         if not run_data.get(key):
             raise KTransferError(f"Expected a run directory with config.yaml (or --dataset). Received: {target} "
                                  f"without data.{key} in config.yaml")
         dataset = run_data[key]
-    return os.path.join(target, rel), dataset, data_dir or run_data.get("data_dir")
+    return model_path, dataset, data_dir or run_data.get("data_dir")
+
+
+def _run_model(run_dir):
+    """``(model file, "source" or "target")`` of a run directory: a finetune run's best strategy, else a
+    pretrain run's model (or a finetune run's pretrain/), which was trained on the source dataset."""
+    best = _best_strategy(run_dir)
+    if best is not None:
+        return os.path.join(run_dir, "strategies", best, "model.keras"), "target"
+    for rel in ("model.keras", "pretrain/model.keras"):
+        if os.path.isfile(os.path.join(run_dir, rel)):
+            return os.path.join(run_dir, rel), "source"
+    raise KTransferError(f"Expected a .keras file or a run directory with a model. Received: {run_dir}")
 
 
 def _run_of_model_file(path):
@@ -430,6 +435,70 @@ def gradcam(target, dataset, data_dir, layer, num_images, out):
     out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), "gradcam.png")
     plots.gradcam_figure(x, heat, titles, out, title=f"Grad-CAM ({ds.name}, predicted class)")
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("target", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes listed per image.")
+@click.option("--tta", type=click.Choice(list(config_lib.TTA_MODES)), default="none", show_default=True,
+              help="Test-time augmentation: average over mirrored (and 1-px shifted) views.")
+@click.option("--out", type=click.Path(), help="Also write the predictions to this CSV file (a new file).")
+@_fail_cleanly
+def predict(target, images, top_k, tta, out):
+    """Classify image files (or folders of them, searched recursively) with RUN_DIR or MODEL.keras.
+
+    Each image is converted to the model's channels, centre-cropped to its aspect ratio and resized to its
+    input size, as image folders are when a run reads them. Class names come from the run's metrics.json.
+    """
+    import numpy as np
+
+    from keras_transfer.data.formats import decode_image, image_files
+    from keras_transfer.evaluate import softmax, tta_logits
+    from keras_transfer.runner import load_pretrained
+
+    if out is not None and os.path.exists(out):
+        raise KTransferError(f"Expected a new file for --out. Received: {out} exists")
+    model_path = target if os.path.isfile(target) else _run_model(target)[0]
+    paths = image_files(images)
+    model = load_pretrained(model_path)
+    height, width, channels = model.input.shape[1:]
+    x = np.stack([decode_image(p, channels, (height, width)) for p in paths])
+    probs = softmax(tta_logits(model, x, tta=tta))
+    names = _class_names(model_path, probs.shape[1])
+    k = min(top_k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    header = ["image", "class", "probability"] + [f"{c}{i}" for i in range(2, k + 1) for c in ("class", "p")]
+    rows = [[p, *[v for j in t for v in (names[j], f"{probs[i, j]:.4f}")]] for i, (p, t) in enumerate(zip(paths, top))]
+    width_ = max(len(p) for p in paths)
+    for row in rows:
+        click.echo(f"{row[0]:{width_}s}  " + "  ".join(f"{c} {float(v):.1%}" for c, v in zip(row[1::2], row[2::2])))
+    if out is not None:
+        import csv
+        import io
+
+        from keras_transfer.io import atomic_write_text
+
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header, *rows])
+        atomic_write_text(out, buf.getvalue())
+        click.echo(f"wrote {out}")
+
+
+def _class_names(model_path, n):
+    """Class names from the ``metrics.json`` of the run stage that wrote ``model_path`` (beside it, or above
+    its ``checkpoints/``); the class indices when there is none or it does not match the model's ``n``."""
+    from keras_transfer.io import read_json
+
+    d = os.path.dirname(os.path.abspath(model_path))
+    for stage in (d, os.path.dirname(d)) if os.path.basename(d) == "checkpoints" else (d,):
+        try:
+            names = [c["class"] for c in read_json(os.path.join(stage, "metrics.json"))["per_class"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if len(names) == n:
+            return [str(c) for c in names]
+    return [str(i) for i in range(n)]
 
 
 @main.command()

@@ -255,7 +255,7 @@ def test_listing_commands():
     assert lines["airbench"].endswith("; blocks (4): whiten, group1, group2, group3"), lines["airbench"]
     assert lines["efficientnet_b0"].endswith("; blocks (9): stem, block1, block2, block3, ..., top"), r.output
     assert "pixels to [-1, 1];" in lines["mobilenet_v2"] and "pixels as 0..255;" in lines["efficientnet_b0"]
-    for cmd in ("pretrain", "finetune", "evaluate", "gradcam", "compare", "datasets", "models", "info"):
+    for cmd in ("pretrain", "finetune", "evaluate", "gradcam", "predict", "compare", "datasets", "models", "info"):
         r = invoke(cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output
 
@@ -374,3 +374,47 @@ def test_model_flag_brings_its_own_input_size_and_channels(tmp_path, tiny_config
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and not (tmp_path / "o").exists()
     assert "at least 32x32 (model.input_size, --input-size; its default is 224). Received: 16" in r.output
+
+
+def test_predict_classifies_image_files_with_the_runs_class_names(tmp_path, tiny_config):
+    """`ktransfer predict RUN IMAGES...`: files and folders, any size or mode, decoded as the run read its
+    image folder; the same classes and probabilities as the model on the folder's arrays; class names from
+    the run; a CSV written only to a new file; a missing path refused in one line."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from keras_transfer.data.formats import read_image_folder
+    from keras_transfer.evaluate import predict_logits, softmax
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("dark", "mid", "light")):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(8):
+            img = rng.integers(0, 60, (12, 12, 3), np.uint8) + np.uint8(90 * c)
+            Image.fromarray(img).save(tmp_path / "photos" / name / f"{i}.png")
+    ft = str(tmp_path / "ft")
+    r = invoke("finetune", "--config", tiny_config, "--target", f"folder:{tmp_path / 'photos'}", "--per-class", "5",
+               "--strategies", "linear", "--out", ft, "--no-preview")
+    assert r.exit_code == 0, r.output
+    odd = tmp_path / "odd.png"  # grey and of another size: converted and resized to the model's input
+    Image.fromarray(rng.integers(0, 255, (30, 20), np.uint8)).save(odd)
+    out = tmp_path / "pred.csv"
+    r = invoke("predict", ft, str(tmp_path / "photos" / "mid"), str(odd), "--top-k", "2", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    rows = list(csv.reader(open(out)))
+    assert rows[0] == ["image", "class", "probability", "class2", "p2"] and len(rows) == 1 + 8 + 1
+    model = keras.saving.load_model(os.path.join(ft, "strategies", "linear", "model.keras"))
+    x, _, classes = read_image_folder(str(tmp_path / "photos"))
+    probs = softmax(predict_logits(model, x[16:24]))  # the "mid" class (third, sorted), in file order
+    assert classes == ["dark", "light", "mid"]
+    for row, p in zip(rows[1:9], probs):
+        assert row[1] == classes[p.argmax()] and float(row[2]) == pytest.approx(p.max(), abs=1e-4)
+        assert float(row[2]) >= float(row[4])
+    assert rows[9][0] == str(odd) and rows[9][1] in classes
+    r = CliRunner().invoke(main, ["predict", ft, str(odd), "--out", str(out)])
+    assert r.exit_code == 2 and "Expected a new file for --out. Received:" in r.output
+    r = CliRunner().invoke(main, ["predict", ft, str(tmp_path / "nothing.png")])
+    err = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(err) == 1 and "nothing.png does not exist" in err[0]

@@ -165,8 +165,6 @@ def read_image_folder(root, channels=None, size=None):
     Returns:
         ``(x, labels, class_names)``: uint8 ``(N, H, W, C)`` images, int64 labels, sorted class names.
     """
-    from PIL import Image
-
     paths, labels, classes = list_image_folder(root)
     headers = [_image_header(p) for p in paths]  # (width, height, mode); reads no pixels
     if channels is None:
@@ -186,11 +184,7 @@ def read_image_folder(root, channels=None, size=None):
                         f"pass a smaller one")
     x = np.empty((len(paths), height, width, channels), np.uint8)
     for i, p in enumerate(paths):
-        with _opened_image(p) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (width, height):
-                im = im.crop(_centre_box(im.size, width, height)).resize((width, height), Image.Resampling.BILINEAR)
-            x[i] = np.asarray(im).reshape(height, width, channels)
+        x[i] = decode_image(p, channels, (height, width))
     # Trees whose file names are indices unique across classes (STL-10 here) keep that order,
     # which is the official one; others stay sorted by class then name.
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -198,6 +192,35 @@ def read_image_folder(root, channels=None, size=None):
         order = np.argsort([int(s) for s in stems], kind="stable")
         x, labels = x[order], labels[order]
     return x, labels, classes
+
+
+def image_files(paths):
+    """The image files among ``paths``, folders searched recursively (sorted), in the order given."""
+    found = []
+    for p in paths:
+        if os.path.isdir(p):
+            found += sorted(os.path.join(d, f) for d, _, files in os.walk(p) for f in files
+                            if f.lower().endswith(IMAGE_EXTS))
+        elif os.path.isfile(p):
+            found.append(p)
+        else:
+            raise DataError(f"Expected image files or folders. Received: {p} does not exist")
+    if not found:
+        raise DataError(f"Expected images ({', '.join(IMAGE_EXTS)}). Received: none in {', '.join(paths)}")
+    return found
+
+
+def decode_image(path, channels, size=None):
+    """One image file as uint8 ``(H, W, channels)``: grey (1) or RGB (3), and, given ``size`` ``(height,
+    width)``, centre-cropped to its aspect ratio and resized to it (bilinear), as `read_image_folder` does."""
+    from PIL import Image
+
+    with _opened_image(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.crop(_centre_box(im.size, size[1], size[0])).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        x = np.asarray(im)
+    return x.reshape(*x.shape[:2], channels)
 
 
 def _memory_limit():
