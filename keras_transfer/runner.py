@@ -271,7 +271,10 @@ def with_pretrained(cfg, path, source=None, model=None):
             raise ConfigError(f"{flag}: expected {recorded!r}, what the pretrained model {prov['file']} was "
                               f"trained with (or leave it out). Received: {given!r}")
     m = dataclasses.replace(run_cfg.model, head_hidden=cfg.model.head_hidden, head_dropout=cfg.model.head_dropout)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=run_cfg.data.source), model=m)
+    # No pretraining runs here: a recipe's airbench-only pretraining key does not apply to another backbone.
+    pre = cfg.pretrain if m.name == "airbench" else dataclasses.replace(cfg.pretrain, whiten_bias_epochs=None)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=run_cfg.data.source), model=m,
+                               pretrain=pre)
 
 
 def finetune(cfg, run_dir, echo=None, resume=False, preview=True):

@@ -302,8 +302,16 @@ def test_finetune_records_the_pretrained_model_and_where_it_came_from(tmp_path, 
     """--pretrained goes into config.yaml (transfer.pretrained) with the pretrain run's source and backbone,
     so the report names them and --resume continues from the same model instead of pretraining anew;
     a --source that contradicts the pretrained run is refused in one line."""
+    from keras_transfer import config as config_lib
+    from keras_transfer.runner import with_pretrained
+
     pre = str(tmp_path / "pre")
     assert invoke("pretrain", "--config", tiny_config, "--out", pre).exit_code == 0
+    # the airbench recipe's pretraining key does not stop fine-tuning a residual CNN (no pretraining runs)
+    recipe = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "experiments", "cifar10_fast.yaml"))
+    assert recipe.pretrain.whiten_bias_epochs == 3
+    resolved = with_pretrained(recipe, pre)
+    assert resolved.model.name == "resnet" and resolved.pretrain.whiten_bias_epochs is None
     cfg = yaml.safe_load(open(tiny_config))
     cfg["data"]["source"] = "mnist_5k"  # the file's own defaults, not what the pretrained model saw
     cfg["model"]["widths"] = [16, 16, 16]
