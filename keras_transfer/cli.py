@@ -252,6 +252,12 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
     run_dir, resume = _prepare_run("finetune", o)
     if resume:  # the run's own config.yaml, --pretrained (transfer.pretrained) included
         cfg = _load_resume_config(run_dir, cfg)
+        if pretrained is not None:
+            recorded = cfg.transfer.pretrained
+            cfg = runner.with_pretrained(cfg, pretrained)  # a run recorded before transfer.pretrained gets it
+            if recorded not in (None, cfg.transfer.pretrained):
+                raise KTransferError(f"--pretrained: expected the run's own {recorded} (or leave it out with "
+                                     f"--resume). Received: {pretrained}")
     with _started_run(run_dir, resume, existed):
         config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
         results = runner.finetune(cfg, run_dir, echo=click.echo, resume=resume, preview=preview)

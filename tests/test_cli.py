@@ -321,7 +321,8 @@ def test_finetune_records_the_pretrained_model_and_where_it_came_from(tmp_path, 
     r = invoke("finetune", "--config", str(other), "--pretrained", pre, "--strategies", "linear,full", "--out", ft)
     assert r.exit_code == 0, r.output
     resolved = yaml.safe_load(open(os.path.join(ft, "config.yaml")))
-    assert resolved["transfer"]["pretrained"] == os.path.join(pre, "model.keras")
+    resolved_file = os.path.join(pre, "model.keras")
+    assert resolved["transfer"]["pretrained"] == resolved_file
     assert resolved["data"]["source"] == f"npz:{digits_npz}" and resolved["model"]["widths"] == [4, 8, 8]
     summary = json.load(open(os.path.join(ft, "summary.json")))
     assert summary["source"] == f"npz:{digits_npz}" and summary["model"] == "resnet"
@@ -335,6 +336,17 @@ def test_finetune_records_the_pretrained_model_and_where_it_came_from(tmp_path, 
     assert r.exit_code == 0, r.output
     assert "pretrain" not in r.output and not os.path.exists(os.path.join(ft, "pretrain"))
     assert os.path.exists(os.path.join(ft, "strategies", "full", "metrics.json"))
+    # a run recorded before transfer.pretrained resumes from the --pretrained given again; another is refused
+    old = yaml.safe_load(open(os.path.join(ft, "config.yaml")))
+    del old["transfer"]["pretrained"]
+    open(os.path.join(ft, "config.yaml"), "w").write(yaml.safe_dump(old))
+    os.remove(os.path.join(ft, "strategies", "full", "metrics.json"))
+    r = invoke("finetune", "--resume", ft, "--pretrained", pre)
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(os.path.join(ft, "pretrain"))
+    assert yaml.safe_load(open(os.path.join(ft, "config.yaml")))["transfer"]["pretrained"] == resolved_file
+    r = CliRunner().invoke(main, ["finetune", "--resume", ft, "--pretrained", os.path.join(ft, "strategies", "full")])
+    assert r.exit_code == 2 and f"--pretrained: expected the run's own {resolved_file}" in r.output, r.output
 
     r = CliRunner().invoke(main, ["finetune", "--config", tiny_config, "--pretrained", pre, "--source", "mnist",
                                   "--out", str(tmp_path / "o")])
