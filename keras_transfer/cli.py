@@ -229,10 +229,14 @@ def pretrain(config_path, **o):
               help="Grey target on an RGB backbone: repeat to 3 channels, or sum the first conv's kernel.")
 @click.option("--cached-features/--no-cached-features", default=None,
               help="linear: run the frozen backbone once and train the head on stored features.")
+@click.option("--backbone-lr", type=float,
+              help="partial/full/gradual: the pretrained backbone's learning rate as a multiple of the head's.")
+@click.option("--layer-decay", type=float,
+              help="partial/full/gradual: each block d below the head trains at backbone-lr x this^d (timm's).")
 @click.option("--preview/--no-preview", default=True, help="Write an augmentation preview figure.")
 @_fail_cleanly
 def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, channel_mode, cached_features,
-             preview, **o):
+             backbone_lr, layer_decay, preview, **o):
     """Pretrain (unless --pretrained), fine-tune each strategy on the target, write a report.
 
     With no options it runs the embedded, offline default: the residual CNN pretrained on
@@ -243,7 +247,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
 
     transfer = {"strategies": tuple(strategies.split(",")) if strategies else None,
                 "freeze_until": freeze_until, "train_last_k": train_last_k, "channel_mode": channel_mode,
-                "cached_features": cached_features}
+                "cached_features": cached_features, "backbone_lr": backbone_lr, "layer_decay": layer_decay}
     cfg = _resolve(config_path, o, **transfer)
     if pretrained is not None and not o.get("resume_dir"):
         cfg = runner.with_pretrained(cfg, pretrained, source=_absolute_dataset(o.get("source")),

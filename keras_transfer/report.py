@@ -112,6 +112,9 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None):
         trainable = " → ".join(f"{t:,}" for t in r.get("trainable_params_by_phase", [r["trainable_params"]]))
         lines.append(f"| {s} | {r['accuracy']:.4f} | {r['macro']['f1']:.4f} | {trainable} | "
                      f"{r['non_trainable_params']:,} | {r['epochs']} | {r['wall_time']:.1f} |")
+    scaled = [s for s in results if cfg.transfer.lr_scales(s)]
+    if scaled:
+        lines += ["", _lr_scales_line(cfg, scaled, model_name)]
     lines += ["", '<img src="comparison.png" alt="comparison">', "",
               '<img src="curves.png" alt="curves">', ""]
     best = max(results, key=lambda s: results[s]["accuracy"])
@@ -122,6 +125,21 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None):
         lines += ["## Augmentation", "", '<img src="augmentation.png" alt="augmentation preview">', ""]
     lines += ["## Configuration", "", "```yaml", _yaml(to_dict(cfg)).rstrip(), "```", ""]
     write_report(run_dir, "\n".join(lines), f"keras-transfer: {source} -> {ds.name}")
+
+
+def _lr_scales_line(cfg, strategies, model_name):
+    """One sentence: which strategies trained the backbone at which multiple of the head's learning rate."""
+    from keras_transfer.models import get_spec
+
+    backbone_lr, decay = cfg.transfer.backbone_lr, cfg.transfer.layer_decay
+    blocks = get_spec(model_name).blocks
+    if decay == 1:
+        rates = f"{backbone_lr:g}× the head's learning rate"
+    else:
+        rates = (f"{backbone_lr:g} × {decay:g}^d times the head's learning rate, d blocks below the head: "
+                 f"{blocks[-1]} {backbone_lr * decay:.3g}×, {blocks[0]} {backbone_lr * decay ** len(blocks):.3g}×")
+    return (f"{', '.join(strategies)} trained the pretrained backbone at {rates} "
+            f"(`transfer.backbone_lr`, `layer_decay`).")
 
 
 def transfer_verdict(results):

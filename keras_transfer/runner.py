@@ -31,6 +31,7 @@ from keras_transfer.transfer import (
     feature_statistics,
     gradual_schedule,
     head_model,
+    learning_rate_multipliers,
     parameter_counts,
     set_trainable_blocks,
 )
@@ -94,13 +95,14 @@ def _val_input(splits, batch_size, seed, input_path):
 
 
 def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy="full", phases=None, resume=False,
-                echo=None):
+                echo=None, lr_scales=None):
     """Train one stage (a strategy, or pretraining); gradual runs phases, recompiling each.
 
     ``strategy`` labels the progress lines (`EpochProgress`) echoed for slow epochs.
 
     ``tcfg``: the stage's `TrainConfig`; ``dcfg``: the `DataConfig` (batch size, input path, flips,
-    full batches only).
+    full batches only). ``lr_scales``: ``(backbone_lr, layer_decay)`` for the backbone's learning-rate
+    multipliers (`TransferConfig.lr_scales`), or None.
 
     Returns:
         ``(model, wall_seconds)``.
@@ -112,6 +114,10 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
         model, start = resume_state(stage_dir)
         _log(f"  resuming {stage_dir} at epoch {start}", echo)
     progress = [EpochProgress(echo, f"{strategy:8s} ")] if echo else []
+
+    def multipliers():  # of the weights trainable now
+        return learning_rate_multipliers(model, spec_name, *lr_scales) if lr_scales else None
+
     t0 = time.perf_counter()
     if phases:
         per_phase = max(1, tcfg.epochs // len(phases))
@@ -120,13 +126,13 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
             end = tcfg.epochs if i == len(phases) - 1 else epoch + per_phase
             if end > start:
                 set_trainable_blocks(model, spec_name, blocks)
-                compile_model(model, tcfg, steps)  # recompile after every change of trainable
+                compile_model(model, tcfg, steps, multipliers())  # recompile after every change of trainable
                 fit(model, _train_input(splits, dcfg, seed, max(start, epoch)), val, tcfg, stage_dir,
                     initial_epoch=max(start, epoch), epochs=end, extra_callbacks=progress)
             epoch = end
     elif start < tcfg.epochs:
         if not resume or start == 0:
-            compile_model(model, tcfg, steps)
+            compile_model(model, tcfg, steps, multipliers())
         fit(model, _train_input(splits, dcfg, seed, start), val, tcfg, stage_dir, initial_epoch=start,
             extra_callbacks=progress)
     return model, time.perf_counter() - t0
@@ -341,14 +347,17 @@ def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
         else:
             trainable, frozen = parameter_counts(model)
             _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
+        scales = cfg.transfer.lr_scales(strategy)  # (backbone_lr, layer_decay) or None
         if strategy == "linear" and cfg.transfer.cached_features:
             model, wall = train_cached_linear(model, splits, cfg.finetune, stage_dir, cfg.seed,
                                               cfg.data.batch_size, train_features)
         else:
             model, wall = train_stage(model, spec_name, splits, cfg.finetune, cfg.data, stage_dir, cfg.seed,
-                                      strategy, phases, resume, echo)
+                                      strategy, phases, resume, echo, scales)
         history = read_history(os.path.join(stage_dir, "history.csv"))
         metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
+        if scales:
+            extra["backbone_lr"], extra["layer_decay"] = scales
         metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall + feature_pass,
                        trainable_params=trainable, non_trainable_params=frozen,
                        backend=keras.config.backend(), epochs=len(history.get("epoch", [])), **extra)

@@ -159,11 +159,61 @@ class AverageOverwrite:
         return {**super().get_config(), "ema_overwrite_every": self.ema_overwrite_every}
 
 
-def _with(mixin, optimizer):
-    """``mixin`` on a Keras ``optimizer`` class, named ``<mixin><optimizer>`` (e.g. ``LookaheadSGD``) and
-    registered for saving under that name."""
-    cls = type(mixin.__name__ + optimizer.__name__, (mixin, optimizer),
-               {"__doc__": f"``keras.optimizers.{optimizer.__name__}`` with `{mixin.__name__}`.",
+class LRMultipliers:
+    """Mixin for a Keras optimizer: per-weight learning-rate multipliers, torch's parameter groups.
+
+    ``lr_multipliers`` maps variable paths (``variable.path``) to a factor; every other variable trains
+    at the optimizer's rate. Each group's update step runs with ``factor * learning_rate`` (whatever the
+    schedule gives at that step) and its decoupled weight decay with the same factor, so a group at 0.1
+    moves as if the whole optimizer had a tenth of the rate, with SGD, momentum or Adam alike. Used for
+    discriminative fine-tuning (`keras_transfer.transfer.learning_rate_multipliers`). Kept in the
+    optimizer's config, so a saved model resumes with its groups.
+    """
+
+    def __init__(self, *args, lr_multipliers=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
+        bad = {k: v for k, v in self.lr_multipliers.items() if not v > 0}
+        if bad:
+            raise ConfigError(f"lr_multipliers: expected factors > 0. Received: {bad}")
+
+    def _groups(self, variables):
+        """``{factor: [indices into variables]}``, in the order of first appearance."""
+        groups = {}
+        for i, v in enumerate(variables):
+            groups.setdefault(self.lr_multipliers.get(v.path, 1.0), []).append(i)
+        return groups
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        for factor, idx in self._groups(trainable_variables).items():
+            super()._backend_update_step([grads[i] for i in idx], [trainable_variables[i] for i in idx],
+                                         learning_rate if factor == 1.0 else learning_rate * factor)
+
+    def _apply_weight_decay(self, variables):
+        if self.weight_decay is None:
+            return
+        for factor, idx in self._groups(variables).items():
+            group = [variables[i] for i in idx]
+            if factor == 1.0:
+                super()._apply_weight_decay(group)
+                continue
+            for v in group:
+                if self._use_weight_decay(v):
+                    rate = ops.cast(self.learning_rate, v.dtype) * ops.cast(self.weight_decay * factor, v.dtype)
+                    v.assign(v - v * rate)
+
+    def get_config(self):
+        return {**super().get_config(), "lr_multipliers": dict(self.lr_multipliers)}
+
+
+def _with(mixins, optimizer):
+    """``mixins`` (one class or a tuple) on a Keras ``optimizer`` class, named after them
+    (``LookaheadSGD``, ``LookaheadLRMultipliersAdam``) and registered for saving under that name."""
+    mixins = mixins if isinstance(mixins, tuple) else (mixins,)
+    names = "".join(m.__name__ for m in mixins)
+    cls = type(names + optimizer.__name__, (*mixins, optimizer),
+               {"__doc__": f"``keras.optimizers.{optimizer.__name__}`` with "
+                           f"{' and '.join(f'`{m.__name__}`' for m in mixins)}.",
                 "__module__": __name__})
     return keras.saving.register_keras_serializable(package="keras_transfer")(cls)
 
@@ -179,14 +229,23 @@ AverageOverwriteSGD, AverageOverwriteAdam, AverageOverwriteAdamW = (_with(Averag
 OPTIMIZERS = {"sgd": (keras.optimizers.SGD, LookaheadSGD, AverageOverwriteSGD),
               "adam": (keras.optimizers.Adam, LookaheadAdam, AverageOverwriteAdam),
               "adamw": (keras.optimizers.AdamW, LookaheadAdamW, AverageOverwriteAdamW)}
+# The same three each with `LRMultipliers`, used only when some weight has a factor other than 1 (on torch,
+# Keras' own SGD / Adam / AdamW update all weights in a few fused `_foreach_` operators; a subclass does not).
+WITH_LR_MULTIPLIERS = {name: (_with(LRMultipliers, plain), _with((Lookahead, LRMultipliers), plain),
+                              _with((AverageOverwrite, LRMultipliers), plain))
+                       for name, plain in zip(OPTIMIZERS, _KERAS_OPTIMIZERS)}
 
 
-def make_optimizer(cfg, steps_per_epoch):
+def make_optimizer(cfg, steps_per_epoch, lr_multipliers=None):
+    """The optimizer of recipe ``cfg``; ``lr_multipliers``: ``{variable path: factor}`` (`LRMultipliers`)."""
     lr = learning_rate(cfg, steps_per_epoch)
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"Unknown optimizer: expected one of {', '.join(OPTIMIZERS)}. Received: {cfg.optimizer!r}")
-    plain, with_lookahead, with_overwrite = OPTIMIZERS[cfg.optimizer]
+    lr_multipliers = {k: v for k, v in (lr_multipliers or {}).items() if v != 1}
+    plain, with_lookahead, with_overwrite = (WITH_LR_MULTIPLIERS if lr_multipliers else OPTIMIZERS)[cfg.optimizer]
     kwargs = {"momentum": cfg.momentum, "nesterov": cfg.nesterov} if cfg.optimizer == "sgd" else {}
+    if lr_multipliers:
+        kwargs["lr_multipliers"] = lr_multipliers
     kwargs["weight_decay"] = cfg.weight_decay if cfg.optimizer == "adamw" else (cfg.weight_decay or None)
     if cfg.lookahead_every:
         return with_lookahead(lr, lookahead_every=cfg.lookahead_every, lookahead_decay=cfg.lookahead_decay,
@@ -199,8 +258,9 @@ def make_optimizer(cfg, steps_per_epoch):
     return plain(lr, **kwargs)
 
 
-def compile_model(model, cfg, steps_per_epoch):
-    """Compile (or recompile, after a change of ``trainable``) with the recipe ``cfg``."""
+def compile_model(model, cfg, steps_per_epoch, lr_multipliers=None):
+    """Compile (or recompile, after a change of ``trainable``) with the recipe ``cfg``; ``lr_multipliers``:
+    ``{variable path: factor}`` for weights that train at another rate (`LRMultipliers`)."""
     # "auto" is Keras' own rule: XLA on JAX, on TensorFlow only with an accelerator (on a CPU, XLA ran
     # EfficientNetB0 7-10x and the residual CNN 1.1-1.5x slower than TF's own kernels; see
     # benchmarks/), never torch.compile on torch (minutes per model; slower than eager on a GPU).
@@ -208,7 +268,7 @@ def compile_model(model, cfg, steps_per_epoch):
     use_direct_calls(model)  # torch: eager steps skip Keras' per-layer __call__ (models/graph.py)
     avoid_device_syncs()  # torch: numbers and seeds without host-device synchronisation (backend.py)
     model.compile(
-        optimizer=make_optimizer(cfg, steps_per_epoch),
+        optimizer=make_optimizer(cfg, steps_per_epoch, lr_multipliers),
         loss=SparseSmoothedCrossentropy(cfg.label_smoothing),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit,

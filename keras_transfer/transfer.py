@@ -37,6 +37,12 @@ class TransferConfig:
         pretrained: str or None. A ``.keras`` model, or a run directory holding ``model.keras``, to
             start from instead of pretraining (``--pretrained``). Recorded so ``--resume`` and the
             report know where the backbone came from.
+        backbone_lr: float. ``partial``, ``full`` and ``gradual``: learning-rate multiplier of the
+            pretrained backbone's weights against the head's (discriminative fine-tuning; 1: the same
+            rate). ``scratch`` (a fresh backbone) and ``linear`` (a frozen one) are not affected.
+        layer_decay: float. With the same strategies, each backbone block ``d`` blocks below the head
+            (the last block: ``d = 1``) trains at ``backbone_lr * layer_decay ** d`` times the head's
+            learning rate, as timm's ``layer_decay`` (1: no decay). See `learning_rate_multipliers`.
     """
 
     strategies: tuple = ("scratch", "linear", "partial", "full")
@@ -46,6 +52,8 @@ class TransferConfig:
     channel_mode: str = "repeat"
     cached_features: bool = False
     pretrained: str | None = None
+    backbone_lr: float = 1.0
+    layer_decay: float = 1.0
 
     def __post_init__(self):  # checked here, so bad values are refused before any run directory
         for s in self.strategies:
@@ -53,6 +61,18 @@ class TransferConfig:
                 raise ConfigError(f"Unknown strategy: expected some of {STRATEGIES}. Received: {s!r}")
         if self.channel_mode not in ("repeat", "conv"):
             raise ConfigError(f"Unknown channel_mode: expected repeat or conv. Received: {self.channel_mode!r}")
+        for key, expected, ok in (("backbone_lr", "a learning-rate multiplier > 0", lambda v: v > 0),
+                                  ("layer_decay", "a factor in (0, 1]", lambda v: 0 < v <= 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ConfigError(f"transfer.{key}: expected {expected}. Received: {value!r}")
+
+    def lr_scales(self, strategy):
+        """``(backbone_lr, layer_decay)`` for ``strategy``, or None where the backbone trains at the
+        head's rate (``scratch``, ``linear``, or both factors 1)."""
+        if strategy in ("scratch", "linear") or (self.backbone_lr, self.layer_decay) == (1, 1):
+            return None
+        return float(self.backbone_lr), float(self.layer_decay)
 
 
 def backbone_of(model):
@@ -95,6 +115,29 @@ def apply_strategy(model, spec_name, strategy, freeze_until=None, train_last_k=1
         return set_trainable_blocks(model, spec_name, set())
     return set_trainable_blocks(model, spec_name,
                                 trainable_blocks(spec_name, strategy, freeze_until, train_last_k))
+
+
+def learning_rate_multipliers(model, spec_name, backbone_lr=1.0, layer_decay=1.0):
+    """Learning-rate multipliers of the backbone's trainable weights, ``{variable path: multiplier}``
+    (`keras_transfer.train.LRMultipliers`): the weights of the block ``d`` blocks below the head (the
+    backbone's last block: ``d = 1``) get ``backbone_lr * layer_decay ** d``; weights outside the
+    backbone (the head) are left out, so train at the optimizer's rate. Frozen weights are left out too:
+    call after `set_trainable_blocks`, before compiling. Empty when both factors are 1."""
+    if backbone_lr == 1 and layer_decay == 1:
+        return {}
+    spec = get_spec(spec_name)
+    depth = {block: len(spec.blocks) - i for i, block in enumerate(spec.blocks)}
+    backbone = backbone_of(model)
+    out = {}
+    for layer_name, block in spec.layer_blocks(backbone).items():
+        for v in backbone.get_layer(layer_name).trainable_weights:
+            out[v.path] = float(backbone_lr * layer_decay ** depth[block])
+    backbone_ids = {id(v) for v in backbone.weights}
+    shared = {v.path for v in model.trainable_weights if id(v) not in backbone_ids} & set(out)
+    if shared:  # the optimizer tells weights apart by path
+        raise ConfigError(f"Learning-rate multipliers: expected backbone weight paths that no head weight has. "
+                          f"Received: {sorted(shared)[:3]}")
+    return out
 
 
 def gradual_schedule(spec_name, phases):

@@ -112,6 +112,8 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     ("pretrain", "learning_rate", -0.1, "pretrain.learning_rate: expected a learning rate > 0. Received: -0.1"),
     ("finetune", "epochs", 0, "finetune.epochs: expected an integer >= 1. Received: 0"),
     ("pretrain", "label_smoothing", 1.0, "pretrain.label_smoothing: expected a value in [0, 1). Received: 1.0"),
+    ("transfer", "layer_decay", 1.5, "transfer.layer_decay: expected a factor in (0, 1]. Received: 1.5"),
+    ("transfer", "backbone_lr", 0, "transfer.backbone_lr: expected a learning-rate multiplier > 0. Received: 0"),
 ])
 def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section, key, value, expected):
 
@@ -438,3 +440,34 @@ def test_predict_classifies_image_files_with_the_runs_class_names(tmp_path, tiny
     r = CliRunner().invoke(main, ["predict", ft, str(tmp_path / "nothing.png")])
     err = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(err) == 1 and "nothing.png does not exist" in err[0]
+
+
+def test_backbone_learning_rate_reaches_the_backbone_of_full_and_gradual(tmp_path, tiny_config):
+    """``--backbone-lr`` trains the pretrained backbone of ``full`` and ``gradual`` at that multiple of the
+    head's rate: at 1e-6 their backbone kernels stay at the pretrained values (within 1e-5) while the
+    head moves; ``scratch`` is not slowed."""
+    import numpy as np
+
+    pre = str(tmp_path / "pre")
+    assert invoke("pretrain", "--config", tiny_config, "--out", pre).exit_code == 0
+    ft = str(tmp_path / "ft")
+    r = invoke("finetune", "--config", tiny_config, "--pretrained", pre, "--out", ft, "--strategies",
+               "scratch,full,gradual", "--backbone-lr", "1e-6", "--layer-decay", "0.5", "--finetune-epochs", "2",
+               "--no-preview")
+    assert r.exit_code == 0, r.output
+
+    def kernels(path):
+        model = keras.saving.load_model(path)
+        return {v.path: keras.ops.convert_to_numpy(v) for v in model.weights if v.path.endswith("kernel")}
+
+    start = kernels(os.path.join(pre, "model.keras"))
+    for strategy in ("full", "gradual"):
+        after = kernels(os.path.join(ft, "strategies", strategy, "model.keras"))
+        shared = [p for p in start if p in after and not p.startswith("head")]
+        assert shared and all(np.allclose(after[p], start[p], atol=1e-5) for p in shared), strategy
+        metrics = json.load(open(os.path.join(ft, "strategies", strategy, "metrics.json")))
+        assert (metrics["backbone_lr"], metrics["layer_decay"]) == (1e-6, 0.5)
+    scratch = json.load(open(os.path.join(ft, "strategies", "scratch", "metrics.json")))
+    assert "backbone_lr" not in scratch
+    report = open(os.path.join(ft, "report.md")).read()
+    assert "full, gradual trained the pretrained backbone at 1e-06 × 0.5^d" in report

@@ -302,6 +302,77 @@ def test_lookahead_optimizer_saves_and_resumes(tmp_path):
     assert model.optimizer.get_config()["lookahead_every"] == 2 and model.optimizer.total_steps == 12
 
 
+def _two_dense(trainable_b=True):
+    inputs = keras.Input((6,))
+    a = keras.layers.Dense(4, name="a", kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    b = keras.layers.Dense(3, name="b", kernel_initializer=keras.initializers.GlorotUniform(seed=2))
+    b.trainable = trainable_b
+    return keras.Model(inputs, b(a(inputs)))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_lr_multipliers_give_a_group_the_steps_of_a_smaller_learning_rate(name):
+    """Weights at factor f (`LRMultipliers`) follow the trajectory of the same optimizer at f times the
+    rate, with momentum or Adam's moments, decoupled weight decay and the schedule; the other weights
+    take the steps they would take without multipliers."""
+    from keras_transfer.train import make_optimizer
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)).astype("float32"), rng.integers(0, 3, 40)
+    f, rate = 0.25, 0.05
+    cfg = TrainConfig(epochs=1, optimizer=name, learning_rate=rate, momentum=0.9, weight_decay=0.01,
+                      schedule="cosine")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    group = {v.path: f for v in _two_dense().get_layer("a").weights}
+    assert sorted(group) == ["a/bias", "a/kernel"]
+
+    def trained(cfg, multipliers, trainable_b, n):
+        model = _two_dense(trainable_b)
+        model.compile(make_optimizer(cfg, 5, multipliers), loss)
+        model.fit(x[:8 * n], y[:8 * n], batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return model
+
+    # five steps, only the group trains: as the plain optimizer at f x the rate
+    grouped = trained(cfg, group, False, 5)
+    assert type(grouped.optimizer).__name__ == "LRMultipliers" + type(make_optimizer(cfg, 5)).__name__
+    slower = trained(dataclasses.replace(cfg, learning_rate=rate * f), None, False, 5)
+    for a, b in zip(grouped.get_weights(), slower.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+    # one step, both train: the group moves f x as far, the rest as far as without multipliers
+    start = _two_dense().get_weights()
+    grouped, plain = trained(cfg, group, True, 1), trained(cfg, None, True, 1)
+    steps = [(g - s, p - s) for g, p, s in zip(grouped.get_weights(), plain.get_weights(), start)]
+    for (g, p), factor in zip(steps, [f, f, 1, 1]):  # a/kernel, a/bias, b/kernel, b/bias
+        np.testing.assert_allclose(g, factor * p, rtol=1e-4, atol=3e-7)  # float32 rounding of weights near 1
+        assert np.abs(p).max() > 1e-4
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_lr_multipliers_are_saved_with_the_optimizer_and_resume_the_same_run(tmp_path, lookahead):
+    """A checkpoint keeps the groups (the optimizer's config), so a resumed run reaches the weights of an
+    uninterrupted one."""
+    cfg = dataclasses.replace(CFG, lookahead_every=lookahead)
+    x, y = tiny_data(32)
+
+    def run(stage, epochs):
+        keras.utils.set_random_seed(0)
+        model = tiny_model()
+        group = {v.path: 0.1 for v in model.get_layer("backbone").trainable_weights}
+        compile_model(model, cfg, 4, group)
+        fit(model, make_input(x, y, 8, True, 0), None, cfg, str(tmp_path / stage), epochs=epochs)
+        return model, group
+
+    full, group = run("full", 2)
+    run("part", 1)
+    model, start = resume_state(str(tmp_path / "part"))
+    assert start == 1 and type(model.optimizer).__name__ == ("Lookahead" if lookahead else "") + "LRMultipliersSGD"
+    assert model.optimizer.lr_multipliers == group and len(group) > 10
+    fit(model, make_input(x, y, 8, True, 0, initial_epoch=1), None, cfg, str(tmp_path / "part"), initial_epoch=1,
+        epochs=2)
+    for a, b in zip(full.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_the_optimizer_names_the_config_accepts_are_the_ones_train_builds():
     from keras_transfer.config import OPTIMIZER_NAMES
     from keras_transfer.train import OPTIMIZERS

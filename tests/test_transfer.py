@@ -7,6 +7,7 @@ from keras_transfer.train import compile_model
 from keras_transfer.transfer import (
     apply_strategy,
     gradual_schedule,
+    learning_rate_multipliers,
     parameter_counts,
     set_trainable_blocks,
     trainable_blocks,
@@ -164,3 +165,23 @@ def test_cached_feature_linear_probe_matches_the_ordinary_one(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     xa, _ = tiny_data(8, seed=5)
     np.testing.assert_allclose(ordinary.predict(xa, verbose=0), cached.predict(xa, verbose=0), rtol=1e-3, atol=1e-4)
+
+
+def test_learning_rate_multipliers_decay_by_block_below_the_head():
+    """``backbone_lr * layer_decay ** d`` for the block d blocks below the head, for trainable backbone
+    weights only: the head trains at the optimizer's rate, frozen blocks are not in the optimizer."""
+    model = tiny_model()
+    assert learning_rate_multipliers(model, "resnet") == {}
+    got = learning_rate_multipliers(model, "resnet", 0.5, 0.5)
+    backbone = model.get_layer("backbone")
+    want = {"stem": 0.5 * 0.5 ** 4, "stage1_block1": 0.5 * 0.5 ** 3, "stage2_block1": 0.5 * 0.5 ** 2,
+            "stage3_block1": 0.5 * 0.5}
+    from keras_transfer.models import get_spec
+
+    blocks = get_spec("resnet").layer_blocks(backbone)
+    expected = {v.path: want[blocks[layer.name]] for layer in backbone.layers for v in layer.trainable_weights}
+    assert got == expected and len(got) == len(backbone.trainable_weights)
+    head = {v.path for v in model.trainable_weights} - {v.path for v in backbone.trainable_weights}
+    assert head and not head & set(got)
+    apply_strategy(model, "resnet", "partial", train_last_k=1)
+    assert set(learning_rate_multipliers(model, "resnet", 0.5, 0.5).values()) == {0.25}
