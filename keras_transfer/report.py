@@ -136,7 +136,8 @@ def _lr_scales_line(cfg, strategies, model_name):
     if decay == 1:
         rates = f"{backbone_lr:g}× the head's learning rate"
     else:
-        rates = (f"{backbone_lr:g} × {decay:g}^d times the head's learning rate, d blocks below the head: "
+        factor = f"{decay:g}^d" if backbone_lr == 1 else f"{backbone_lr:g} × {decay:g}^d"
+        rates = (f"{factor} times the head's learning rate, d blocks below the head: "
                  f"{blocks[-1]} {backbone_lr * decay:.3g}×, {blocks[0]} {backbone_lr * decay ** len(blocks):.3g}×")
     return (f"{', '.join(strategies)} trained the pretrained backbone at {rates} "
             f"(`transfer.backbone_lr`, `layer_decay`).")
