@@ -12,7 +12,7 @@ import os
 import yaml
 
 from keras_transfer.data.registry import check_dataset_name
-from keras_transfer.errors import ConfigError
+from keras_transfer.errors import ConfigError, check_ranges, is_number
 from keras_transfer.models import get_spec
 from keras_transfer.transfer import TransferConfig
 
@@ -20,22 +20,6 @@ TTA_MODES = ("none", "flip", "flip_translate")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # keras_transfer.train.OPTIMIZERS
 SCHEDULES = ("cosine", "triangle", "plateau", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
-
-def _number(value, integer=False):
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) if integer else isinstance(value, (int, float))
-
-
-def _check_ranges(section, obj, rules):
-    """Raise a `ConfigError` for the first ``(key, test, expected)`` of ``rules`` whose test fails on
-    ``obj.key``: out-of-range numbers are refused when the config is read, before any data or run
-    directory (a batch size of 0 used to end in a ZeroDivisionError, a negative learning rate in a run)."""
-    for key, test, expected in rules:
-        value = getattr(obj, key)
-        if not test(value):
-            raise ConfigError(f"{section + '.' if section else ''}{key}: expected {expected}. Received: {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +70,12 @@ class DataConfig:
         if self.flips == "alternate" and self.input_path == "tfdata":
             raise ConfigError("data.flips: alternate needs the in-memory input path (data.input_path: memory or "
                               "auto). Received: input_path 'tfdata'")
-        _check_ranges("data", self, (
-            ("image_size", lambda v: v is None or _number(v, True) and v > 0, "a positive number of pixels or null"),
-            ("batch_size", lambda v: _number(v, True) and v >= 1, "an integer >= 1"),
-            ("per_class", lambda v: v is None or _number(v, True) and v >= 1, "null or an integer >= 1"),
-            ("fraction", lambda v: v is None or _number(v) and 0 < v <= 1, "null or a fraction in (0, 1]"),
-            ("val", lambda v: _number(v) and (0 <= v < 1 or _number(v, True) and v >= 1),
+        check_ranges("data", self, (
+            ("image_size", lambda v: v is None or is_number(v, True) and v > 0, "a positive number of pixels or null"),
+            ("batch_size", lambda v: is_number(v, True) and v >= 1, "an integer >= 1"),
+            ("per_class", lambda v: v is None or is_number(v, True) and v >= 1, "null or an integer >= 1"),
+            ("fraction", lambda v: v is None or is_number(v) and 0 < v <= 1, "null or a fraction in (0, 1]"),
+            ("val", lambda v: is_number(v) and (0 <= v < 1 or is_number(v, True) and v >= 1),
              "a fraction in [0, 1) or a count of images"),
         ))
         if not isinstance(self.drop_last, bool):
@@ -133,12 +117,12 @@ class ModelConfig:
 
     def __post_init__(self):
         get_spec(self.name)  # an unknown model is refused before any run directory
-        _check_ranges("model", self, (
-            ("input_size", lambda v: v is None or _number(v, True) and v >= 1, "null or an integer >= 1"),
+        check_ranges("model", self, (
+            ("input_size", lambda v: v is None or is_number(v, True) and v >= 1, "null or an integer >= 1"),
             ("channels", lambda v: v in (None, 1, 3) and not isinstance(v, bool), "null, 1 (grey) or 3 (RGB)"),
-            ("head_hidden", lambda v: _number(v, True) and v >= 0, "an integer >= 0 (0: linear head)"),
-            ("head_dropout", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
-            ("dropout", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
+            ("head_hidden", lambda v: is_number(v, True) and v >= 0, "an integer >= 0 (0: linear head)"),
+            ("head_dropout", lambda v: is_number(v) and 0 <= v < 1, "a rate in [0, 1)"),
+            ("dropout", lambda v: is_number(v) and 0 <= v < 1, "a rate in [0, 1)"),
         ))
         if not self.bn_bias_lr > 0:
             raise ConfigError(f"model.bn_bias_lr: expected a positive learning-rate multiplier. "
@@ -223,14 +207,14 @@ class TrainConfig:
                                                     or self.whiten_bias_epochs < 0):
             raise ConfigError(f"whiten_bias_epochs: expected null or an integer >= 0. "
                               f"Received: {self.whiten_bias_epochs!r}")
-        _check_ranges(None, self, (  # pretrain or finetune
-            ("epochs", lambda v: _number(v, True) and v >= 1, "an integer >= 1"),
-            ("learning_rate", lambda v: _number(v) and v > 0, "a learning rate > 0"),
-            ("momentum", lambda v: _number(v) and 0 <= v < 1, "a momentum in [0, 1)"),
-            ("weight_decay", lambda v: _number(v) and v >= 0, "a weight decay >= 0"),
-            ("label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a value in [0, 1)"),
-            ("warmup_epochs", lambda v: _number(v) and v >= 0, "a number of epochs >= 0"),
-            ("early_stopping", lambda v: v is None or _number(v, True) and v >= 1, "null or a patience >= 1"),
+        check_ranges(None, self, (  # pretrain or finetune
+            ("epochs", lambda v: is_number(v, True) and v >= 1, "an integer >= 1"),
+            ("learning_rate", lambda v: is_number(v) and v > 0, "a learning rate > 0"),
+            ("momentum", lambda v: is_number(v) and 0 <= v < 1, "a momentum in [0, 1)"),
+            ("weight_decay", lambda v: is_number(v) and v >= 0, "a weight decay >= 0"),
+            ("label_smoothing", lambda v: is_number(v) and 0 <= v < 1, "a value in [0, 1)"),
+            ("warmup_epochs", lambda v: is_number(v) and v >= 0, "a number of epochs >= 0"),
+            ("early_stopping", lambda v: v is None or is_number(v, True) and v >= 1, "null or a patience >= 1"),
         ))
         check_steps_per_execution(self.steps_per_execution)
         if not 0.0 <= self.ema_momentum < 1.0:

@@ -1,4 +1,4 @@
-"""Error types whose message is shown to the user as a single line."""
+"""Error types whose message is shown to the user as a single line, and the range check of config values."""
 
 
 class KTransferError(Exception):
@@ -11,3 +11,20 @@ class DataError(KTransferError):
 
 class ConfigError(KTransferError):
     """A configuration value, model name or strategy is invalid."""
+
+
+def is_number(value, integer=False):
+    """True for an int (``integer``) or an int or float, never a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if integer else isinstance(value, (int, float))
+
+
+def check_ranges(section, obj, rules):
+    """Raise a `ConfigError` for the first ``(key, test, expected)`` of ``rules`` whose test fails on
+    ``obj.key``: out-of-range numbers are refused when the config is read, before any data or run
+    directory (a batch size of 0 used to end in a ZeroDivisionError, a negative learning rate in a run)."""
+    for key, test, expected in rules:
+        value = getattr(obj, key)
+        if not test(value):
+            raise ConfigError(f"{section + '.' if section else ''}{key}: expected {expected}. Received: {value!r}")

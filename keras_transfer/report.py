@@ -129,16 +129,16 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None):
 
 def _lr_scales_line(cfg, strategies, model_name):
     """One sentence: which strategies trained the backbone at which multiple of the head's learning rate."""
-    from keras_transfer.models import get_spec
+    from keras_transfer.transfer import block_lr_factors
 
     backbone_lr, decay = cfg.transfer.backbone_lr, cfg.transfer.layer_decay
-    blocks = get_spec(model_name).blocks
     if decay == 1:
         rates = f"{backbone_lr:g}× the head's learning rate"
     else:
         factor = f"{decay:g}^d" if backbone_lr == 1 else f"{backbone_lr:g} × {decay:g}^d"
+        (first, low), *_, (last, high) = block_lr_factors(model_name, backbone_lr, decay).items()
         rates = (f"{factor} times the head's learning rate, d blocks below the head: "
-                 f"{blocks[-1]} {backbone_lr * decay:.3g}×, {blocks[0]} {backbone_lr * decay ** len(blocks):.3g}×")
+                 f"{last} {high:.3g}×, {first} {low:.3g}×")
     return (f"{', '.join(strategies)} trained the pretrained backbone at {rates} "
             f"(`transfer.backbone_lr`, `layer_decay`).")
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from keras_transfer.errors import ConfigError
+from keras_transfer.errors import ConfigError, check_ranges, is_number
 from keras_transfer.models import get_spec
 
 STRATEGIES = ("scratch", "linear", "partial", "full", "gradual")
@@ -61,11 +61,10 @@ class TransferConfig:
                 raise ConfigError(f"Unknown strategy: expected some of {STRATEGIES}. Received: {s!r}")
         if self.channel_mode not in ("repeat", "conv"):
             raise ConfigError(f"Unknown channel_mode: expected repeat or conv. Received: {self.channel_mode!r}")
-        for key, expected, ok in (("backbone_lr", "a learning-rate multiplier > 0", lambda v: v > 0),
-                                  ("layer_decay", "a factor in (0, 1]", lambda v: 0 < v <= 1)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise ConfigError(f"transfer.{key}: expected {expected}. Received: {value!r}")
+        check_ranges("transfer", self, (
+            ("backbone_lr", lambda v: is_number(v) and v > 0, "a learning-rate multiplier > 0"),
+            ("layer_decay", lambda v: is_number(v) and 0 < v <= 1, "a factor in (0, 1]"),
+        ))
 
     def lr_scales(self, strategy):
         """``(backbone_lr, layer_decay)`` for ``strategy``, or None where the backbone trains at the
@@ -117,21 +116,26 @@ def apply_strategy(model, spec_name, strategy, freeze_until=None, train_last_k=1
                                 trainable_blocks(spec_name, strategy, freeze_until, train_last_k))
 
 
+def block_lr_factors(spec_name, backbone_lr=1.0, layer_decay=1.0):
+    """``{block: backbone_lr * layer_decay ** d}``, ``d`` the block's distance below the head (the
+    backbone's last block: ``d = 1``), in block order from the input."""
+    blocks = get_spec(spec_name).blocks
+    return {block: float(backbone_lr * layer_decay ** (len(blocks) - i)) for i, block in enumerate(blocks)}
+
+
 def learning_rate_multipliers(model, spec_name, backbone_lr=1.0, layer_decay=1.0):
     """Learning-rate multipliers of the backbone's trainable weights, ``{variable path: multiplier}``
-    (`keras_transfer.train.LRMultipliers`): the weights of the block ``d`` blocks below the head (the
-    backbone's last block: ``d = 1``) get ``backbone_lr * layer_decay ** d``; weights outside the
+    (`keras_transfer.train.LRMultipliers`): each block's weights get its `block_lr_factors`; weights outside the
     backbone (the head) are left out, so train at the optimizer's rate. Frozen weights are left out too:
     call after `set_trainable_blocks`, before compiling. Empty when both factors are 1."""
     if backbone_lr == 1 and layer_decay == 1:
         return {}
-    spec = get_spec(spec_name)
-    depth = {block: len(spec.blocks) - i for i, block in enumerate(spec.blocks)}
+    factors = block_lr_factors(spec_name, backbone_lr, layer_decay)
     backbone = backbone_of(model)
     out = {}
-    for layer_name, block in spec.layer_blocks(backbone).items():
+    for layer_name, block in get_spec(spec_name).layer_blocks(backbone).items():
         for v in backbone.get_layer(layer_name).trainable_weights:
-            out[v.path] = float(backbone_lr * layer_decay ** depth[block])
+            out[v.path] = factors[block]
     backbone_ids = {id(v) for v in backbone.weights}
     shared = {v.path for v in model.trainable_weights if id(v) not in backbone_ids} & set(out)
     if shared:  # the optimizer tells weights apart by path
