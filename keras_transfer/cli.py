@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import sys
@@ -11,6 +10,7 @@ import sys
 import click
 
 from keras_transfer import config as config_lib
+from keras_transfer import rundir
 from keras_transfer.backend import avoid_device_syncs, defer_tensorflow_import, quiet_tensorflow_retracing
 from keras_transfer.data.augment import PRESETS
 from keras_transfer.errors import KTransferError
@@ -81,6 +81,14 @@ def _run_options(fn):
         click.option("--channels", type=int, help="Backbone input channels (1 or 3)."),
         click.option("--weights", help="none, imagenet, or a weights file (keras.applications models)."),
         click.option("--width", "widths", help="Residual CNN stage widths, e.g. 64,128,256."),
+        click.option("--blocks-per-stage", type=int, help="Residual CNN blocks per stage."),
+        click.option("--batch-norm/--no-batch-norm", "batch_norm", default=None,
+                     help="Residual CNN: BatchNorm after each convolution (default on)."),
+        click.option("--dropout", type=float, help="Residual CNN: spatial dropout rate in each block (0: off)."),
+        click.option("--pooling", type=click.Choice(list(config_lib.POOLINGS)),
+                     help="Residual CNN: global average pooling or flatten before the head."),
+        click.option("--head-hidden", type=int, help="Hidden units of the head (0: a linear head)."),
+        click.option("--head-dropout", type=float, help="Dropout rate of the head."),
         click.option("--augment", type=click.Choice(list(PRESETS)), help="Augmentation preset."),
         click.option("--per-class", type=int, help="Low-data study: target training images per class."),
         click.option("--fraction", type=float, help="Low-data study: fraction of target training set."),
@@ -94,7 +102,10 @@ def _run_options(fn):
         click.option("--pretrain-epochs", type=int),
         click.option("--finetune-epochs", type=int),
         click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), help="Fine-tuning optimizer."),
-        click.option("--lr", type=float, help="Fine-tuning learning rate."),
+        click.option("--lr", type=float,
+                     help="Learning rate of what this command trains (pretrain: pretraining; finetune: fine-tuning)."),
+        click.option("--pretrain-lr", type=float, help="Pretraining learning rate."),
+        click.option("--finetune-lr", type=float, help="Fine-tuning learning rate."),
         click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"])),
         click.option("--jit/--no-jit", "jit", default=None, help="XLA / torch.compile (default: auto)."),
         click.option("--steps-per-execution", type=int,
@@ -106,9 +117,24 @@ def _run_options(fn):
     return fn
 
 
-def _resolve(config_path, o, **transfer):
+def _widths(text):
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise KTransferError(f"--width: expected comma-separated integers, e.g. 64,128,256. "
+                             f"Received: {text!r}") from None
+
+
+def _resolve(config_path, o, stage="finetune", **transfer):
+    """The run's configuration: defaults < ``--config`` < flags. ``stage``: what ``--lr`` sets."""
     cfg = config_lib.load(config_path) if config_path else config_lib.RunConfig()
-    widths = tuple(int(w) for w in o["widths"].split(",")) if o.get("widths") else None
+    widths = _widths(o["widths"]) if o.get("widths") else None
+    lr = {"pretrain": o.get("pretrain_lr"), "finetune": o.get("finetune_lr")}
+    if o.get("lr") is not None:
+        if lr[stage] is not None and lr[stage] != o["lr"]:
+            raise KTransferError(f"--lr and --{stage}-lr: expected one of them (or the same value). Received: "
+                                 f"{o['lr']} and {lr[stage]}")
+        lr[stage] = o["lr"]
     precision = o.get("precision")
     jit = o.get("jit")
     spe = o.get("steps_per_execution")
@@ -118,41 +144,22 @@ def _resolve(config_path, o, **transfer):
                  "batch_size": o.get("batch_size"), "input_path": o.get("input_path"), "tta": o.get("tta"),
                  "image_size": o.get("image_size")},
         "model": {"name": o.get("model_name"), "input_size": o.get("input_size"), "channels": o.get("channels"),
-                  "weights": o.get("weights"), "widths": widths},
-        "pretrain": {"epochs": o.get("pretrain_epochs"), "precision": precision, "jit_compile": jit,
-                     "steps_per_execution": spe},
+                  "weights": o.get("weights"), "widths": widths, "blocks_per_stage": o.get("blocks_per_stage"),
+                  "batch_norm": o.get("batch_norm"), "dropout": o.get("dropout"), "pooling": o.get("pooling"),
+                  "head_hidden": o.get("head_hidden"), "head_dropout": o.get("head_dropout")},
+        "pretrain": {"epochs": o.get("pretrain_epochs"), "learning_rate": lr["pretrain"], "precision": precision,
+                     "jit_compile": jit, "steps_per_execution": spe},
         "finetune": {"epochs": o.get("finetune_epochs"), "optimizer": o.get("optimizer"),
-                     "learning_rate": o.get("lr"), "precision": precision, "jit_compile": jit,
+                     "learning_rate": lr["finetune"], "precision": precision, "jit_compile": jit,
                      "steps_per_execution": spe},
         "transfer": transfer,
         "seed": o.get("seed"),
     }
     if o.get("fraction") is not None and o.get("per_class") is None:
         cfg = config_lib.merge(cfg, {"data": {"per_class": None}})
-    if o.get("model_name") and o["model_name"] != cfg.model.name:
-        # The config's input side and channels were chosen for its own model: --model gets its defaults.
-        from keras_transfer.models import get_spec
-
-        spec = get_spec(o["model_name"])
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, input_size=spec.default_size,
-                                                                 channels=spec.channels))
-    cfg = config_lib.merge(cfg, overrides)
-    # Paths are recorded absolute, so evaluate, gradcam and --resume find the data from any directory.
-    d = cfg.data
-    return config_lib.merge(cfg, {"data": {"data_dir": _absolute(d.data_dir), "source": _absolute_dataset(d.source),
-                                           "target": _absolute_dataset(d.target)}})
-
-
-def _absolute(path):
-    return os.path.abspath(os.path.expanduser(path)) if path else path
-
-
-def _absolute_dataset(name):
-    """``folder:PATH`` / ``npz:PATH`` with an absolute PATH; other names as they are."""
-    if name and name.startswith(("folder:", "npz:")):
-        kind, path = name.split(":", 1)
-        return f"{kind}:{_absolute(path)}"
-    return name
+    if o.get("model_name"):
+        cfg = config_lib.with_model(cfg, o["model_name"])
+    return config_lib.absolute_paths(config_lib.merge(cfg, overrides))
 
 
 def _prepare_run(kind, o):
@@ -168,7 +175,7 @@ def _prepare_run(kind, o):
 
 
 # What a run writes before its first result; a run that fails with only these leaves no directory.
-_START_FILES = {"config.yaml", "augmentation.png"}
+_START_FILES = {rundir.CONFIG, rundir.AUGMENTATION}
 
 
 @contextlib.contextmanager
@@ -193,7 +200,7 @@ def _empty_dir_given(o):
 
 
 def _load_resume_config(run_dir, cfg):
-    path = os.path.join(run_dir, "config.yaml")
+    path = rundir.config_path(run_dir)
     return config_lib.load(path) if os.path.exists(path) else cfg
 
 
@@ -208,13 +215,13 @@ def pretrain(config_path, **o):
     """
     from keras_transfer import runner
 
-    cfg = _resolve(config_path, o)
+    cfg = _resolve(config_path, o, stage="pretrain")
     existed = _empty_dir_given(o)
     run_dir, resume = _prepare_run("pretrain", o)
     if resume:
         cfg = _load_resume_config(run_dir, cfg)
     with _started_run(run_dir, resume, existed):
-        config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
+        config_lib.save(cfg, rundir.config_path(run_dir))
         runner.pretrain(cfg, run_dir, echo=click.echo, resume=resume)
     click.echo(f"wrote {run_dir}")
 
@@ -250,7 +257,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
                 "cached_features": cached_features, "backbone_lr": backbone_lr, "layer_decay": layer_decay}
     cfg = _resolve(config_path, o, **transfer)
     if pretrained is not None and not o.get("resume_dir"):
-        cfg = runner.with_pretrained(cfg, pretrained, source=_absolute_dataset(o.get("source")),
+        cfg = runner.with_pretrained(cfg, pretrained, source=config_lib.absolute_dataset(o.get("source")),
                                      model=o.get("model_name"))
     existed = _empty_dir_given(o)
     run_dir, resume = _prepare_run("finetune", o)
@@ -263,7 +270,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
                 raise KTransferError(f"--pretrained: expected the run's own {recorded} (or leave it out with "
                                      f"--resume). Received: {pretrained}")
     with _started_run(run_dir, resume, existed):
-        config_lib.save(cfg, os.path.join(run_dir, "config.yaml"))
+        config_lib.save(cfg, rundir.config_path(run_dir))
         results = runner.finetune(cfg, run_dir, echo=click.echo, resume=resume, preview=preview)
     click.echo("")
     click.echo(f"{'strategy':10s} {'accuracy':>9s} {'macro-F1':>9s} {'trainable':>10s} {'time (s)':>9s}")
@@ -272,7 +279,10 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
                    f"{r['wall_time']:9.1f}")
     from keras_transfer.io import read_json
 
-    click.echo(read_json(os.path.join(run_dir, "summary.json"))["verdict"].replace("**", ""))
+    summary = read_json(rundir.summary_path(run_dir))
+    for b, r in summary.get("baselines", {}).items():
+        click.echo(f"{b + ' (px)':10s} {r['accuracy']:9.4f} {r['macro_f1']:9.4f} {'-':>10s} {r['wall_time']:9.1f}")
+    click.echo(summary["verdict"].replace("**", ""))
     click.echo(f"wrote {run_dir} (report.md, report.html)")
 
 
@@ -301,7 +311,7 @@ def evaluate(target, dataset, data_dir, split, tta, out):
     suffix = "" if tta == "none" else f"-tta-{tta}"
     out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), f"eval-{ds.name}-{split}{suffix}")
     os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "metrics.json"), {"model": model_path, "dataset": ds.name, "split": split,
+    write_json(rundir.metrics_path(out), {"model": model_path, "dataset": ds.name, "split": split,
                                                    "tta": tta, **metrics})
     plots.confusion_matrix_figure(metrics["confusion_matrix"], ds.class_names,
                                   os.path.join(out, "confusion_matrix.png"),
@@ -343,10 +353,10 @@ def _run_model(run_dir):
     pretrain run's model (or a finetune run's pretrain/), which was trained on the source dataset."""
     best = _best_strategy(run_dir)
     if best is not None:
-        return os.path.join(run_dir, "strategies", best, "model.keras"), "target"
-    for rel in ("model.keras", "pretrain/model.keras"):
-        if os.path.isfile(os.path.join(run_dir, rel)):
-            return os.path.join(run_dir, rel), "source"
+        return rundir.model_path(rundir.strategy_dir(run_dir, best)), "target"
+    for path in (rundir.model_path(run_dir), rundir.model_path(rundir.pretrain_dir(run_dir))):
+        if os.path.isfile(path):
+            return path, "source"
     raise KTransferError(f"Expected a .keras file or a run directory with a model. Received: {run_dir}")
 
 
@@ -354,11 +364,11 @@ def _run_of_model_file(path):
     """``(directory whose config.yaml describes the model at path, "source" or "target")``, or
     ``(None, None)`` for a file outside a run."""
     d = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(d) == "checkpoints":
+    if os.path.basename(d) == rundir.CHECKPOINTS:
         d = os.path.dirname(d)
-    if os.path.basename(os.path.dirname(d)) == "strategies":
+    if os.path.basename(os.path.dirname(d)) == rundir.STRATEGIES:
         return os.path.dirname(os.path.dirname(d)), "target"
-    if os.path.isfile(os.path.join(d, "config.yaml")) or os.path.basename(d) == "pretrain":
+    if os.path.isfile(rundir.config_path(d)) or os.path.basename(d) == rundir.PRETRAIN:
         return d, "source"
     return None, None
 
@@ -368,8 +378,8 @@ def _run_data_config(run_dir):
     import yaml
 
     finetune_run = os.path.dirname(os.path.abspath(run_dir))
-    for d in [run_dir] + ([finetune_run] if os.path.basename(os.path.abspath(run_dir)) == "pretrain" else []):
-        path = os.path.join(d, "config.yaml")
+    for d in [run_dir] + ([finetune_run] if os.path.basename(os.path.abspath(run_dir)) == rundir.PRETRAIN else []):
+        path = rundir.config_path(d)
         if os.path.isfile(path):
             try:
                 with open(path) as f:
@@ -385,7 +395,7 @@ def _run_data_config(run_dir):
 def _best_strategy(run_dir):
     from keras_transfer.io import read_json
 
-    p = os.path.join(run_dir, "summary.json")
+    p = rundir.summary_path(run_dir)
     if not os.path.exists(p):
         return None
     s = read_json(p)["strategies"]
@@ -501,9 +511,9 @@ def _class_names(model_path, n):
     from keras_transfer.io import read_json
 
     d = os.path.dirname(os.path.abspath(model_path))
-    for stage in (d, os.path.dirname(d)) if os.path.basename(d) == "checkpoints" else (d,):
+    for stage in (d, os.path.dirname(d)) if os.path.basename(d) == rundir.CHECKPOINTS else (d,):
         try:
-            names = [c["class"] for c in read_json(os.path.join(stage, "metrics.json"))["per_class"]]
+            names = [c["class"] for c in read_json(rundir.metrics_path(stage))["per_class"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if len(names) == n:
@@ -533,6 +543,67 @@ def compare(run_dirs, out):
                    f"{a['strategy']:10s} {a['model']:16s} {a['backend']:10s} n={a['n']}  "
                    f"acc {mean_sd(a, 'accuracy', '.4f')}{vs}")
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("study_file", type=click.Path())
+@click.option("--out", type=click.Path(), help="Study directory (default runs/<study file name>); re-run to resume.")
+@click.option("--dry-run", is_flag=True, help="List the runs with their settings and how many there are; run nothing.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one run after another in this process; ray: one Ray task per run.")
+@click.option("--address", help="Ray cluster address (default: start a local Ray instance).")
+@click.option("--cpus-per-run", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Ray: CPUs each run asks for.")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Ray: GPUs each run asks for.")
+@click.option("--report-only", is_flag=True, help="Write the study report from the runs that exist; train nothing.")
+@_fail_cleanly
+def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_run, report_only):
+    """Run a study: a grid of fine-tuning runs over config keys and seeds, resumably, with one report.
+
+    STUDY_FILE is YAML: config sections (as --config) or `base: FILE`, `grid:` of dotted keys to lists of
+    values, `seeds:`, `strategies:`, optional `reference:` and `pretrained:`. Each condition x seed is an
+    ordinary run directory in OUT/runs/. Re-running the same command finishes what is missing. Exit status
+    1 when a run failed (its error is in the report), 2 for a bad study file.
+    """
+    from keras_transfer import study as study_lib
+    from keras_transfer.study_report import write_study_report
+
+    st = study_lib.load_study(study_file)
+    out = out or os.path.join("runs", st.name)
+    if dry_run:
+        if os.path.isdir(out):
+            study_lib.check_compatible(st, out)
+        states = {d: s for _, _, d, s in study_lib.plan(st, out)}
+        click.echo(f"study {st.name} -> {out}")
+        for key, values in st.grid.items():
+            click.echo(f"  grid {key}: {values}")
+        for name, cfg in st.pretrains.items():
+            click.echo(f"  pretrain {name}: {cfg.data.source}, {cfg.model.name}, {cfg.pretrain.epochs} epochs "
+                       f"[{states[study_lib.pretrain_path(out, name)]}]")
+        for r in st.runs:
+            c = study_lib.run_config(st, r, out)
+            click.echo(f"  run {r.name}: {r.label or '(base)'}, seed {r.seed}; {c.data.source} -> {c.data.target}, "
+                       f"{c.data.per_class or 'all'} per class, {c.model.name}, {c.finetune.epochs} epochs, "
+                       f"{','.join(c.transfer.strategies)}" + (f", from pretrain/{r.pretrain}" if r.pretrain else "")
+                       + f" [{states[study_lib.run_path(out, r)]}]")
+        click.echo(study_lib.estimate(st, out))
+        return
+    study_lib.prepare_dir(st, out)
+    click.echo(study_lib.estimate(st, out))
+    if not report_only:
+        pre, runs = study_lib.tasks(st, out)
+        if executor == "ray":
+            study_lib.run_ray(pre, runs, address, cpus_per_run, gpus_per_run, echo=click.echo)
+        else:
+            study_lib.run_local(pre, runs, echo=click.echo)
+    data = write_study_report(st, out)
+    click.echo(f"{data['finished']} of {data['total']} runs finished; wrote {out}/study.md, study.html, study.json")
+    failed = [r for r in data["runs"] if r["state"] == "failed"]
+    for r in failed:
+        click.echo(f"failed: {r['name']}: {r['error']}", err=True)
+    if data["finished"] < data["total"]:
+        sys.exit(1)
 
 
 @main.command()

@@ -14,12 +14,13 @@ import yaml
 from keras_transfer.data.registry import check_dataset_name
 from keras_transfer.errors import ConfigError, check_ranges, is_number
 from keras_transfer.models import get_spec
-from keras_transfer.transfer import TransferConfig
+from keras_transfer.transfer import TransferConfig, check_train_last_k
 
 TTA_MODES = ("none", "flip", "flip_translate")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # keras_transfer.train.OPTIMIZERS
 SCHEDULES = ("cosine", "triangle", "plateau", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+POOLINGS = ("avg", "flatten")  # keras_transfer.models.resnet.residual_cnn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,18 @@ class ModelConfig:
             ("head_dropout", lambda v: is_number(v) and 0 <= v < 1, "a rate in [0, 1)"),
             ("dropout", lambda v: is_number(v) and 0 <= v < 1, "a rate in [0, 1)"),
         ))
-        if not self.bn_bias_lr > 0:
+        if not (isinstance(self.widths, tuple) and self.widths and all(is_number(w, True) and w >= 1
+                                                                       for w in self.widths)):
+            raise ConfigError(f"model.widths: expected a list of positive integers (filters per stage). "
+                              f"Received: {self.widths!r}")
+        if not isinstance(self.batch_norm, bool):
+            raise ConfigError(f"model.batch_norm: expected true or false. Received: {self.batch_norm!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"model.pooling: expected one of {', '.join(POOLINGS)}. Received: {self.pooling!r}")
+        check_ranges("model", self, (
+            ("blocks_per_stage", lambda v: is_number(v, True) and v >= 1, "an integer >= 1"),
+        ))
+        if not (is_number(self.bn_bias_lr) and self.bn_bias_lr > 0):
             raise ConfigError(f"model.bn_bias_lr: expected a positive learning-rate multiplier. "
                               f"Received: {self.bn_bias_lr!r}")
 
@@ -265,6 +277,9 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if not (is_number(self.seed, True) and 0 <= self.seed < 2**32):
+            raise ConfigError(f"seed: expected an integer in [0, 2**32). Received: {self.seed!r}")
+        check_train_last_k(self.model.name, self.transfer.train_last_k, self.transfer.freeze_until)
         for section in ("pretrain", "finetune"):
             if getattr(self, section).whiten_bias_epochs is not None and self.model.name != "airbench":
                 raise ConfigError(f"{section}.whiten_bias_epochs: expected model.name airbench (the only model with "
@@ -305,7 +320,7 @@ def merge(config, overrides):
                 raise
         elif key == "seed":
             if value is not None:
-                top["seed"] = int(value)
+                top["seed"] = value  # checked by RunConfig
         else:
             raise ConfigError(f"Unknown config section: expected {sorted(SECTIONS) + ['seed']}. "
                               f"Received: {key!r}")
@@ -324,6 +339,35 @@ def load(path, base=None):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections. Received: {type(data).__name__}")
     return merge(base or RunConfig(), data)
+
+
+def with_model(config, name):
+    """``config`` with backbone ``name`` and, when it is another model than the config's, that model's own
+    default input side and channels (the config's were chosen for its own model)."""
+    if name == config.model.name:
+        return config
+    spec = get_spec(name)
+    return merge(config, {"model": {"name": name, "input_size": spec.default_size, "channels": spec.channels}})
+
+
+def absolute_path(path):
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def absolute_dataset(name):
+    """``folder:PATH`` / ``npz:PATH`` with an absolute PATH; other names as they are."""
+    if isinstance(name, str) and name.startswith(("folder:", "npz:")):
+        kind, path = name.split(":", 1)
+        return f"{kind}:{absolute_path(path)}"
+    return name
+
+
+def absolute_paths(config):
+    """``config`` with its data root and dataset paths absolute, as recorded in a run directory (so
+    ``evaluate``, ``gradcam`` and ``--resume`` find the data from any working directory)."""
+    d = config.data
+    return merge(config, {"data": {"data_dir": absolute_path(d.data_dir), "source": absolute_dataset(d.source),
+                                   "target": absolute_dataset(d.target)}})
 
 
 def to_dict(config):

@@ -116,7 +116,8 @@ def comparison_figure(rows, path, title="Strategy comparison"):
 
     ``rows``: list of dicts with ``label``, ``accuracy``, ``macro_f1``, ``wall_time``,
     ``trainable_params``, optional ``accuracy_std``/``macro_f1_std``, and optional ``group`` (compare's
-    condition): rows of one group share a colour, named in a legend.
+    condition): rows of one group share a colour, named in a legend. Rows with ``reference`` (the classical
+    baselines) are drawn hatched in grey, and their best accuracy as a dashed line across the accuracy panel.
     """
     labels = [r["label"] for r in rows]
     groups = list(dict.fromkeys(r.get("group", "") for r in rows))
@@ -128,10 +129,16 @@ def comparison_figure(rows, path, title="Strategy comparison"):
     palette = plt.cm.tab10.colors
     colors = ([palette[groups.index(r.get("group", "")) % 10] for r in rows] if grouped
               else [palette[i % 10] for i in range(len(rows))])
+    colors = ["0.8" if r.get("reference") else c for r, c in zip(rows, colors)]
+    hatches = ["//" if r.get("reference") else "" for r in rows]
+    reference_acc = [r["accuracy"] for r in rows if r.get("reference")]
     for ax, (key, name) in zip(axes, panels):
         vals = [r.get(key, np.nan) for r in rows]
         errs = [r.get(f"{key}_std", 0.0) for r in rows]
-        bars = ax.bar(range(len(rows)), vals, yerr=errs if any(errs) else None, color=colors, capsize=3)
+        bars = ax.bar(range(len(rows)), vals, yerr=errs if any(errs) else None, color=colors, capsize=3,
+                      hatch=hatches, edgecolor="0.4" if reference_acc else None)
+        if key == "accuracy" and reference_acc:
+            ax.axhline(max(reference_acc), color="0.3", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
         ax.set_title(name)
         if key == "trainable_params":
@@ -163,5 +170,106 @@ def gradcam_figure(images, heatmaps, titles, path, title="Grad-CAM"):
         ax.imshow(hm, cmap="jet", alpha=0.45, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0, vmax=1)
         ax.set_title(t, fontsize=7)
     fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+# Fixed colours per strategy, so a strategy looks the same in every study figure.
+_STRATEGY_COLORS = {"scratch": "#555555", "linear": "#1f77b4", "partial": "#ff7f0e", "full": "#2ca02c",
+                    "gradual": "#d62728", "logreg": "#999999", "knn": "#bbbbbb"}
+
+
+def _strategy_color(name, i):
+    return _STRATEGY_COLORS.get(name, plt.cm.tab10.colors[(i + 4) % 10])
+
+
+def study_bars_figure(groups, conditions, path, title="Study"):
+    """Grouped bars: strategies along each panel's x axis, one bar per condition within a strategy, one
+    colour per condition (the same in every panel), error bars the sd over seeds; raw-pixel baselines
+    hatched. Panels: accuracy, macro-F1, wall time, trainable parameters.
+
+    ``groups``: `keras_transfer.study_report.aggregate`'s (``condition``, ``strategy``, ``kind`` and a
+    ``{"mean", "sd"}`` per metric). ``conditions``: their order (colours follow it).
+    """
+    strategies = list(dict.fromkeys(g["strategy"] for g in groups))
+    conditions = [c for c in conditions if any(g["condition"] == c for g in groups)]
+    by = {(g["condition"], g["strategy"]): g for g in groups}
+    kinds = {g["strategy"]: g["kind"] for g in groups}
+    panels = [("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"), ("wall_time", "wall time (s)"),
+              ("trainable_params", "trainable parameters")]
+    n_c = max(1, len(conditions))
+    width = 0.8 / n_c
+    fig, axes = plt.subplots(1, 4, figsize=(max(16, 1.1 * len(strategies) * 4 * max(1, n_c / 4)),
+                                            4.2 + 0.22 * min(n_c, 30)), layout="constrained")
+    palette = plt.cm.tab20.colors if n_c > 10 else plt.cm.tab10.colors
+    for ax, (key, name) in zip(axes, panels):
+        for j, c in enumerate(conditions):
+            xs, vals, errs, hatches = [], [], [], []
+            for i, s in enumerate(strategies):
+                g = by.get((c, s))
+                if g is None or g[key]["mean"] is None:
+                    continue
+                xs.append(i - 0.4 + width * (j + 0.5))
+                vals.append(g[key]["mean"])
+                errs.append(g[key]["sd"] or 0.0)
+                hatches.append("//" if kinds[s] == "baseline" else "")
+            if xs:
+                ax.bar(xs, vals, width * 0.95, yerr=errs if any(errs) else None, color=palette[j % len(palette)],
+                       hatch=hatches, edgecolor="0.3", linewidth=0.4, capsize=2, label=c or "(base)")
+        ax.set_xticks(range(len(strategies)),
+                      [s + (" (pixels)" if kinds[s] == "baseline" else "") for s in strategies],
+                      rotation=30, ha="right")
+        ax.set_title(name)
+        ax.grid(axis="y", alpha=0.3)
+        if key in ("accuracy", "macro_f1"):
+            ax.set_ylim(0, 1.05)
+        if key == "trainable_params":
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    if len(conditions) > 1:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=1 if n_c <= 6 else 2, fontsize=8,
+                   frameon=False)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def study_axis_figure(groups, key, other_keys, path, title=None, max_panels=9):
+    """Accuracy (mean ± sd over seeds) against a numeric grid axis ``key``, one line per strategy (raw-pixel
+    baselines dashed), one panel per combination of the other grid keys' values (at most ``max_panels``).
+
+    ``groups``: as `study_bars_figure`, with ``settings`` (the condition's ``{key: value}``)."""
+    def rest(g):
+        return tuple((k, repr(g["settings"].get(k))) for k in other_keys)
+
+    panels = list(dict.fromkeys(rest(g) for g in groups))[:max_panels]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    strategies = list(dict.fromkeys(g["strategy"] for g in groups))
+    for ax, panel in zip(axes.flat, panels):
+        for i, s in enumerate(strategies):
+            pts = sorted((g["settings"][key], g["accuracy"]["mean"], g["accuracy"]["sd"] or 0.0, g["kind"])
+                         for g in groups if g["strategy"] == s and rest(g) == panel
+                         and g["accuracy"]["mean"] is not None)
+            if not pts:
+                continue
+            x, y, e, kind = zip(*pts)
+            ax.errorbar(x, y, yerr=e if any(e) else None, marker="o", capsize=3, color=_strategy_color(s, i),
+                        linestyle="--" if kind[0] == "baseline" else "-",
+                        label=s + (" (pixels)" if kind[0] == "baseline" else ""))
+        values = sorted({g["settings"][key] for g in groups})
+        if len(values) > 2 and min(values) > 0 and max(values) / min(values) >= 20:
+            ax.set_xscale("log")
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
+        ax.set_xlabel(key)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in panel), fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title or f"accuracy against {key}")
     save_figure(fig, path)
     plt.close(fig)

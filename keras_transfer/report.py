@@ -9,7 +9,7 @@ import re
 import keras
 import numpy as np
 
-from keras_transfer import plots
+from keras_transfer import plots, rundir
 from keras_transfer.config import to_dict
 from keras_transfer.io import atomic_write_text, read_json, write_json
 
@@ -38,8 +38,8 @@ def markdown_to_html(md, base_dir, title):
 
 
 def write_report(run_dir, md, title):
-    atomic_write_text(os.path.join(run_dir, "report.md"), md)
-    atomic_write_text(os.path.join(run_dir, "report.html"), markdown_to_html(md, run_dir, title))
+    atomic_write_text(os.path.join(run_dir, rundir.REPORT_MD), md)
+    atomic_write_text(os.path.join(run_dir, rundir.REPORT_HTML), markdown_to_html(md, run_dir, title))
 
 
 def per_class_table(metrics):
@@ -57,7 +57,7 @@ def per_class_table(metrics):
 def _pretraining(cfg, run_dir):
     """``(source label, pretrain metrics or None)``: this run's pretraining, or the pretrained model's."""
     if cfg.transfer.pretrained is None:
-        pre = os.path.join(run_dir, "pretrain", "metrics.json")
+        pre = rundir.metrics_path(rundir.pretrain_dir(run_dir))
         return cfg.data.source, read_json(pre) if os.path.exists(pre) else None
     from keras_transfer.runner import pretrained_provenance
 
@@ -68,15 +68,21 @@ def _pretraining(cfg, run_dir):
     return (metrics["dataset"] if metrics else os.path.basename(prov["file"])), metrics
 
 
-def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None):
-    """Comparison table, verdict on transfer vs scratch, per-strategy figures; md + html + json.
+def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None, baselines=None):
+    """Comparison table, verdict on transfer vs scratch and vs the classical baselines, per-strategy figures;
+    md + html + json.
 
-    ``model_name``: the registered backbone fine-tuned (default ``cfg.model.name``).
+    ``model_name``: the registered backbone fine-tuned (default ``cfg.model.name``). ``baselines``:
+    `keras_transfer.baselines.run_baselines`'s results on the same split (reference rows).
     """
     model_name = model_name or cfg.model.name
+    baselines = baselines or {}
     source, pre_metrics = _pretraining(cfg, run_dir)
     rows = [{"label": s, "accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"], "wall_time": r["wall_time"],
              "trainable_params": r["trainable_params"]} for s, r in results.items()]
+    rows += [{"label": f"{b} (pixels)", "accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"],
+              "wall_time": r["wall_time"], "trainable_params": r["trainable_params"], "reference": True}
+             for b, r in baselines.items()]
     plots.comparison_figure(rows, os.path.join(run_dir, "comparison.png"),
                             title=f"{source} -> {ds.name}: strategies on the test split")
     histories = {s: _history(run_dir, s) for s in results}
@@ -88,10 +94,16 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None):
                "pretrain_accuracy": pre_metrics["accuracy"] if pre_metrics else None,
                "strategies": {s: {k: r[k] for k in ("accuracy", "wall_time", "trainable_params",
                                                      "non_trainable_params", "epochs")}
-                              | {"macro_f1": r["macro"]["f1"]} for s, r in results.items()}}
+                              | {"macro_f1": r["macro"]["f1"]}
+                              | {k: r.get(k) for k in ("peak_host_mb", "peak_device_mb")}
+                              for s, r in results.items()},
+               "baselines": {b: {"accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"],
+                                 "wall_time": r["wall_time"], "method": r["method"]} for b, r in baselines.items()}}
     verdict = transfer_verdict(results)
+    if baselines:
+        verdict += " " + baseline_verdict(results, baselines)
     summary["verdict"] = verdict
-    write_json(os.path.join(run_dir, "summary.json"), summary)
+    write_json(rundir.summary_path(run_dir), summary)
 
     lines = [f"# Transfer report: {source} → {ds.name}", "",
              f"Backend **{keras.config.backend()}** (Keras {keras.__version__}), model **{model_name}**, "
@@ -112,6 +124,13 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None):
         trainable = " → ".join(f"{t:,}" for t in r.get("trainable_params_by_phase", [r["trainable_params"]]))
         lines.append(f"| {s} | {r['accuracy']:.4f} | {r['macro']['f1']:.4f} | {trainable} | "
                      f"{r['non_trainable_params']:,} | {r['epochs']} | {r['wall_time']:.1f} |")
+    for b, r in baselines.items():
+        lines.append(f"| *{b} (raw pixels, reference)* | {r['accuracy']:.4f} | {r['macro']['f1']:.4f} | "
+                     f"{r['trainable_params']:,} | 0 | - | {r['wall_time']:.1f} |")
+    if baselines:
+        lines += ["", "Reference rows: scikit-learn on the target's raw pixels, the same training and test images "
+                  "as the strategies, no augmentation — " + "; ".join(f"{b}: {r['method']}"
+                                                                      for b, r in baselines.items()) + "."]
     scaled = [s for s in results if cfg.transfer.lr_scales(s)]
     if scaled:
         lines += ["", _lr_scales_line(cfg, scaled, model_name)]
@@ -125,6 +144,26 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None):
         lines += ["## Augmentation", "", '<img src="augmentation.png" alt="augmentation preview">', ""]
     lines += ["## Configuration", "", "```yaml", _yaml(to_dict(cfg)).rstrip(), "```", ""]
     write_report(run_dir, "\n".join(lines), f"keras-transfer: {source} -> {ds.name}")
+
+
+def baseline_verdict(results, baselines):
+    """One or two sentences: does the best deep strategy beat the best classical baseline on raw pixels?"""
+    best_b = max(baselines, key=lambda b: baselines[b]["accuracy"])
+    b_acc = baselines[best_b]["accuracy"]
+    best = max(results, key=lambda s: results[s]["accuracy"])
+    acc = results[best]["accuracy"]
+    n = baselines[best_b]["n"]
+    se = float(np.sqrt(max(b_acc * (1 - b_acc), 1e-9) / n) * np.sqrt(2))
+    delta = acc - b_acc
+    if delta > 2 * se:
+        return (f"The best deep strategy ({best}, {acc:.4f}) also beat the best classical baseline on raw pixels "
+                f"({best_b}, {b_acc:.4f}) by {delta * 100:+.1f} points.")
+    if delta < -2 * se:
+        return (f"**No deep strategy beat the classical baseline**: {best_b} on the raw pixels reached "
+                f"{b_acc:.4f}, {-delta * 100:.1f} points above the best deep strategy ({best}, {acc:.4f}); on this "
+                f"target the deep network, pretrained or not, did not earn its cost.")
+    return (f"The best deep strategy ({best}, {acc:.4f}) and the best classical baseline on raw pixels "
+            f"({best_b}, {b_acc:.4f}) are within noise ({delta * 100:+.1f} points, ~2 s.e. = {2 * se * 100:.1f}).")
 
 
 def _lr_scales_line(cfg, strategies, model_name):
@@ -166,7 +205,7 @@ def transfer_verdict(results):
 def _history(run_dir, strategy):
     from keras_transfer.train import read_history
 
-    return read_history(os.path.join(run_dir, "strategies", strategy, "history.csv"))
+    return read_history(rundir.history_path(rundir.strategy_dir(run_dir, strategy)))
 
 
 def _yaml(d):
@@ -184,7 +223,7 @@ def _run_config(d):
     import yaml
 
     try:
-        with open(os.path.join(d, "config.yaml")) as f:
+        with open(rundir.config_path(d)) as f:
             cfg = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError):
         return {}
@@ -234,15 +273,13 @@ def collect_runs(run_dirs):
     for d in run_dirs:
         seed, condition = configs[d].get("seed"), conditions[d]
         found = False
-        strat_root = os.path.join(d, "strategies")
-        if os.path.isdir(strat_root):
-            for s in sorted(os.listdir(strat_root)):
-                p = os.path.join(strat_root, s, "metrics.json")
-                if os.path.exists(p):
-                    rows.append(_row(d, read_json(p), seed, s, condition))
-                    found = True
-        if os.path.exists(os.path.join(d, "metrics.json")):
-            rows.append(_row(d, read_json(os.path.join(d, "metrics.json")), seed, "pretrain", condition))
+        for s in rundir.strategy_names(d):
+            p = rundir.metrics_path(rundir.strategy_dir(d, s))
+            if os.path.exists(p):
+                rows.append(_row(d, read_json(p), seed, s, condition))
+                found = True
+        if os.path.exists(rundir.metrics_path(d)):
+            rows.append(_row(d, read_json(rundir.metrics_path(d)), seed, "pretrain", condition))
             found = True
         if not found:
             from keras_transfer.errors import DataError

@@ -8,14 +8,16 @@ import time
 import keras
 import numpy as np
 
-from keras_transfer import plots
+from keras_transfer import plots, rundir
 from keras_transfer.backend import defer_tensorflow_import, enable_compilation_cache
+from keras_transfer.baselines import run_baselines
 from keras_transfer.data import load_dataset, train_val_test
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input, steps_per_epoch
 from keras_transfer.errors import ConfigError, DataError
 from keras_transfer.evaluate import evaluate_model
 from keras_transfer.io import load_model, read_json, save_model, write_json
+from keras_transfer.memory import PeakMemory
 from keras_transfer.models import (
     build_classifier,
     channel_stats,
@@ -110,7 +112,7 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
     steps = steps_per_epoch(len(splits["train"][0]), dcfg.batch_size, dcfg.drop_last)
     val = _val_input(splits, dcfg.batch_size, seed, dcfg.input_path)
     start = 0
-    if resume and os.path.exists(os.path.join(stage_dir, "checkpoints", "last.keras")):
+    if resume and os.path.exists(rundir.checkpoint_path(stage_dir)):
         model, start = resume_state(stage_dir)
         _log(f"  resuming {stage_dir} at epoch {start}", echo)
     progress = [EpochProgress(echo, f"{strategy:8s} ")] if echo else []
@@ -174,16 +176,17 @@ def pretrain(cfg, run_dir, echo=None, resume=False):
     initialise_from_data(model, m.name, splits["train"][0])
     _log(f"pretrain {m.name} on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "
          f"{len(splits['test'][0])} test, {cfg.pretrain.epochs} epochs", echo)
-    model, wall = train_stage(model, m.name, splits, cfg.pretrain, cfg.data, run_dir, cfg.seed, "pretrain",
-                              resume=resume, echo=echo)
-    history = read_history(os.path.join(run_dir, "history.csv"))
+    with PeakMemory() as peak:
+        model, wall = train_stage(model, m.name, splits, cfg.pretrain, cfg.data, run_dir, cfg.seed, "pretrain",
+                                  resume=resume, echo=echo)
+    history = read_history(rundir.history_path(run_dir))
     metrics = _evaluate_and_plot(model, ds, splits, run_dir, f"pretrain {ds.name}", history, cfg.data.tta)
     trainable, frozen = parameter_counts(model)
     metrics.update(dataset=ds.name, model=m.name, wall_time=wall, trainable_params=trainable,
                    non_trainable_params=frozen, backend=keras.config.backend(),
-                   **epoch_timing(history.get("epoch_time", [])))
-    write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    save_model(model, os.path.join(run_dir, "model.keras"))
+                   **epoch_timing(history.get("epoch_time", [])), **peak.as_dict())
+    write_json(rundir.metrics_path(run_dir), metrics)
+    save_model(model, rundir.model_path(run_dir))
     timing = (f"; first epoch {metrics['first_epoch_s']:.1f} s, training without compilation "
               f"{metrics['train_s_without_compile']:.1f} s" if "first_epoch_s" in metrics else "")
     _log(f"  pretrain test accuracy {metrics['accuracy']:.4f} ({wall:.1f} s{timing})", echo)
@@ -206,7 +209,7 @@ def epoch_timing(epoch_times):
 
 def _pretrained_file(path):
     """The ``.keras`` file ``path`` names: itself, or ``model.keras`` in a run directory (or its ``pretrain/``)."""
-    for c in (path, os.path.join(path, "model.keras"), os.path.join(path, "pretrain", "model.keras")):
+    for c in (path, rundir.model_path(path), rundir.model_path(rundir.pretrain_dir(path))):
         if os.path.isfile(c):
             return c
     raise DataError(f"Expected a .keras file or a run directory with model.keras. Received: {path!r}")
@@ -242,14 +245,14 @@ def pretrained_provenance(path):
     meta = os.path.dirname(file)
     metrics = run_cfg = None
     try:
-        metrics = read_json(os.path.join(meta, "metrics.json"))
+        metrics = read_json(rundir.metrics_path(meta))
     except (OSError, ValueError):
         pass
     # A pretrain run keeps config.yaml beside model.keras; a finetune run one level above pretrain/.
-    for d in (meta, os.path.dirname(meta) if os.path.basename(meta) == "pretrain" else None):
-        if d and os.path.isfile(os.path.join(d, "config.yaml")):
+    for d in (meta, os.path.dirname(meta) if os.path.basename(meta) == rundir.PRETRAIN else None):
+        if d and os.path.isfile(rundir.config_path(d)):
             try:
-                run_cfg = config_lib.load(os.path.join(d, "config.yaml"))
+                run_cfg = config_lib.load(rundir.config_path(d))
             except KTransferError:
                 pass
             break
@@ -297,10 +300,10 @@ def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
     source_model = load_pretrained(pretrained) if pretrained is not None else None
     ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
     if preview and cfg.data.augment != "none":
-        augmentation_preview(cfg, ds, os.path.join(run_dir, "augmentation.png"))
+        augmentation_preview(cfg, ds, rundir.augmentation_path(run_dir))
     if source_model is None:
-        pre_dir = os.path.join(run_dir, "pretrain")
-        if resume and os.path.exists(os.path.join(pre_dir, "model.keras")):
+        pre_dir = rundir.pretrain_dir(run_dir)
+        if resume and os.path.exists(rundir.model_path(pre_dir)):
             source_model = load_pretrained(pre_dir)
         else:
             source_model, _ = pretrain(cfg, pre_dir, echo, resume=resume)
@@ -312,64 +315,79 @@ def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
          f"{len(splits['test'][0])} test", echo)
     results = {}
     for strategy in cfg.transfer.strategies:
-        stage_dir = os.path.join(run_dir, "strategies", strategy)
-        if resume and os.path.exists(os.path.join(stage_dir, "metrics.json")):
-            results[strategy] = read_json(os.path.join(stage_dir, "metrics.json"))
+        stage_dir = rundir.strategy_dir(run_dir, strategy)
+        if resume and os.path.exists(rundir.metrics_path(stage_dir)):
+            results[strategy] = read_json(rundir.metrics_path(stage_dir))
             continue
-        keras.utils.set_random_seed(cfg.seed)
-        channels = source_backbone.input.shape[-1]
-        if cfg.transfer.channel_mode == "conv" and ds.image_shape[-1] == 1 and channels == 3:
-            channels = 1
-        # scratch: the same architecture with a fresh initialisation.
-        backbone = copy_backbone(source_backbone, channels, fresh=strategy == "scratch")
-        model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed)
-        train_features, feature_pass = None, 0.0
-        if strategy == "linear":  # the head trains on the frozen features standardised (feature_statistics)
-            t0 = time.perf_counter()
-            train_features = feature_extractor(model).predict(splits["train"][0], batch_size=256, verbose=0)
-            model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed,
-                                feature_stats=feature_statistics(train_features))
-            feature_pass = time.perf_counter() - t0  # counted in linear's wall time
-        if strategy == "scratch":
-            initialise_from_data(model, spec_name, splits["train"][0])
-        apply_strategy(model, spec_name, strategy, cfg.transfer.freeze_until, cfg.transfer.train_last_k)
-        phases = gradual_schedule(spec_name, cfg.transfer.gradual_phases) if strategy == "gradual" else None
-        extra = {}
-        if phases:  # gradual: the parameters each phase trains; its own count is its last phase's
-            counts = []
-            for blocks in phases:
-                set_trainable_blocks(model, spec_name, blocks)
-                counts.append(parameter_counts(model))
-            apply_strategy(model, spec_name, strategy)  # back to the head-only first phase
-            (trainable, frozen), extra = counts[-1], {"trainable_params_by_phase": [t for t, _ in counts]}
-            _log(f"  {strategy:8s} trainable {' -> '.join(f'{t:,}' for t, _ in counts)} parameters over "
-                 f"{len(phases)} phases", echo)
-        else:
-            trainable, frozen = parameter_counts(model)
-            _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
-        scales = cfg.transfer.lr_scales(strategy)  # (backbone_lr, layer_decay) or None
-        if strategy == "linear" and cfg.transfer.cached_features:
-            model, wall = train_cached_linear(model, splits, cfg.finetune, stage_dir, cfg.seed,
-                                              cfg.data.batch_size, train_features)
-        else:
-            model, wall = train_stage(model, spec_name, splits, cfg.finetune, cfg.data, stage_dir, cfg.seed,
-                                      strategy, phases, resume, echo, scales)
-        history = read_history(os.path.join(stage_dir, "history.csv"))
-        metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
-        if scales:
-            extra["backbone_lr"], extra["layer_decay"] = scales
-        metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall + feature_pass,
-                       trainable_params=trainable, non_trainable_params=frozen,
-                       backend=keras.config.backend(), epochs=len(history.get("epoch", [])), **extra)
-        write_json(os.path.join(stage_dir, "metrics.json"), metrics)
-        save_model(model, os.path.join(stage_dir, "model.keras"))
-        results[strategy] = metrics
-        _log(f"  {strategy:8s} test accuracy {metrics['accuracy']:.4f}  macro-F1 "
-             f"{metrics['macro']['f1']:.4f}  ({metrics['wall_time']:.1f} s)", echo)
+        with PeakMemory() as peak:
+            results[strategy] = _finetune_strategy(cfg, strategy, source_backbone, spec_name, ds, splits,
+                                                   stage_dir, resume, echo)
+        results[strategy].update(peak.as_dict())
+        write_json(rundir.metrics_path(stage_dir), results[strategy])
+        r = results[strategy]
+        _log(f"  {strategy:8s} test accuracy {r['accuracy']:.4f}  macro-F1 {r['macro']['f1']:.4f}  "
+             f"({r['wall_time']:.1f} s, peak host memory {r['peak_host_mb'] or float('nan'):,.0f} MB)", echo)
+    baselines = run_baselines(splits, ds.class_names, cfg.transfer.baselines, cfg.seed)
+    for name, b in baselines.items():
+        _log(f"  {name:8s} test accuracy {b['accuracy']:.4f}  macro-F1 {b['macro']['f1']:.4f}  "
+             f"({b['wall_time']:.1f} s; {b['method']})", echo)
     from keras_transfer.report import write_finetune_report
 
-    write_finetune_report(cfg, run_dir, ds, splits, results, model_name=spec_name)
+    write_finetune_report(cfg, run_dir, ds, splits, results, model_name=spec_name, baselines=baselines)
     return results
+
+
+def _finetune_strategy(cfg, strategy, source_backbone, spec_name, ds, splits, stage_dir, resume, echo):
+    """Fine-tune one strategy from ``source_backbone``; writes the stage's model and figures and returns its
+    metrics (written to ``metrics.json`` by the caller)."""
+    m = cfg.model
+    keras.utils.set_random_seed(cfg.seed)
+    channels = source_backbone.input.shape[-1]
+    if cfg.transfer.channel_mode == "conv" and ds.image_shape[-1] == 1 and channels == 3:
+        channels = 1
+    # scratch: the same architecture with a fresh initialisation.
+    backbone = copy_backbone(source_backbone, channels, fresh=strategy == "scratch")
+    model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed)
+    train_features, feature_pass = None, 0.0
+    if strategy == "linear":  # the head trains on the frozen features standardised (feature_statistics)
+        t0 = time.perf_counter()
+        train_features = feature_extractor(model).predict(splits["train"][0], batch_size=256, verbose=0)
+        model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed,
+                            feature_stats=feature_statistics(train_features))
+        feature_pass = time.perf_counter() - t0  # counted in linear's wall time
+    if strategy == "scratch":
+        initialise_from_data(model, spec_name, splits["train"][0])
+    apply_strategy(model, spec_name, strategy, cfg.transfer.freeze_until, cfg.transfer.train_last_k)
+    phases = gradual_schedule(spec_name, cfg.transfer.gradual_phases) if strategy == "gradual" else None
+    extra = {}
+    if phases:  # gradual: the parameters each phase trains; its own count is its last phase's
+        counts = []
+        for blocks in phases:
+            set_trainable_blocks(model, spec_name, blocks)
+            counts.append(parameter_counts(model))
+        apply_strategy(model, spec_name, strategy)  # back to the head-only first phase
+        (trainable, frozen), extra = counts[-1], {"trainable_params_by_phase": [t for t, _ in counts]}
+        _log(f"  {strategy:8s} trainable {' -> '.join(f'{t:,}' for t, _ in counts)} parameters over "
+             f"{len(phases)} phases", echo)
+    else:
+        trainable, frozen = parameter_counts(model)
+        _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
+    scales = cfg.transfer.lr_scales(strategy)  # (backbone_lr, layer_decay) or None
+    if strategy == "linear" and cfg.transfer.cached_features:
+        model, wall = train_cached_linear(model, splits, cfg.finetune, stage_dir, cfg.seed,
+                                          cfg.data.batch_size, train_features)
+    else:
+        model, wall = train_stage(model, spec_name, splits, cfg.finetune, cfg.data, stage_dir, cfg.seed,
+                                  strategy, phases, resume, echo, scales)
+    history = read_history(rundir.history_path(stage_dir))
+    metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
+    if scales:
+        extra["backbone_lr"], extra["layer_decay"] = scales
+    metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall + feature_pass,
+                   trainable_params=trainable, non_trainable_params=frozen,
+                   backend=keras.config.backend(), epochs=len(history.get("epoch", [])), **extra)
+    save_model(model, rundir.model_path(stage_dir))
+    return metrics
 
 
 def _spec_name_of(backbone, configured):

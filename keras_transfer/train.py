@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_transfer import rundir
 from keras_transfer.backend import avoid_device_syncs
 from keras_transfer.config import PRECISIONS, SCHEDULES, check_lookahead
 from keras_transfer.data.pipeline import fit_input
@@ -341,11 +342,11 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.best = -math.inf
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model(self.model, os.path.join(self.directory, "last.keras"))
+        save_model(self.model, os.path.join(self.directory, rundir.LAST))
         value = (logs or {}).get(self.monitor)
         if value is not None and value > self.best:
             self.best = value
-            save_model(self.model, os.path.join(self.directory, "best.keras"))
+            save_model(self.model, os.path.join(self.directory, rundir.BEST))
 
 
 class SeedState(keras.callbacks.Callback):
@@ -474,10 +475,10 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
         epochs: int or None. Epoch to stop at (default ``cfg.epochs``).
     """
     os.makedirs(stage_dir, exist_ok=True)
-    ckpt = os.path.join(stage_dir, "checkpoints")
+    ckpt = os.path.join(stage_dir, rundir.CHECKPOINTS)
     callbacks = [EpochTimer(), LearningRateLog(), AtomicCheckpoint(ckpt),
                  SeedState(os.path.join(ckpt, "rng.npz"), initial_epoch > 0),
-                 HistoryLogger(os.path.join(stage_dir, "history.csv"), append=initial_epoch > 0),
+                 HistoryLogger(rundir.history_path(stage_dir), append=initial_epoch > 0),
                  *extra_callbacks]
     if cfg.whiten_bias_epochs is not None:
         callbacks.append(FreezeBias.for_model(model, cfg.whiten_bias_epochs))
@@ -504,11 +505,11 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
 
 def resume_state(stage_dir):
     """``(model, next_epoch)`` from a stage's ``checkpoints/last.keras`` and ``history.csv``."""
-    last = os.path.join(stage_dir, "checkpoints", "last.keras")
+    last = rundir.checkpoint_path(stage_dir)
     if not os.path.exists(last):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
     avoid_device_syncs()
     model = use_direct_calls(load_model(last))  # fit() restores the RNG states from checkpoints/rng.npz
     use_channels_last_kernels(model)  # torch eager: as compile_model lays them out, optimizer slots too
-    history = read_history(os.path.join(stage_dir, "history.csv"))
+    history = read_history(rundir.history_path(stage_dir))
     return model, len(history.get("epoch", []))

@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 
+from keras_transfer.baselines import check_baselines
 from keras_transfer.errors import ConfigError, check_ranges, is_number
 from keras_transfer.models import get_spec
 
@@ -43,6 +44,8 @@ class TransferConfig:
         layer_decay: float. With the same strategies, each backbone block ``d`` blocks below the head
             (the last block: ``d = 1``) trains at ``backbone_lr * layer_decay ** d`` times the head's
             learning rate, as timm's ``layer_decay`` (1: no decay). See `learning_rate_multipliers`.
+        baselines: tuple of str. Classical baselines fitted on the target's raw pixels beside the strategies
+            (`keras_transfer.baselines`: ``logreg``, ``knn``); empty for none.
     """
 
     strategies: tuple = ("scratch", "linear", "partial", "full")
@@ -54,8 +57,15 @@ class TransferConfig:
     pretrained: str | None = None
     backbone_lr: float = 1.0
     layer_decay: float = 1.0
+    baselines: tuple = ("logreg", "knn")
 
     def __post_init__(self):  # checked here, so bad values are refused before any run directory
+        if not isinstance(self.strategies, tuple) or not self.strategies:
+            raise ConfigError(f"transfer.strategies: expected a non-empty list of strategies. "
+                              f"Received: {self.strategies!r}")
+        if not isinstance(self.baselines, tuple):
+            raise ConfigError(f"transfer.baselines: expected a list (empty for none). Received: {self.baselines!r}")
+        check_baselines(self.baselines)
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise ConfigError(f"Unknown strategy: expected some of {STRATEGIES}. Received: {s!r}")
@@ -91,10 +101,20 @@ def trainable_blocks(spec_name, strategy, freeze_until=None, train_last_k=1):
                 raise ConfigError(f"Unknown block for freeze_until: expected one of {list(blocks)}. "
                                   f"Received: {freeze_until!r}")
             return set(blocks[blocks.index(freeze_until) + 1:])
-        if not 0 < train_last_k <= len(blocks):
-            raise ConfigError(f"train_last_k must be in 1..{len(blocks)}. Received: {train_last_k}")
-        return set(blocks[-train_last_k:])
+        check_train_last_k(spec_name, train_last_k)
+        return set(blocks[len(blocks) - train_last_k:])  # 0: none (the head alone, as linear)
     raise ConfigError(f"Unknown strategy: expected one of {STRATEGIES}. Received: {strategy!r}")
+
+
+def check_train_last_k(spec_name, k, freeze_until=None):
+    """Raise a `ConfigError` unless ``k`` is a block count of ``spec_name`` (0: the head alone) and
+    ``freeze_until`` (if given) one of its blocks."""
+    blocks = get_spec(spec_name).blocks
+    if not (is_number(k, True) and 0 <= k <= len(blocks)):
+        raise ConfigError(f"transfer.train_last_k: expected an integer in 0..{len(blocks)} (the blocks of "
+                          f"{spec_name}). Received: {k!r}")
+    if freeze_until is not None and freeze_until not in blocks:
+        raise ConfigError(f"transfer.freeze_until: expected one of {list(blocks)}. Received: {freeze_until!r}")
 
 
 def set_trainable_blocks(model, spec_name, train_blocks):

@@ -47,6 +47,12 @@ def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
     assert phases[0] < phases[1] < phases[2] == s["gradual"]["trainable_params"] < s["full"]["trainable_params"]
     for f in ("report.md", "report.html", "comparison.png", "curves.png", "config.yaml", "augmentation.png"):
         assert os.path.exists(os.path.join(ft, f)), f
+    # The classical baselines on raw pixels are reference rows of the report and the terminal table.
+    assert set(summary["baselines"]) == {"logreg", "knn"} and 0 < summary["baselines"]["knn"]["accuracy"] <= 1
+    report = open(os.path.join(ft, "report.md")).read()
+    assert "| *knn (raw pixels, reference)* |" in report and "classical baseline" in summary["verdict"]
+    assert "knn (px)" in r.output
+    assert all(s[st]["peak_host_mb"] > 0 for st in s)
     assert "data:image/png;base64" in open(os.path.join(ft, "report.html")).read()
     resolved = yaml.safe_load(open(os.path.join(ft, "config.yaml")))
     assert resolved["finetune"]["epochs"] == 2 and resolved["model"]["widths"] == [4, 8, 8]  # flag beat file
@@ -72,6 +78,24 @@ def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
     assert os.path.exists(tmp_path / "cmp" / "report.html")
 
 
+def test_ablation_knobs_and_each_stages_learning_rate_from_the_command_line(tmp_path, tiny_config):
+    pre = str(tmp_path / "pre")
+    r = invoke("pretrain", "--config", tiny_config, "--out", pre, "--no-batch-norm", "--pooling", "flatten",
+               "--dropout", "0", "--head-hidden", "0", "--width", "4,8", "--blocks-per-stage", "2", "--lr", "0.05")
+    assert r.exit_code == 0, r.output
+    cfg = yaml.safe_load(open(os.path.join(pre, "config.yaml")))
+    assert cfg["model"]["name"] == "resnet"
+    assert (cfg["model"]["batch_norm"], cfg["model"]["pooling"], cfg["model"]["dropout"], cfg["model"]["head_hidden"],
+            cfg["model"]["widths"], cfg["model"]["blocks_per_stage"]) == (False, "flatten", 0, 0, [4, 8], 2)
+    assert cfg["pretrain"]["learning_rate"] == 0.05 and cfg["finetune"]["learning_rate"] == 1e-3  # --lr: this stage's
+    from keras_transfer.io import load_model
+
+    backbone = load_model(os.path.join(pre, "model.keras")).get_layer("backbone")
+    layers = [type(layer).__name__ for layer in backbone.layers]
+    assert "Flatten" in layers and not any("BatchNormalization" in n or "Dropout" in n for n in layers)
+    assert sum(n.endswith("Conv2D") for n in layers) == 1 + 2 * 2 * 2 + 1  # stem, 2 stages x 2 blocks x 2, 1 projection
+
+
 def test_existing_run_directory_is_refused_and_kept(tmp_path, tiny_config):
     out = tmp_path / "busy"
     out.mkdir()
@@ -88,6 +112,11 @@ def test_existing_run_directory_is_refused_and_kept(tmp_path, tiny_config):
     (["finetune", "--strategies", "magic"], "Unknown strategy"),
     (["pretrain", "--config", "/nonexistent/run.yaml"], "Expected an existing YAML"),
     (["evaluate", "/nonexistent/run"], "Expected a .keras file or a run directory"),
+    (["pretrain", "--seed", "-1"], "seed: expected an integer in [0, 2**32)"),
+    (["pretrain", "--width", "16,abc"], "--width: expected comma-separated integers"),
+    (["pretrain", "--width", "0,0,0"], "model.widths: expected a list of positive integers"),
+    (["pretrain", "--lr", "0.1", "--pretrain-lr", "0.2"], "--lr and --pretrain-lr: expected one of them"),
+    (["study", "/nonexistent/study.yaml"], "Expected an existing study file"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     r = CliRunner().invoke(main, args + (["--out", str(tmp_path / "o")] if args[0] != "evaluate" else []))
@@ -114,6 +143,14 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     ("pretrain", "label_smoothing", 1.0, "pretrain.label_smoothing: expected a value in [0, 1). Received: 1.0"),
     ("transfer", "layer_decay", 1.5, "transfer.layer_decay: expected a factor in (0, 1]. Received: 1.5"),
     ("transfer", "backbone_lr", 0, "transfer.backbone_lr: expected a learning-rate multiplier > 0. Received: 0"),
+    ("model", "widths", "64,128", "model.widths: expected a list of positive integers (filters per stage). "
+                                  "Received: '64,128'"),
+    ("model", "batch_norm", "yes", "model.batch_norm: expected true or false. Received: 'yes'"),
+    ("model", "pooling", "max", "model.pooling: expected one of avg, flatten. Received: 'max'"),
+    ("model", "blocks_per_stage", 0, "model.blocks_per_stage: expected an integer >= 1. Received: 0"),
+    ("transfer", "train_last_k", 9, "transfer.train_last_k: expected an integer in 0..4 (the blocks of resnet). "
+                                    "Received: 9"),
+    ("transfer", "baselines", ["svm"], "transfer.baselines: expected some of logreg, knn. Received: 'svm'"),
 ])
 def test_bad_recipe_value_is_one_line_and_nonzero(tmp_path, tiny_config, section, key, value, expected):
 

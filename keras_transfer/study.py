@@ -1,0 +1,517 @@
+"""Studies: a grid of fine-tuning runs over configuration keys and seeds, run resumably, reported as one.
+
+A study file (YAML)::
+
+    name: depth-and-data            # optional; the default output is runs/<file stem>
+    base: experiments/recipe.yaml   # optional: a --config file (relative to the study file), or a mapping
+    data: {per_class: 20}           # optional: sections on top of the base, as in a --config file
+    strategies: [scratch, linear, partial, full]
+    seeds: [0, 1, 2]
+    grid:                           # any configuration key, dotted; every combination is a condition
+      data.per_class: [5, 10, 20]
+      transfer.train_last_k: [0, 1, 2]
+    reference: {data.per_class: 20} # optional: the condition others are compared with (default: the first)
+    pretrained: runs/cifar10/pretrain   # optional: every run fine-tunes this model (as finetune --pretrained)
+    share_pretraining: true         # default: conditions that pretrain alike share one pretrain run per seed
+
+Each condition x seed is an ordinary fine-tuning run directory (``STUDY/runs/<condition>_seed-<s>``), so
+``evaluate``, ``gradcam``, ``predict`` and ``compare`` work on it; pretraining shared by several conditions
+is a pretrain run in ``STUDY/pretrain/``. Re-running the same study completes what is missing: finished runs
+are kept, an interrupted one resumes from its last epoch, a failed one is tried again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+import time
+import traceback
+
+import yaml
+
+from keras_transfer import config as config_lib
+from keras_transfer import rundir
+from keras_transfer.errors import ConfigError, KTransferError, is_number
+from keras_transfer.io import atomic_write_text, read_json
+
+STUDY_KEYS = {"name", "description", "base", "grid", "seeds", "strategies", "reference", "pretrained",
+              "share_pretraining"}
+# Keys that only fine-tuning reads: runs that differ only in these can share one pretraining.
+FINETUNE_ONLY = ("data.target", "data.per_class", "data.fraction", "data.tta", "finetune.", "transfer.",
+                 "model.head_hidden", "model.head_dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of a study.
+
+    Attributes:
+        name: str. Its directory under ``STUDY/runs``.
+        condition: dict. ``{dotted key: value}`` of the grid for this run.
+        label: str. The condition as text (``data.per_class=5, transfer.train_last_k=0``).
+        seed: int.
+        config: `RunConfig`. The resolved configuration the run directory records.
+        pretrain: str or None. Name of the shared pretrain run under ``STUDY/pretrain`` it fine-tunes from.
+    """
+
+    name: str
+    condition: dict
+    label: str
+    seed: int
+    config: config_lib.RunConfig
+    pretrain: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A study file, resolved and checked: every run's configuration is valid."""
+
+    path: str
+    name: str
+    description: str
+    base: config_lib.RunConfig
+    grid: dict
+    seeds: tuple
+    reference: dict
+    runs: tuple
+    pretrains: dict  # name -> RunConfig of a shared pretrain run
+    document: dict  # what study.yaml records
+
+    @property
+    def conditions(self):
+        return list(dict.fromkeys(r.label for r in self.runs))
+
+
+def _fail(path, msg):
+    raise ConfigError(f"{path}: {msg}")
+
+
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"Expected an existing study file (YAML). Received: {path!r}")
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML. Received: {str(e).splitlines()[0]}") from e
+    if not isinstance(doc, dict):
+        _fail(path, f"expected a mapping of study keys and config sections. Received: {type(doc).__name__}")
+    return doc
+
+
+def _field_names(section):
+    return {f.name for f in dataclasses.fields(config_lib.SECTIONS[section])}
+
+
+def check_key(key):
+    """Raise a `ConfigError` unless ``key`` is ``section.field`` of the run configuration."""
+    section, _, field = str(key).partition(".")
+    if section not in config_lib.SECTIONS or field not in _field_names(section):
+        hint = " (use seeds: for the seed)" if key == "seed" else ""
+        raise ConfigError(f"grid: unknown key {key!r}{hint}: expected section.key with a section of "
+                          f"{sorted(config_lib.SECTIONS)} and one of its keys (e.g. data.per_class, "
+                          f"transfer.train_last_k). Received: {key!r}")
+
+
+def _nested(flat):
+    """``{"data.per_class": 5}`` -> ``{"data": {"per_class": 5}}``."""
+    out = {}
+    for key, value in flat.items():
+        section, field = key.split(".", 1)
+        out.setdefault(section, {})[field] = value
+    return out
+
+
+def apply_condition(cfg, condition):
+    """``cfg`` with a condition's ``{dotted key: value}`` set (a new ``model.name`` brings its own default
+    input side and channels unless the condition sets them)."""
+    condition = dict(condition)
+    name = condition.pop("model.name", None)
+    if name is not None:
+        if not isinstance(name, str):
+            raise ConfigError(f"model.name: expected a registered model name. Received: {name!r}")
+        cfg = config_lib.with_model(cfg, name)
+    return config_lib.merge(cfg, _nested(condition))
+
+
+def _value_text(v):
+    if isinstance(v, (list, tuple)):
+        return "-".join(_value_text(i) for i in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, str) and v.startswith(("folder:", "npz:")):
+        v = os.path.basename(v.rstrip("/"))
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(v)).strip("-") or "none"
+
+
+def _short_keys(keys):
+    """Each dotted key by its last part, unless two keys share it."""
+    last = [k.split(".", 1)[1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def condition_name(condition, short):
+    return "_".join(f"{short[k]}-{_value_text(v)}" for k, v in condition.items())
+
+
+def condition_label(condition):
+    return ", ".join(f"{k}={_value_text(v) if isinstance(v, (list, tuple)) else v}" for k, v in condition.items())
+
+
+def _pretrain_key(cfg):
+    """What pretraining depends on: the configuration with the fine-tuning-only keys at their defaults."""
+    d = config_lib.to_dict(cfg)
+    default = config_lib.to_dict(config_lib.RunConfig())
+    for key in FINETUNE_ONLY:
+        section, _, field = key.partition(".")
+        if field.rstrip("."):
+            d[section][field] = default[section][field]
+        else:
+            d[section] = default[section]
+    return yaml.safe_dump(d, sort_keys=True)
+
+
+def load_study(path):
+    """Read and check a study file: every condition x seed resolves to a valid configuration, or a
+    `ConfigError` naming the key at fault is raised before anything runs."""
+    doc = _read_yaml(path)
+    unknown = set(doc) - STUDY_KEYS - set(config_lib.SECTIONS)
+    if unknown:
+        _fail(path, f"unknown keys {sorted(unknown)}: expected some of {sorted(STUDY_KEYS)} and config sections "
+                    f"{sorted(config_lib.SECTIONS)}. Received: {sorted(unknown)}")
+    here = os.path.dirname(os.path.abspath(path))
+    base = doc.get("base")
+    if base is None:
+        cfg = config_lib.RunConfig()
+    elif isinstance(base, str):
+        cfg = config_lib.load(base if os.path.isabs(base) else os.path.join(here, base))
+    elif isinstance(base, dict):
+        cfg = config_lib.merge(config_lib.RunConfig(), base)
+    else:
+        _fail(path, f"base: expected a --config file or a mapping of sections. Received: {base!r}")
+    sections = {k: v for k, v in doc.items() if k in config_lib.SECTIONS}
+    if sections:
+        cfg = config_lib.merge(cfg, sections)
+    strategies = doc.get("strategies")
+    if strategies is not None:
+        if isinstance(strategies, str):
+            strategies = strategies.split(",")
+        if not isinstance(strategies, list) or not strategies:
+            _fail(path, f"strategies: expected a list of strategies. Received: {strategies!r}")
+        cfg = config_lib.merge(cfg, {"transfer": {"strategies": strategies}})
+    pretrained = doc.get("pretrained")
+    if pretrained is not None:
+        if not isinstance(pretrained, str):
+            _fail(path, f"pretrained: expected a MODEL.keras file or a pretrain run directory. Received: "
+                        f"{pretrained!r}")
+        from keras_transfer.runner import with_pretrained
+
+        p = pretrained if os.path.isabs(pretrained) else os.path.join(here, pretrained)
+        if not os.path.exists(p) and os.path.exists(pretrained):
+            p = pretrained  # relative to the working directory
+        cfg = with_pretrained(cfg, os.path.abspath(p))
+    cfg = config_lib.absolute_paths(cfg)
+
+    grid = doc.get("grid") or {}
+    if not isinstance(grid, dict):
+        _fail(path, f"grid: expected a mapping of dotted config keys to lists of values. Received: {grid!r}")
+    for key, values in grid.items():
+        check_key(key)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid: {key}: expected a non-empty list of values. Received: {values!r}")
+        for v in values:  # each value on its own, so the error names the key
+            try:
+                apply_condition(cfg, {key: v})
+            except KTransferError as e:
+                raise ConfigError(f"grid: {key}: {str(e).splitlines()[0]}") from None
+
+    seeds = doc.get("seeds", [0, 1, 2])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not (isinstance(seeds, list) and seeds and all(is_number(s, True) and 0 <= s < 2**32 for s in seeds)
+            and len(set(seeds)) == len(seeds)):
+        _fail(path, f"seeds: expected a list of distinct integers >= 0. Received: {seeds!r}")
+
+    keys = list(grid)
+    short = _short_keys(keys)
+    conditions = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    reference = doc.get("reference")
+    if reference is None:
+        reference = conditions[0]
+    elif not isinstance(reference, dict) or set(reference) - set(keys):
+        _fail(path, f"reference: expected a mapping of some grid keys ({keys}) to one of their values. "
+                    f"Received: {reference!r}")
+    else:
+        for k, v in reference.items():
+            if v not in grid[k]:
+                _fail(path, f"reference: {k}: expected one of the grid's values {grid[k]}. Received: {v!r}")
+        reference = {**conditions[0], **reference}
+
+    share = doc.get("share_pretraining", True)
+    if not isinstance(share, bool):
+        _fail(path, f"share_pretraining: expected true or false. Received: {share!r}")
+    runs, pretrains, names_of = [], {}, {}
+    pretrain_keys = [k for k in keys if not k.startswith(FINETUNE_ONLY)]
+    for condition in conditions:
+        try:
+            cond_cfg = apply_condition(cfg, condition)
+        except KTransferError as e:
+            raise ConfigError(f"grid: condition {condition_label(condition)}: {str(e).splitlines()[0]}") from None
+        for seed in seeds:
+            run_cfg = config_lib.merge(cond_cfg, {"seed": seed})
+            pre = None
+            if share and run_cfg.transfer.pretrained is None:
+                pkey = _pretrain_key(run_cfg)
+                if pkey not in names_of:
+                    pcond = {k: condition[k] for k in pretrain_keys}
+                    names_of[pkey] = "_".join(filter(None, [condition_name(pcond, short), f"seed-{seed}"]))
+                    pretrains[names_of[pkey]] = run_cfg
+                pre = names_of[pkey]
+            name = "_".join(filter(None, [condition_name(condition, short), f"seed-{seed}"]))
+            runs.append(Run(name, condition, condition_label(condition), seed, run_cfg, pre))
+    document = {"name": doc.get("name") or os.path.splitext(os.path.basename(path))[0],
+                "description": str(doc.get("description") or ""),
+                "base": config_lib.to_dict(cfg), "grid": grid, "seeds": seeds, "reference": reference,
+                "share_pretraining": share}
+    return Study(os.path.abspath(path), document["name"], document["description"], cfg, grid, tuple(seeds),
+                 reference, tuple(runs), pretrains, document)
+
+
+def run_config(study, run, study_dir):
+    """The configuration ``run`` records in its directory: with the shared pretrain run's model as
+    ``transfer.pretrained`` where it fine-tunes from one."""
+    if run.pretrain is None:
+        return run.config
+    model = os.path.abspath(rundir.model_path(pretrain_path(study_dir, run.pretrain)))
+    return dataclasses.replace(run.config, transfer=dataclasses.replace(run.config.transfer, pretrained=model))
+
+
+def run_path(study_dir, run):
+    return os.path.join(study_dir, rundir.STUDY_RUNS, run.name)
+
+
+def pretrain_path(study_dir, name):
+    return os.path.join(study_dir, rundir.STUDY_PRETRAIN, name)
+
+
+def _first_difference(a, b, prefix=""):
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _first_difference(va, vb, f"{prefix}{k}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k}: {va!r} -> {vb!r}"
+    return None
+
+
+def check_compatible(study, study_dir):
+    """Raise a `ConfigError` when a run directory the study would use holds a run of another configuration
+    (the study file changed in a way that would mix incompatible runs in one directory). A shared pretrain
+    run is compared on what pretraining depends on only."""
+    triples = [(run_path(study_dir, r), run_config(study, r, study_dir), False) for r in study.runs]
+    triples += [(pretrain_path(study_dir, n), c, True) for n, c in study.pretrains.items()]
+    for d, cfg, shared_pretrain in triples:
+        path = rundir.config_path(d)
+        if not os.path.isfile(path):
+            continue
+        try:
+            recorded = config_lib.load(path)
+        except KTransferError as e:
+            raise ConfigError(f"{path}: expected the configuration of this study's run. Received: "
+                              f"{str(e).splitlines()[0]}") from None
+        if shared_pretrain:
+            same = _pretrain_key(recorded) == _pretrain_key(cfg)
+        else:
+            same = config_lib.to_dict(recorded) == config_lib.to_dict(cfg)
+        if not same:
+            diff = _first_difference(config_lib.to_dict(recorded), config_lib.to_dict(cfg))
+            raise ConfigError(f"{d} holds a run of another configuration than this study asks for ({diff}): "
+                              f"expected the study file it was started with, or a new --out. Received: "
+                              f"{study.path}")
+
+
+def plan(study, study_dir):
+    """``[(kind, name, directory, state)]`` for every pretrain run and run, ``state`` one of ``finished``,
+    ``partial`` (started, resumable), ``failed`` (its last attempt failed) or ``missing``."""
+    rows = []
+    for name in study.pretrains:
+        rows.append(("pretrain", name, pretrain_path(study_dir, name)))
+    for r in study.runs:
+        rows.append(("run", r.name, run_path(study_dir, r)))
+    out = []
+    for kind, name, d in rows:
+        if rundir.is_finished(d):
+            state = "finished"
+        elif os.path.isfile(rundir.error_path(d)):
+            state = "failed"
+        elif os.path.isfile(rundir.config_path(d)):
+            state = "partial"
+        else:
+            state = "missing"
+        out.append((kind, name, d, state))
+    return out
+
+
+def execute(task):
+    """Run one study task in this process: a pretrain run or a fine-tuning run, resumed where it started.
+
+    ``task``: ``{"kind": "pretrain" | "run", "dir": str, "config": dict}`` (plain data, so a Ray worker can
+    take it). Returns ``{"dir", "ok", "error", "seconds"}``; an error is recorded in the run's
+    ``error.txt`` as one line, and never raised (``KeyboardInterrupt`` aside).
+    """
+    import keras
+
+    from keras_transfer import runner
+
+    d, t0 = task["dir"], time.perf_counter()
+    try:
+        cfg = config_lib.merge(config_lib.RunConfig(), task["config"])
+        resume = os.path.isfile(rundir.config_path(d))
+        os.makedirs(d, exist_ok=True)
+        if os.path.exists(rundir.error_path(d)):
+            os.remove(rundir.error_path(d))
+        if not resume:
+            config_lib.save(cfg, rundir.config_path(d))
+        echo = task.get("echo")
+        if task["kind"] == "pretrain":
+            runner.pretrain(cfg, d, echo=echo, resume=resume)
+        else:
+            runner.finetune(cfg, d, echo=echo, resume=resume)
+        return {"dir": d, "ok": True, "error": None, "seconds": time.perf_counter() - t0}
+    except Exception as e:  # fault containment: the study records it and goes on
+        line = str(e).splitlines()[0] if str(e) else ""
+        line = f"{type(e).__name__}: {line}" if not isinstance(e, KTransferError) else line
+        atomic_write_text(rundir.error_path(d), line + "\n\n" + traceback.format_exc())
+        return {"dir": d, "ok": False, "error": line, "seconds": time.perf_counter() - t0}
+    finally:
+        keras.backend.clear_session()
+
+
+def read_error(d):
+    try:
+        with open(rundir.error_path(d)) as f:
+            return f.readline().strip()
+    except OSError:
+        return None
+
+
+def tasks(study, study_dir):
+    """The pretrain tasks, then the run tasks, of what is not finished yet."""
+    states = {d: state for _, _, d, state in plan(study, study_dir)}
+    pre = [{"kind": "pretrain", "dir": pretrain_path(study_dir, n), "config": config_lib.to_dict(c)}
+           for n, c in study.pretrains.items() if states[pretrain_path(study_dir, n)] != "finished"]
+    runs = [{"kind": "run", "dir": run_path(study_dir, r),
+             "config": config_lib.to_dict(run_config(study, r, study_dir)),
+             "pretrain": pretrain_path(study_dir, r.pretrain) if r.pretrain else None}
+            for r in study.runs if states[run_path(study_dir, r)] != "finished"]
+    return pre, runs
+
+
+def run_local(pre, runs, echo=None):
+    """Run the tasks one after another in this process."""
+    results = []
+    for i, task in enumerate(pre + runs, 1):
+        failed_pre = task.get("pretrain") and read_error(task["pretrain"])
+        if failed_pre:
+            line = f"pretraining {os.path.basename(task['pretrain'])} failed: {failed_pre}"
+            os.makedirs(task["dir"], exist_ok=True)
+            atomic_write_text(rundir.error_path(task["dir"]), line + "\n")
+            results.append({"dir": task["dir"], "ok": False, "error": line, "seconds": 0.0})
+        else:
+            if echo:
+                echo(f"[{i}/{len(pre) + len(runs)}] {task['kind']} {os.path.relpath(task['dir'])}")
+            results.append(execute({**task, "echo": echo}))
+        if echo and not results[-1]["ok"]:
+            echo(f"  failed: {results[-1]['error']}")
+    return results
+
+
+def run_ray(pre, runs, address=None, cpus_per_run=1.0, gpus_per_run=0.0, echo=None):
+    """Hand each task to a Ray cluster (``address``; None starts a local one): the pretrain runs first, then
+    the fine-tuning runs, one task each, with the resources given."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError("--executor ray: expected Ray to be installed (pip install 'keras-transfer[ray]'). "
+                          "Received: import ray failed") from e
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"KERAS_BACKEND": _backend()}})
+    remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(execute)
+    results = []
+    try:
+        for wave in (pre, runs):
+            ready, blocked = [], []
+            for task in wave:
+                failed_pre = task.get("pretrain") and read_error(task["pretrain"])
+                (blocked if failed_pre else ready).append(task)
+            for task in blocked:
+                line = f"pretraining {os.path.basename(task['pretrain'])} failed: {read_error(task['pretrain'])}"
+                os.makedirs(task["dir"], exist_ok=True)
+                atomic_write_text(rundir.error_path(task["dir"]), line + "\n")
+                results.append({"dir": task["dir"], "ok": False, "error": line, "seconds": 0.0})
+            if echo and ready:
+                echo(f"ray: {len(ready)} {wave[0]['kind']} task(s) submitted")
+            for r in ray.get([remote.remote(t) for t in ready]):
+                results.append(r)
+                if echo:
+                    echo(f"  {'done' if r['ok'] else 'failed'} {os.path.relpath(r['dir'])}"
+                         + ("" if r["ok"] else f": {r['error']}"))
+    finally:
+        if started:
+            ray.shutdown()
+    return results
+
+
+def _backend():
+    import keras
+
+    return keras.config.backend()
+
+
+def prepare_dir(study, out):
+    """Create (or reuse) the study directory and record the study file in it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"Expected a directory for the study output. Received: {out} is a file")
+    existing = os.path.isdir(out) and os.listdir(out)
+    if existing and not os.path.isfile(os.path.join(out, rundir.STUDY_FILE)):
+        raise ConfigError(f"{out} exists and holds no study ({rundir.STUDY_FILE}): expected a new directory or "
+                          f"this study's own. Received: --out {out}")
+    check_compatible(study, out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        atomic_write_text(os.path.join(out, rundir.STUDY_FILE), yaml.safe_dump(study.document, sort_keys=False))
+    except OSError as e:
+        raise ConfigError(f"Expected a writable study directory. Received: {out} ({e.strerror})") from None
+    return out
+
+
+def estimate(study, study_dir):
+    """A line on how much work is left, with a time estimate from the finished runs' wall times."""
+    states = plan(study, study_dir)
+    n_pre = sum(1 for k, *_ in states if k == "pretrain")
+    left = [(k, d) for k, _, d, s in states if s != "finished"]
+    trainings = len(study.runs) * len(study.base.transfer.strategies) + n_pre
+    line = (f"{len(study.conditions)} condition(s) x {len(study.seeds)} seed(s) = {len(study.runs)} run(s) of "
+            f"{len(study.base.transfer.strategies)} strategies, {n_pre} shared pretrain run(s): {trainings} "
+            f"trainings; {len(left)} of {len(states)} run directories to do")
+    times = []
+    for k, _, d, s in states:
+        if s == "finished" and k == "run":
+            try:
+                summary = read_json(rundir.summary_path(d))
+                times.append(sum(v["wall_time"] for v in summary["strategies"].values()))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+    runs_left = sum(1 for k, _ in left if k == "run")
+    if times and runs_left:
+        per = sum(times) / len(times)
+        left_s = per * runs_left
+        left_text = f"{left_s / 60:.0f} min" if left_s >= 90 else f"{left_s:.0f} s"
+        line += f"; about {left_text} of training left at {per:.0f} s per finished run"
+    return line

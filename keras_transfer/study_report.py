@@ -1,0 +1,283 @@
+"""The study report: every number read back from the runs' own ``metrics.json`` / ``summary.json``,
+aggregated over seeds per condition and strategy, with paired differences, ranks and figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from keras_transfer import plots, rundir
+from keras_transfer.io import atomic_write_text, read_json, write_json
+from keras_transfer.report import markdown_to_html
+
+METRICS = ("accuracy", "macro_f1", "wall_time", "trainable_params", "peak_host_mb", "peak_device_mb",
+           "train_val_gap")
+
+
+def _last(history, key):
+    v = history.get(key) or []
+    return float(v[-1]) if len(v) else None
+
+
+def run_rows(study, study_dir):
+    """``(rows, runs)``: a row per finished run and strategy (classical baselines included, ``kind``
+    ``baseline``), and every run's state and error."""
+    from keras_transfer.study import plan, read_error, run_path
+    from keras_transfer.train import read_history
+
+    states = {d: s for _, _, d, s in plan(study, study_dir)}
+    rows, runs = [], []
+    for r in study.runs:
+        d = run_path(study_dir, r)
+        state = states[d]
+        runs.append({"name": r.name, "dir": d, "condition": r.label, "seed": r.seed, "state": state,
+                     "error": read_error(d) if state == "failed" else None,
+                     "pretrain": r.pretrain})
+        if state != "finished":
+            continue
+        summary = read_json(rundir.summary_path(d))
+        base = {"run": r.name, "condition": r.label, "settings": r.condition, "seed": r.seed}
+        for s in summary["strategies"]:
+            stage = rundir.strategy_dir(d, s)
+            m = read_json(rundir.metrics_path(stage))
+            h = read_history(rundir.history_path(stage)) if os.path.exists(rundir.history_path(stage)) else {}
+            train, val = _last(h, "accuracy"), _last(h, "val_accuracy")
+            rows.append({**base, "strategy": s, "kind": "deep", "accuracy": m["accuracy"],
+                         "macro_f1": m["macro"]["f1"], "wall_time": m["wall_time"],
+                         "trainable_params": m["trainable_params"], "peak_host_mb": m.get("peak_host_mb"),
+                         "peak_device_mb": m.get("peak_device_mb"), "train_accuracy": train, "val_accuracy": val,
+                         "train_val_gap": None if train is None or val is None else train - val})
+        for b, m in (summary.get("baselines") or {}).items():
+            rows.append({**base, "strategy": b, "kind": "baseline", "accuracy": m["accuracy"],
+                         "macro_f1": m["macro_f1"], "wall_time": m["wall_time"], "trainable_params": None,
+                         "peak_host_mb": None, "peak_device_mb": None, "train_accuracy": None,
+                         "val_accuracy": None, "train_val_gap": None})
+    return rows, runs
+
+
+def _t95(n):
+    """The two-sided 95% quantile of Student's t with ``n - 1`` degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else math.nan
+
+
+def summarise(values):
+    """``{"mean", "sd", "ci95", "n"}`` of a sample: sample sd (ddof=1) and the half-width of the 95%
+    confidence interval of the mean (t distribution); sd and interval None for one value."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    n = len(v)
+    if not n:
+        return {"mean": None, "sd": None, "ci95": None, "n": 0}
+    sd = float(v.std(ddof=1)) if n > 1 else None
+    return {"mean": float(v.mean()), "sd": sd, "ci95": _t95(n) * sd / math.sqrt(n) if n > 1 else None, "n": n}
+
+
+def aggregate(rows, reference_label):
+    """A group per (condition, strategy), in the study's order: every metric summarised over seeds, and the
+    paired differences of accuracy to the same run's scratch (``vs_scratch``) and to the same seed and
+    strategy in the reference condition (``vs_reference``)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["condition"], r["strategy"]), []).append(r)
+    by_run = {(r["run"], r["strategy"]): r for r in rows}
+    by_seed = {(r["condition"], r["strategy"], r["seed"]): r for r in rows}
+    out = []
+    for (condition, strategy), rs in groups.items():
+        g = {"condition": condition, "strategy": strategy, "kind": rs[0]["kind"], "settings": rs[0]["settings"],
+             "n": len(rs)}
+        for m in METRICS:
+            g[m] = summarise([r[m] for r in rs])
+        if strategy != "scratch":
+            diffs = [r["accuracy"] - by_run[(r["run"], "scratch")]["accuracy"] for r in rs
+                     if (r["run"], "scratch") in by_run]
+            if diffs:
+                g["vs_scratch"] = summarise(diffs)
+        if rs[0]["kind"] == "deep":  # against each raw-pixel baseline of the same run
+            baselines = sorted({b for (run, b), row in by_run.items() if row["kind"] == "baseline"})
+            for b in baselines:
+                diffs = [r["accuracy"] - by_run[(r["run"], b)]["accuracy"] for r in rs if (r["run"], b) in by_run]
+                if diffs:
+                    g.setdefault("vs_baseline", {})[b] = summarise(diffs)
+        if condition != reference_label:
+            diffs = [r["accuracy"] - by_seed[(reference_label, strategy, r["seed"])]["accuracy"] for r in rs
+                     if (reference_label, strategy, r["seed"]) in by_seed]
+            if diffs:
+                g["vs_reference"] = summarise(diffs)
+        out.append(g)
+    return out
+
+
+def _pm(s, fmt=".4f", scale=1.0):
+    if s is None or s["mean"] is None:
+        return "-"
+    mean = format(s["mean"] * scale, fmt)
+    return mean if s["sd"] is None else f"{mean} ± {format(s['sd'] * scale, fmt)}"
+
+
+def _ci(s, fmt=".4f", scale=1.0):
+    if s is None or s.get("ci95") is None:
+        return "-"
+    lo, hi = (s["mean"] - s["ci95"]) * scale, (s["mean"] + s["ci95"]) * scale
+    return f"[{format(lo, fmt)}, {format(hi, fmt)}]"
+
+
+def _diff(s):
+    """A paired difference in points: mean ± sd [95% CI] (n)."""
+    if s is None:
+        return "-"
+    text = f"{100 * s['mean']:+.1f}"
+    if s["sd"] is not None:
+        text += f" ± {100 * s['sd']:.1f} [{100 * (s['mean'] - s['ci95']):+.1f}, {100 * (s['mean'] + s['ci95']):+.1f}]"
+    return text + f" (n={s['n']})"
+
+
+def _num(s, fmt):
+    return "-" if s is None or s["mean"] is None else format(s["mean"], fmt)
+
+
+def numeric_axes(grid):
+    """The grid keys whose values are all numbers (not booleans), with at least two values."""
+    return [k for k, vs in grid.items()
+            if len(vs) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs)]
+
+
+def write_study_report(study, study_dir):
+    """Write ``study.json``, ``study.md``, ``study.html`` and the figures; return the report's data."""
+    rows, runs = run_rows(study, study_dir)
+    from keras_transfer.study import condition_label
+
+    reference = condition_label(study.reference)
+    groups = aggregate(rows, reference)
+    ranking = sorted([g for g in groups if g["accuracy"]["mean"] is not None],
+                     key=lambda g: -g["accuracy"]["mean"])
+    figures = []
+    if groups:
+        conditions = study.conditions
+        plots.study_bars_figure(groups, conditions, os.path.join(study_dir, "study_bars.png"),
+                                title=f"{study.name}: mean ± sd over seeds, per condition")
+        figures.append("study_bars.png")
+        for key in numeric_axes(study.grid):
+            name = f"study_{key.replace('.', '_')}.png"
+            plots.study_axis_figure(groups, key, [k for k in study.grid if k != key],
+                                    os.path.join(study_dir, name), title=f"{study.name}: accuracy against {key}")
+            figures.append(name)
+    states = [r["state"] for r in runs]
+    data = {"study": study.document, "reference": reference, "runs": runs, "rows": rows, "groups": groups,
+            "ranking": [{"condition": g["condition"], "strategy": g["strategy"], "accuracy": g["accuracy"]}
+                        for g in ranking],
+            "finished": states.count("finished"), "total": len(runs)}
+    write_json(os.path.join(study_dir, "study.json"), data)
+    md = _markdown(study, study_dir, data, groups, ranking, figures)
+    atomic_write_text(os.path.join(study_dir, "study.md"), md)
+    atomic_write_text(os.path.join(study_dir, "study.html"), markdown_to_html(md, study_dir, f"study {study.name}"))
+    return data
+
+
+def _markdown(study, study_dir, data, groups, ranking, figures):
+    runs = data["runs"]
+    failed = [r for r in runs if r["state"] == "failed"]
+    waiting = [r for r in runs if r["state"] in ("missing", "partial")]
+    b = study.base
+    lines = [f"# Study: {study.name}", ""]
+    if study.description:
+        lines += [study.description, ""]
+    lines += [f"Study file `{study.path}`; {len(study.conditions)} condition(s) × {len(study.seeds)} seed(s) "
+              f"({', '.join(map(str, study.seeds))}) = {len(runs)} runs, **{data['finished']} finished**"
+              + (f", {len(failed)} failed" if failed else "") + (f", {len(waiting)} not run yet" if waiting else "")
+              + ".", "",
+              f"Source {b.data.source} → target {b.data.target}, model {b.model.name}"
+              + (f" (pretrained: `{b.transfer.pretrained}`)" if b.transfer.pretrained else "")
+              + f"; strategies {', '.join(b.transfer.strategies)}; classical baselines on raw pixels: "
+              + (", ".join(b.transfer.baselines) or "none") + ".", ""]
+    if study.grid:
+        lines += ["Grid: " + "; ".join(f"`{k}` ∈ {v}" for k, v in study.grid.items())
+                  + f". Reference condition: **{data['reference']}**.", ""]
+    if not groups:
+        lines += ["No run has finished yet.", ""]
+    else:
+        lines += ["## Top configurations", "", "| rank | condition | strategy | accuracy (mean ± sd) | 95% CI | n |",
+                  "|---:|---|---|---:|---:|---:|"]
+        for i, g in enumerate(ranking[:10], 1):
+            strategy = g["strategy"] + (" (raw pixels)" if g["kind"] == "baseline" else "")
+            lines.append(f"| {i} | {g['condition'] or '(base)'} | {strategy} | {_pm(g['accuracy'])} | "
+                         f"{_ci(g['accuracy'])} | {g['n']} |")
+        lines += ["", "## Every condition and strategy", "",
+                  "| condition | strategy | n | accuracy | 95% CI | vs scratch (paired, points) | "
+                  "vs reference (paired, points) | macro-F1 | train − val accuracy | trainable params | "
+                  "wall time (s) | peak host memory (MB) | peak device memory (MB) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for g in groups:
+            strategy = f"*{g['strategy']} (raw pixels)*" if g["kind"] == "baseline" else g["strategy"]
+            lines.append(f"| {g['condition'] or '(base)'} | {strategy} | {g['n']} | {_pm(g['accuracy'])} | "
+                         f"{_ci(g['accuracy'])} | {_diff(g.get('vs_scratch'))} | {_diff(g.get('vs_reference'))} | "
+                         f"{_pm(g['macro_f1'])} | {_pm(g['train_val_gap'], '.3f')} | "
+                         f"{_num(g['trainable_params'], ',.0f')} | {_pm(g['wall_time'], '.1f')} | "
+                         f"{_num(g['peak_host_mb'], ',.0f')} | {_num(g['peak_device_mb'], ',.0f')} |")
+        lines += ["", "Mean ± sample standard deviation over seeds; 95% CI: the t interval of the mean. Paired "
+                  "differences are taken run by run and then averaged: *vs scratch*, a strategy minus the same "
+                  "run's scratch (same seed and target images); *vs reference*, a condition minus the reference "
+                  "condition for the same strategy and seed; shown as mean ± sd [95% CI]. An interval that "
+                  "includes 0 means the difference is not resolved by these seeds. Train − val accuracy: the "
+                  "last epoch's gap (overfitting). Raw-pixel rows: scikit-learn on the same training and test "
+                  "images, no network. Peak host memory: the process's resident high-water mark during the "
+                  "strategy, which includes what the process already held (the data, earlier models).", ""]
+        lines += _verdict_lines(groups)
+        for f in figures:
+            lines += [f'<img src="{f}" alt="{f}">', ""]
+    if failed:
+        lines += ["## Failed runs", "", "| run | error |", "|---|---|"]
+        lines += [f"| {r['name']} | {r['error']} |" for r in failed] + [""]
+    lines += ["## Runs", "", "| run | condition | seed | state |", "|---|---|---:|---|"]
+    lines += [f"| [{r['name']}](runs/{r['name']}/report.html) | {r['condition'] or '(base)'} | {r['seed']} | "
+              f"{r['state']} |" for r in runs]
+    lines += ["", "## Study file as resolved", "", "```yaml",
+              _yaml({k: v for k, v in study.document.items() if k != "base"}).rstrip(), "```", "",
+              "<details><summary>Base configuration</summary>", "", "```yaml", _yaml(study.document["base"]).rstrip(),
+              "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def _verdict_lines(groups):
+    """Per condition: the best deep strategy against scratch and against the best raw-pixel baseline."""
+    out = []
+    for condition in dict.fromkeys(g["condition"] for g in groups):
+        gs = [g for g in groups if g["condition"] == condition and g["accuracy"]["mean"] is not None]
+        deep = [g for g in gs if g["kind"] == "deep" and g["strategy"] != "scratch"]
+        base = [g for g in gs if g["kind"] == "baseline"]
+        if not deep:
+            continue
+        best = max(deep, key=lambda g: g["accuracy"]["mean"])
+        text = f"- **{condition or '(base)'}**: best transfer strategy {best['strategy']} {_pm(best['accuracy'])}"
+        vs = best.get("vs_scratch")
+        if vs is not None:
+            if vs["ci95"] is None:
+                text += f", {100 * vs['mean']:+.1f} points vs scratch (one seed: not resolved)"
+            elif vs["mean"] - vs["ci95"] > 0:
+                text += f", beats scratch by {_diff(vs)}"
+            elif vs["mean"] + vs["ci95"] < 0:
+                text += f", **below scratch** by {_diff(vs)}"
+            else:
+                text += f", not distinguishable from scratch ({_diff(vs)})"
+        if base:
+            b = max(base, key=lambda g: g["accuracy"]["mean"])
+            vs = (best.get("vs_baseline") or {}).get(b["strategy"])
+            resolved = vs is not None and vs["ci95"] is not None
+            if resolved and vs["mean"] - vs["ci95"] > 0:
+                word = "above"
+            elif resolved and vs["mean"] + vs["ci95"] < 0:
+                word = "**below**"
+            else:
+                word = "not distinguishable from"
+            text += f"; {word} the best raw-pixel baseline ({b['strategy']} {_pm(b['accuracy'])}, paired {_diff(vs)})"
+        out.append(text + ".")
+    return (["## What it shows", ""] + out + [""]) if out else []
+
+
+def _yaml(d):
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)

@@ -1,0 +1,210 @@
+"""ktransfer study: grid, seeds, run directories, resume, fault containment, validation, executors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from keras_transfer.cli import main
+
+TINY = {"model": {"input_size": 8, "widths": [4, 8, 8], "head_hidden": 8},
+        "pretrain": {"epochs": 1}, "finetune": {"epochs": 2},
+        "data": {"batch_size": 32, "per_class": 3, "augment": "none"}}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def write_study(tmp_path, digits_npz, name="s", **extra):
+    doc = {**TINY, "data": {**TINY["data"], "source": f"npz:{digits_npz}", "target": f"npz:{digits_npz}"},
+           "strategies": ["scratch", "partial"], "seeds": [0, 1],
+           "grid": {"transfer.train_last_k": [0, 2]}, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def assert_same_groups(a, b, metrics=("accuracy", "macro_f1", "trainable_params")):
+    """The same conditions and strategies, with the same mean metrics and paired differences."""
+    assert [(g["condition"], g["strategy"], g["n"]) for g in a] == [(g["condition"], g["strategy"], g["n"]) for g in b]
+    for ga, gb in zip(a, b):
+        for m in metrics + ("vs_scratch", "vs_reference"):
+            if ga.get(m) is None:
+                assert gb.get(m) is None
+            elif ga[m]["mean"] is not None:
+                assert gb[m]["mean"] == pytest.approx(ga[m]["mean"], abs=1e-6), (ga["condition"], ga["strategy"], m)
+
+
+def test_a_tiny_study_writes_ordinary_runs_and_a_report_read_back_from_them(tmp_path, digits_npz):
+    study, out = write_study(tmp_path, digits_npz), str(tmp_path / "out")
+    r = invoke("study", study, "--dry-run", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "2 condition(s) x 2 seed(s) = 4 run(s)" in r.output and "train_last_k-0_seed-1" in r.output
+    assert not os.path.exists(out)  # a dry run writes nothing
+
+    r = invoke("study", study, "--out", out)
+    assert r.exit_code == 0, r.output
+    runs = sorted(os.listdir(os.path.join(out, "runs")))
+    assert runs == ["train_last_k-0_seed-0", "train_last_k-0_seed-1", "train_last_k-2_seed-0", "train_last_k-2_seed-1"]
+    assert sorted(os.listdir(os.path.join(out, "pretrain"))) == ["seed-0", "seed-1"]  # one pretraining per seed
+    for f in ("study.md", "study.html", "study.json", "study.yaml", "study_bars.png",
+              "study_transfer_train_last_k.png"):
+        assert os.path.exists(os.path.join(out, f)), f
+    report = read(os.path.join(out, "study.json"))
+    assert report["finished"] == report["total"] == 4
+    # Every number of the report equals the one read back from the runs' own metrics.json.
+    for g in report["groups"]:
+        if g["kind"] != "deep":
+            continue
+        k = g["settings"]["transfer.train_last_k"]
+        accs = [read(os.path.join(out, "runs", f"train_last_k-{k}_seed-{s}", "strategies", g["strategy"],
+                                  "metrics.json"))["accuracy"] for s in (0, 1)]
+        assert g["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+        assert g["accuracy"]["sd"] == pytest.approx(np.std(accs, ddof=1))
+        assert g["accuracy"]["ci95"] == pytest.approx(12.706 * np.std(accs, ddof=1) / np.sqrt(2), rel=1e-3)
+    # Paired differences: partial minus the same run's scratch; train_last_k=2 minus the reference (0).
+    def summary(k, seed):
+        return read(os.path.join(out, "runs", f"train_last_k-{k}_seed-{seed}", "summary.json"))["strategies"]
+
+    runs_, runs1 = {k: summary(k, 0) for k in (0, 2)}, {k: summary(k, 1) for k in (0, 2)}
+    (g2,) = [g for g in report["groups"] if g["condition"] == "transfer.train_last_k=2" and g["strategy"] == "partial"]
+    assert g2["vs_scratch"]["mean"] == pytest.approx(np.mean(
+        [r[2]["partial"]["accuracy"] - r[2]["scratch"]["accuracy"] for r in (runs_, runs1)]))
+    assert g2["vs_reference"]["mean"] == pytest.approx(np.mean(
+        [r[2]["partial"]["accuracy"] - r[0]["partial"]["accuracy"] for r in (runs_, runs1)]))
+    # Trainable parameters follow the freezing depth; peak memory is recorded per strategy.
+    p0 = read(os.path.join(out, "runs", "train_last_k-0_seed-0", "strategies", "partial", "metrics.json"))
+    p2 = read(os.path.join(out, "runs", "train_last_k-2_seed-0", "strategies", "partial", "metrics.json"))
+    assert p0["trainable_params"] < p2["trainable_params"]
+    assert p0["peak_host_mb"] > 50
+    # The classical baselines are reference rows of every run and of the study.
+    assert {g["strategy"] for g in report["groups"] if g["kind"] == "baseline"} == {"logreg", "knn"}
+    assert "raw pixels" in open(os.path.join(out, "study.md")).read()
+    # A run of the study is an ordinary run directory.
+    r = invoke("evaluate", os.path.join(out, "runs", "train_last_k-2_seed-0"), "--out", str(tmp_path / "ev"))
+    assert r.exit_code == 0, r.output
+    # Re-running a finished study trains nothing and writes the same report.
+    r = invoke("study", study, "--out", out)
+    assert r.exit_code == 0 and "[1/" not in r.output, r.output
+    assert read(os.path.join(out, "study.json"))["groups"] == report["groups"]
+
+
+def test_an_interrupted_study_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, digits_npz, monkeypatch):
+    study = write_study(tmp_path, digits_npz, seeds=[0], grid={"transfer.train_last_k": [1, 2]})
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert invoke("study", study, "--out", whole).exit_code == 0
+
+    from keras_transfer import runner
+
+    real_fit, calls = runner.fit, []
+
+    def fit_then_die(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, **kw):
+        calls.append(stage_dir)
+        if len(calls) == 5:  # pretrain, 2 strategies, then the second run's second: one epoch, then killed
+            real_fit(model, train, val, cfg, stage_dir, initial_epoch=initial_epoch, epochs=initial_epoch + 1, **kw)
+            raise KeyboardInterrupt
+        return real_fit(model, train, val, cfg, stage_dir, initial_epoch=initial_epoch, epochs=epochs, **kw)
+
+    monkeypatch.setattr(runner, "fit", fit_then_die)
+    r = invoke("study", study, "--out", cut)
+    assert r.exit_code != 0
+    monkeypatch.setattr(runner, "fit", real_fit)
+    killed = os.path.join(cut, "runs", "train_last_k-2_seed-0")
+    assert not os.path.exists(os.path.join(killed, "summary.json"))
+    assert os.path.exists(os.path.join(killed, "strategies", "partial", "checkpoints", "last.keras"))
+
+    r = invoke("study", study, "--dry-run", "--out", cut)
+    assert "[partial]" in r.output and "[finished]" in r.output, r.output
+    r = invoke("study", study, "--out", cut)
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output
+    history = open(os.path.join(killed, "strategies", "partial", "history.csv")).read().splitlines()
+    assert len(history) == 3  # header + 2 epochs, the second one trained after the resume
+    assert_same_groups(read(os.path.join(whole, "study.json"))["groups"],
+                       read(os.path.join(cut, "study.json"))["groups"])
+
+
+def test_a_failing_condition_is_recorded_and_the_others_go_on(tmp_path, digits_npz):
+    missing = str(tmp_path / "missing.npz")
+    study = write_study(tmp_path, digits_npz, seeds=[0], strategies=["linear"],
+                        grid={"data.target": [f"npz:{digits_npz}", f"npz:{missing}"]})
+    out = str(tmp_path / "out")
+    r = invoke("study", study, "--out", out)
+    assert r.exit_code == 1, r.output
+    report = read(os.path.join(out, "study.json"))
+    states = {x["name"]: (x["state"], x["error"]) for x in report["runs"]}
+    assert states["target-digits.npz_seed-0"] == ("finished", None)
+    state, error = states["target-missing.npz_seed-0"]
+    assert state == "failed" and "missing.npz" in error and "\n" not in error
+    md = open(os.path.join(out, "study.md")).read()
+    assert "## Failed runs" in md and "missing.npz" in md
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"grid": {"data.per_clas": [3]}}, "data.per_clas"),
+    ({"grid": {"seed": [0, 1]}}, "seeds:"),
+    ({"grid": {"data.per_class": [0]}}, "data.per_class"),
+    ({"grid": {"data.per_class": 5}}, "data.per_class: expected a non-empty list"),
+    ({"grid": {"model.pooling": ["avg", "max"]}}, "model.pooling"),
+    ({"grid": {"model.batch_norm": ["yes"]}}, "model.batch_norm"),
+    ({"grid": {"transfer.train_last_k": [0, 9]}}, "train_last_k"),
+    ({"grid": {"model.widths": ["64,128"]}}, "model.widths"),
+    ({"seeds": [0, "a"]}, "seeds"),
+    ({"strategies": ["linear", "fancy"]}, "fancy"),
+    ({"reference": {"transfer.train_last_k": 7}}, "reference"),
+    ({"epochs": 3}, "unknown keys"),
+])
+def test_an_invalid_study_is_refused_in_one_line_before_anything_runs(tmp_path, digits_npz, change, expected):
+    study, out = write_study(tmp_path, digits_npz, **change), str(tmp_path / "out")
+    r = invoke("study", study, "--out", out)
+    assert r.exit_code == 2, r.output
+    assert expected in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not os.path.exists(out)
+
+
+def test_a_changed_study_file_is_refused_but_more_seeds_are_added(tmp_path, digits_npz):
+    out = str(tmp_path / "out")
+    study = write_study(tmp_path, digits_npz, seeds=[0], strategies=["linear"], grid={})
+    assert invoke("study", study, "--out", out).exit_code == 0
+    changed = write_study(tmp_path, digits_npz, name="s2", seeds=[0], strategies=["linear"], grid={},
+                          finetune={"epochs": 3})
+    r = invoke("study", changed, "--out", out)
+    assert r.exit_code == 2 and "finetune.epochs: 2 -> 3" in r.output, r.output
+    more = write_study(tmp_path, digits_npz, name="s3", seeds=[0, 1], strategies=["linear"], grid={})
+    r = invoke("study", more, "--dry-run", "--out", out)
+    assert r.exit_code == 0 and "seed-0: (base), seed 0" in r.output and "[finished]" in r.output, r.output
+    assert "2 of 4 run directories to do" in r.output  # seed 1: its pretraining and its run
+    # An existing directory that is not a study is not taken over.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    r = invoke("study", study, "--out", str(other))
+    assert r.exit_code == 2 and "holds no study" in r.output
+    assert os.listdir(other) == ["keep.txt"]
+
+
+def test_the_ray_executor_runs_the_study_as_ray_tasks(tmp_path, digits_npz):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    study = write_study(tmp_path, digits_npz, seeds=[0], strategies=["linear"], grid={"data.per_class": [2, 3]})
+    local, remote = str(tmp_path / "local"), str(tmp_path / "ray")
+    assert invoke("study", study, "--out", local).exit_code == 0
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "")}})
+    try:
+        r = invoke("study", study, "--out", remote, "--executor", "ray")
+    finally:
+        ray.shutdown()
+    assert r.exit_code == 0, r.output
+    assert "ray: 2 run task(s) submitted" in r.output
+    a, b = read(os.path.join(local, "study.json")), read(os.path.join(remote, "study.json"))
+    assert b["finished"] == 2
+    assert_same_groups(a["groups"], b["groups"], metrics=("accuracy",))
