@@ -77,8 +77,9 @@ def run_baselines(splits, class_names, names=tuple(BASELINES), seed=0):
         proba = est.predict_proba(f_te)
         scores[:, est.classes_] = proba  # classes absent from the training split keep score 0
         metrics = classification_metrics(y_te, scores, class_names)
-        params = est.coef_.size + est.intercept_.size if name == "logreg" else f_tr.size
+        params = est.coef_.size + est.intercept_.size if name == "logreg" else 0
         metrics.update(strategy=name, wall_time=time.perf_counter() - t0, method=BASELINES[name],
-                       trainable_params=int(params), non_trainable_params=0, epochs=0)
+                       trainable_params=int(params), stored_values=int(params or f_tr.size),
+                       non_trainable_params=0, epochs=0)
         out[name] = metrics
     return out

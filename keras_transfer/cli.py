@@ -273,15 +273,15 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
         config_lib.save(cfg, rundir.config_path(run_dir))
         results = runner.finetune(cfg, run_dir, echo=click.echo, resume=resume, preview=preview)
     click.echo("")
-    click.echo(f"{'strategy':10s} {'accuracy':>9s} {'macro-F1':>9s} {'trainable':>10s} {'time (s)':>9s}")
+    click.echo(f"{'strategy':12s} {'accuracy':>9s} {'macro-F1':>9s} {'trainable':>10s} {'time (s)':>9s}")
     for s, r in results.items():
-        click.echo(f"{s:10s} {r['accuracy']:9.4f} {r['macro']['f1']:9.4f} {r['trainable_params']:10,d} "
+        click.echo(f"{s:12s} {r['accuracy']:9.4f} {r['macro']['f1']:9.4f} {r['trainable_params']:10,d} "
                    f"{r['wall_time']:9.1f}")
     from keras_transfer.io import read_json
 
     summary = read_json(rundir.summary_path(run_dir))
     for b, r in summary.get("baselines", {}).items():
-        click.echo(f"{b + ' (px)':10s} {r['accuracy']:9.4f} {r['macro_f1']:9.4f} {'-':>10s} {r['wall_time']:9.1f}")
+        click.echo(f"{b + ' (px)':12s} {r['accuracy']:9.4f} {r['macro_f1']:9.4f} {'-':>10s} {r['wall_time']:9.1f}")
     click.echo(summary["verdict"].replace("**", ""))
     click.echo(f"wrote {run_dir} (report.md, report.html)")
 
@@ -570,7 +570,7 @@ def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_ru
     from keras_transfer.study_report import write_study_report
 
     st = study_lib.load_study(study_file)
-    out = out or os.path.join("runs", st.name)
+    out = os.path.abspath(out or os.path.join("runs", st.name))
     if dry_run:
         if os.path.isdir(out):
             study_lib.check_compatible(st, out)
@@ -590,14 +590,15 @@ def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_ru
         click.echo(study_lib.estimate(st, out))
         return
     study_lib.prepare_dir(st, out)
-    click.echo(study_lib.estimate(st, out))
-    if not report_only:
-        pre, runs = study_lib.tasks(st, out)
-        if executor == "ray":
-            study_lib.run_ray(pre, runs, address, cpus_per_run, gpus_per_run, echo=click.echo)
-        else:
-            study_lib.run_local(pre, runs, echo=click.echo)
-    data = write_study_report(st, out)
+    with study_lib.lock(out):
+        click.echo(study_lib.estimate(st, out))
+        if not report_only:
+            pre, runs = study_lib.tasks(st, out)
+            if executor == "ray":
+                study_lib.run_ray(pre, runs, address, cpus_per_run, gpus_per_run, echo=click.echo)
+            else:
+                study_lib.run_local(pre, runs, echo=click.echo)
+        data = write_study_report(st, out)
     click.echo(f"{data['finished']} of {data['total']} runs finished; wrote {out}/study.md, study.html, study.json")
     failed = [r for r in data["runs"] if r["state"] == "failed"]
     for r in failed:

@@ -11,6 +11,7 @@ import os
 
 import yaml
 
+from keras_transfer.data.augment import PRESETS
 from keras_transfer.data.registry import check_dataset_name
 from keras_transfer.errors import ConfigError, check_ranges, is_number
 from keras_transfer.models import get_spec
@@ -20,7 +21,8 @@ TTA_MODES = ("none", "flip", "flip_translate")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # keras_transfer.train.OPTIMIZERS
 SCHEDULES = ("cosine", "triangle", "plateau", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-POOLINGS = ("avg", "flatten")  # keras_transfer.models.resnet.residual_cnn
+POOLINGS = ("avg", "flatten")
+INPUT_PATHS = ("auto", "memory", "tfdata")  # keras_transfer.models.resnet.residual_cnn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,11 @@ class DataConfig:
         ))
         if not isinstance(self.drop_last, bool):
             raise ConfigError(f"data.drop_last: expected true or false. Received: {self.drop_last!r}")
+        if self.augment not in PRESETS:
+            raise ConfigError(f"data.augment: expected one of {', '.join(PRESETS)}. Received: {self.augment!r}")
+        if self.input_path not in INPUT_PATHS:
+            raise ConfigError(f"data.input_path: expected one of {', '.join(INPUT_PATHS)}. "
+                              f"Received: {self.input_path!r}")
         if self.tta not in TTA_MODES:
             raise ConfigError(f"Unknown test-time augmentation (data.tta): expected one of {', '.join(TTA_MODES)}. "
                               f"Received: {self.tta!r}")
@@ -129,6 +136,8 @@ class ModelConfig:
                                                                        for w in self.widths)):
             raise ConfigError(f"model.widths: expected a list of positive integers (filters per stage). "
                               f"Received: {self.widths!r}")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise ConfigError(f"model.weights: expected none, imagenet or a weights file. Received: {self.weights!r}")
         if not isinstance(self.batch_norm, bool):
             raise ConfigError(f"model.batch_norm: expected true or false. Received: {self.batch_norm!r}")
         if self.pooling not in POOLINGS:
@@ -229,6 +238,19 @@ class TrainConfig:
             ("early_stopping", lambda v: v is None or is_number(v, True) and v >= 1, "null or a patience >= 1"),
         ))
         check_steps_per_execution(self.steps_per_execution)
+        if self.jit_compile not in ("auto", True, False):
+            raise ConfigError(f"jit_compile: expected auto, true or false. Received: {self.jit_compile!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ConfigError(f"nesterov: expected true or false. Received: {self.nesterov!r}")
+        check_ranges(None, self, (
+            ("ema_momentum", lambda v: is_number(v), "0 (off) or a momentum in (0, 1)"),
+            ("lookahead_every", lambda v: is_number(v, True) and v >= 0, "0 (off) or an integer >= 1"),
+            ("lookahead_decay", lambda v: is_number(v), "a factor in (0, 1)"),
+            ("lookahead_power", lambda v: is_number(v), "a number"),
+            ("start_factor", lambda v: is_number(v) and v >= 0, "a factor >= 0"),
+            ("end_factor", lambda v: is_number(v) and v >= 0, "a factor >= 0"),
+            ("ema_overwrite_every", lambda v: v is None or is_number(v, True) and v >= 1, "null or an integer >= 1"),
+        ))
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum: expected 0 (off) or a momentum in (0, 1). "
                               f"Received: {self.ema_momentum!r}")

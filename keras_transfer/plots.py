@@ -199,7 +199,7 @@ def study_bars_figure(groups, conditions, path, title="Study"):
               ("trainable_params", "trainable parameters")]
     n_c = max(1, len(conditions))
     width = 0.8 / n_c
-    fig, axes = plt.subplots(1, 4, figsize=(max(16, 1.1 * len(strategies) * 4 * max(1, n_c / 4)),
+    fig, axes = plt.subplots(1, 4, figsize=(min(60, max(16, 1.1 * len(strategies) * 4 * max(1, n_c / 4))),
                                             4.2 + 0.22 * min(n_c, 30)), layout="constrained")
     palette = plt.cm.tab20.colors if n_c > 10 else plt.cm.tab10.colors
     for ax, (key, name) in zip(axes, panels):

@@ -103,7 +103,6 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None, ba
     if baselines:
         verdict += " " + baseline_verdict(results, baselines)
     summary["verdict"] = verdict
-    write_json(rundir.summary_path(run_dir), summary)
 
     lines = [f"# Transfer report: {source} → {ds.name}", "",
              f"Backend **{keras.config.backend()}** (Keras {keras.__version__}), model **{model_name}**, "
@@ -126,7 +125,7 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None, ba
                      f"{r['non_trainable_params']:,} | {r['epochs']} | {r['wall_time']:.1f} |")
     for b, r in baselines.items():
         lines.append(f"| *{b} (raw pixels, reference)* | {r['accuracy']:.4f} | {r['macro']['f1']:.4f} | "
-                     f"{r['trainable_params']:,} | 0 | - | {r['wall_time']:.1f} |")
+                     f"{r['trainable_params']:,} | - | - | {r['wall_time']:.1f} |")
     if baselines:
         lines += ["", "Reference rows: scikit-learn on the target's raw pixels, the same training and test images "
                   "as the strategies, no augmentation — " + "; ".join(f"{b}: {r['method']}"
@@ -144,6 +143,7 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None, ba
         lines += ["## Augmentation", "", '<img src="augmentation.png" alt="augmentation preview">', ""]
     lines += ["## Configuration", "", "```yaml", _yaml(to_dict(cfg)).rstrip(), "```", ""]
     write_report(run_dir, "\n".join(lines), f"keras-transfer: {source} -> {ds.name}")
+    write_json(rundir.summary_path(run_dir), summary)  # last: its presence says the run finished (rundir.is_finished)
 
 
 def baseline_verdict(results, baselines):
@@ -156,7 +156,7 @@ def baseline_verdict(results, baselines):
     se = float(np.sqrt(max(b_acc * (1 - b_acc), 1e-9) / n) * np.sqrt(2))
     delta = acc - b_acc
     if delta > 2 * se:
-        return (f"The best deep strategy ({best}, {acc:.4f}) also beat the best classical baseline on raw pixels "
+        return (f"The best deep strategy ({best}, {acc:.4f}) beat the best classical baseline on raw pixels "
                 f"({best_b}, {b_acc:.4f}) by {delta * 100:+.1f} points.")
     if delta < -2 * se:
         return (f"**No deep strategy beat the classical baseline**: {best_b} on the raw pixels reached "
@@ -356,11 +356,13 @@ def write_comparison(run_dirs, out_dir):
     # Labels name the condition, model and backend only where the groups differ in them.
     varied = [k for k in ("condition", "model", "backend") if len({a[k] for a in agg}) > 1]
     cond = "condition" in varied
-    labels = [" / ".join(str(a[k]) for k in ("strategy", "model", "backend") if k == "strategy" or k in varied)
-              for a in agg]
     title = "Comparison across runs" + "".join(f", {agg[0][k]}" for k in ("model", "backend") if k not in varied)
-    plots.comparison_figure([{**a, "label": lbl, "group": clip_condition(a["condition"], 4)}
-                             for a, lbl in zip(agg, labels)],
+    # Grouped bars: strategies along the axis, one colour per condition / model / backend, the same in every panel.
+    group_of = [" / ".join(clip_condition(str(a[k]), 4) for k in varied) for a in agg]
+    plots.study_bars_figure([{"condition": g, "strategy": a["strategy"], "kind": "deep",
+                              **{m: {"mean": a[m], "sd": a[f"{m}_std"] if a["n"] > 1 else None}
+                                 for m in ("accuracy", "macro_f1", "wall_time", "trainable_params")}}
+                             for a, g in zip(agg, group_of)], list(dict.fromkeys(group_of)),
                             os.path.join(out_dir, "comparison.png"), title=title)
     lines = ["# Comparison across runs", "", f"{len(run_dirs)} run(s): " + ", ".join(run_dirs), "",
              ("| condition " if cond else "") + "| strategy | model | backend | n | accuracy | vs scratch (paired) | "

@@ -107,13 +107,15 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
     multipliers (`TransferConfig.lr_scales`), or None.
 
     Returns:
-        ``(model, wall_seconds)``.
+        ``(model, wall_seconds)``: a resumed stage's include its epochs before the interruption.
     """
     steps = steps_per_epoch(len(splits["train"][0]), dcfg.batch_size, dcfg.drop_last)
     val = _val_input(splits, dcfg.batch_size, seed, dcfg.input_path)
-    start = 0
+    start, earlier = 0, 0.0
     if resume and os.path.exists(rundir.checkpoint_path(stage_dir)):
         model, start = resume_state(stage_dir)
+        # The epochs trained before the interruption count in the stage's wall time.
+        earlier = float(sum(read_history(rundir.history_path(stage_dir)).get("epoch_time", [])[:start]))
         _log(f"  resuming {stage_dir} at epoch {start}", echo)
     progress = [EpochProgress(echo, f"{strategy:8s} ")] if echo else []
 
@@ -137,7 +139,7 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
             compile_model(model, tcfg, steps, multipliers())
         fit(model, _train_input(splits, dcfg, seed, start), val, tcfg, stage_dir, initial_epoch=start,
             extra_callbacks=progress)
-    return model, time.perf_counter() - t0
+    return model, time.perf_counter() - t0 + earlier
 
 
 def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size, train_features=None):
@@ -185,8 +187,8 @@ def pretrain(cfg, run_dir, echo=None, resume=False):
     metrics.update(dataset=ds.name, model=m.name, wall_time=wall, trainable_params=trainable,
                    non_trainable_params=frozen, backend=keras.config.backend(),
                    **epoch_timing(history.get("epoch_time", [])), **peak.as_dict())
-    write_json(rundir.metrics_path(run_dir), metrics)
     save_model(model, rundir.model_path(run_dir))
+    write_json(rundir.metrics_path(run_dir), metrics)  # last: with model.keras, the pretraining finished
     timing = (f"; first epoch {metrics['first_epoch_s']:.1f} s, training without compilation "
               f"{metrics['train_s_without_compile']:.1f} s" if "first_epoch_s" in metrics else "")
     _log(f"  pretrain test accuracy {metrics['accuracy']:.4f} ({wall:.1f} s{timing})", echo)

@@ -22,6 +22,7 @@ are kept, an interrupted one resumes from its last epoch, a failed one is tried 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -38,9 +39,10 @@ from keras_transfer.io import atomic_write_text, read_json
 
 STUDY_KEYS = {"name", "description", "base", "grid", "seeds", "strategies", "reference", "pretrained",
               "share_pretraining"}
-# Keys that only fine-tuning reads: runs that differ only in these can share one pretraining.
-FINETUNE_ONLY = ("data.target", "data.per_class", "data.fraction", "data.tta", "finetune.", "transfer.",
-                 "model.head_hidden", "model.head_dropout")
+# Keys that only fine-tuning reads (`keras_transfer.runner.pretrain` reads none of them): runs that differ only in
+# these can share one pretraining.
+FINETUNE_ONLY = ("data.target", "data.per_class", "data.fraction", "finetune.", "transfer.")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,30 +117,44 @@ def check_key(key):
                           f"transfer.train_last_k). Received: {key!r}")
 
 
-def _nested(flat):
-    """``{"data.per_class": 5}`` -> ``{"data": {"per_class": 5}}``."""
-    out = {}
-    for key, value in flat.items():
-        section, field = key.split(".", 1)
-        out.setdefault(section, {})[field] = value
-    return out
+def _set(cfg, key, value):
+    """``cfg`` with one dotted key set, ``None`` included (`config_lib.merge` skips None); validated."""
+    section, field = key.split(".", 1)
+    value = tuple(value) if isinstance(value, list) else value
+    try:
+        return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{field: value})})
+    except (TypeError, ValueError) as e:  # a value of a type the checks do not expect
+        raise ConfigError(f"{key}: expected a value of its type. Received: {value!r} ({e})") from None
 
 
 def apply_condition(cfg, condition):
-    """``cfg`` with a condition's ``{dotted key: value}`` set (a new ``model.name`` brings its own default
-    input side and channels unless the condition sets them)."""
+    """``cfg`` with a condition's ``{dotted key: value}`` set: a new ``model.name`` brings its own default
+    input side and channels unless the condition sets them; ``transfer.pretrained`` takes the source and
+    model of the run that wrote it (as ``finetune --pretrained``); dataset paths are made absolute."""
     condition = dict(condition)
     name = condition.pop("model.name", None)
     if name is not None:
         if not isinstance(name, str):
             raise ConfigError(f"model.name: expected a registered model name. Received: {name!r}")
         cfg = config_lib.with_model(cfg, name)
-    return config_lib.merge(cfg, _nested(condition))
+    pretrained = condition.pop("transfer.pretrained", None)
+    for key, value in condition.items():
+        cfg = _set(cfg, key, value)
+    if pretrained is not None:
+        from keras_transfer.runner import with_pretrained
+
+        if not isinstance(pretrained, str):
+            raise ConfigError(f"transfer.pretrained: expected a MODEL.keras file or a run directory. "
+                              f"Received: {pretrained!r}")
+        cfg = with_pretrained(cfg, os.path.abspath(pretrained))
+    return config_lib.absolute_paths(cfg)
 
 
 def _value_text(v):
     if isinstance(v, (list, tuple)):
         return "-".join(_value_text(i) for i in v)
+    if v is None:
+        return "null"
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, str) and v.startswith(("folder:", "npz:")):
@@ -150,6 +166,12 @@ def _short_keys(keys):
     """Each dotted key by its last part, unless two keys share it."""
     last = [k.split(".", 1)[1] for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _digest(obj):
+    import hashlib
+
+    return hashlib.sha1(repr(obj).encode()).hexdigest()[:6]
 
 
 def condition_name(condition, short):
@@ -221,6 +243,13 @@ def load_study(path):
         check_key(key)
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid: {key}: expected a non-empty list of values. Received: {values!r}")
+        texts = [repr(v) for v in values]
+        if len(set(texts)) < len(texts):
+            raise ConfigError(f"grid: {key}: expected distinct values. Received: {values!r}")
+        if cfg.transfer.pretrained is not None and not key.startswith(FINETUNE_ONLY):
+            raise ConfigError(f"grid: {key}: has no effect when every run fine-tunes the model given by pretrained: "
+                              f"expected a fine-tuning key (data.target, data.per_class, finetune.*, transfer.*, "
+                              f"...). Received: {key}")
         for v in values:  # each value on its own, so the error names the key
             try:
                 apply_condition(cfg, {key: v})
@@ -239,22 +268,24 @@ def load_study(path):
     conditions = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
     reference = doc.get("reference")
     if reference is None:
-        reference = conditions[0]
+        reference = dict(conditions[0])
     elif not isinstance(reference, dict) or set(reference) - set(keys):
         _fail(path, f"reference: expected a mapping of some grid keys ({keys}) to one of their values. "
                     f"Received: {reference!r}")
     else:
         for k, v in reference.items():
-            if v not in grid[k]:
+            if repr(v) not in [repr(x) for x in grid[k]]:
                 _fail(path, f"reference: {k}: expected one of the grid's values {grid[k]}. Received: {v!r}")
-        reference = {**conditions[0], **reference}
 
     share = doc.get("share_pretraining", True)
     if not isinstance(share, bool):
         _fail(path, f"share_pretraining: expected true or false. Received: {share!r}")
     runs, pretrains, names_of = [], {}, {}
     pretrain_keys = [k for k in keys if not k.startswith(FINETUNE_ONLY)]
-    for condition in conditions:
+    cond_names = [condition_name(c, short) for c in conditions]
+    if len(set(cond_names)) < len(cond_names):  # values that read alike (npz:a/x.npz, npz:b/x.npz): a hash tells
+        cond_names = [f"{n}_{_digest(c)}" if cond_names.count(n) > 1 else n for n, c in zip(cond_names, conditions)]
+    for condition, cond_name in zip(conditions, cond_names):
         try:
             cond_cfg = apply_condition(cfg, condition)
         except KTransferError as e:
@@ -266,12 +297,19 @@ def load_study(path):
                 pkey = _pretrain_key(run_cfg)
                 if pkey not in names_of:
                     pcond = {k: condition[k] for k in pretrain_keys}
-                    names_of[pkey] = "_".join(filter(None, [condition_name(pcond, short), f"seed-{seed}"]))
-                    pretrains[names_of[pkey]] = run_cfg
+                    pname = "_".join(filter(None, [condition_name(pcond, short), f"seed-{seed}"]))
+                    if pname in pretrains:
+                        pname = f"{pname}_{_digest(pkey)}"
+                    names_of[pkey] = pname
+                    pretrains[pname] = run_cfg
                 pre = names_of[pkey]
-            name = "_".join(filter(None, [condition_name(condition, short), f"seed-{seed}"]))
+            name = "_".join(filter(None, [cond_name, f"seed-{seed}"]))
             runs.append(Run(name, condition, condition_label(condition), seed, run_cfg, pre))
-    document = {"name": doc.get("name") or os.path.splitext(os.path.basename(path))[0],
+    name = doc.get("name") or os.path.splitext(os.path.basename(path))[0]
+    if not (isinstance(name, str) and NAME.match(name)):
+        _fail(path, f"name: expected letters, digits, '.', '_' or '-' (it names the output directory). "
+                    f"Received: {name!r}")
+    document = {"name": name,
                 "description": str(doc.get("description") or ""),
                 "base": config_lib.to_dict(cfg), "grid": grid, "seeds": seeds, "reference": reference,
                 "share_pretraining": share}
@@ -402,8 +440,9 @@ def read_error(d):
 def tasks(study, study_dir):
     """The pretrain tasks, then the run tasks, of what is not finished yet."""
     states = {d: state for _, _, d, state in plan(study, study_dir)}
+    needed = {r.pretrain for r in study.runs if states[run_path(study_dir, r)] != "finished"}
     pre = [{"kind": "pretrain", "dir": pretrain_path(study_dir, n), "config": config_lib.to_dict(c)}
-           for n, c in study.pretrains.items() if states[pretrain_path(study_dir, n)] != "finished"]
+           for n, c in study.pretrains.items() if states[pretrain_path(study_dir, n)] != "finished" and n in needed]
     runs = [{"kind": "run", "dir": run_path(study_dir, r),
              "config": config_lib.to_dict(run_config(study, r, study_dir)),
              "pretrain": pretrain_path(study_dir, r.pretrain) if r.pretrain else None}
@@ -415,12 +454,9 @@ def run_local(pre, runs, echo=None):
     """Run the tasks one after another in this process."""
     results = []
     for i, task in enumerate(pre + runs, 1):
-        failed_pre = task.get("pretrain") and read_error(task["pretrain"])
-        if failed_pre:
-            line = f"pretraining {os.path.basename(task['pretrain'])} failed: {failed_pre}"
-            os.makedirs(task["dir"], exist_ok=True)
-            atomic_write_text(rundir.error_path(task["dir"]), line + "\n")
-            results.append({"dir": task["dir"], "ok": False, "error": line, "seconds": 0.0})
+        blocked = _blocked(task)
+        if blocked:
+            results.append(blocked)
         else:
             if echo:
                 echo(f"[{i}/{len(pre) + len(runs)}] {task['kind']} {os.path.relpath(task['dir'])}")
@@ -430,9 +466,31 @@ def run_local(pre, runs, echo=None):
     return results
 
 
+def _blocked(task):
+    """The one-line error of a run whose shared pretraining failed (recorded in its directory), or None."""
+    failed = task.get("pretrain") and read_error(task["pretrain"])
+    if not failed:
+        return None
+    line = f"pretraining {os.path.basename(task['pretrain'])} failed: {failed}"
+    os.makedirs(task["dir"], exist_ok=True)
+    atomic_write_text(rundir.error_path(task["dir"]), line + "\n")
+    return {"dir": task["dir"], "ok": False, "error": line, "seconds": 0.0}
+
+
+def ray_env(gpus_per_run):
+    """Environment of a Ray task: this process's backend; no GPU pre-allocation (several tasks may share one
+    GPU); with no GPU asked for, none visible (Ray no longer hides GPUs from tasks that ask for none)."""
+    env = {"KERAS_BACKEND": _backend(), "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+    if not gpus_per_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def run_ray(pre, runs, address=None, cpus_per_run=1.0, gpus_per_run=0.0, echo=None):
-    """Hand each task to a Ray cluster (``address``; None starts a local one): the pretrain runs first, then
-    the fine-tuning runs, one task each, with the resources given."""
+    """Hand each task to a Ray cluster (``address``; None: the running instance, or a new local one): the
+    pretrain runs first, then the fine-tuning runs, one task each, with the resources given. A task whose
+    worker dies (out of memory, a crash) is recorded as failed like any other."""
     try:
         import ray
     except ImportError as e:
@@ -440,24 +498,31 @@ def run_ray(pre, runs, address=None, cpus_per_run=1.0, gpus_per_run=0.0, echo=No
                           "Received: import ray failed") from e
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"KERAS_BACKEND": _backend()}})
-    remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(execute)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(execute).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0,
+                                         runtime_env={"env_vars": ray_env(gpus_per_run)})
     results = []
     try:
         for wave in (pre, runs):
-            ready, blocked = [], []
+            pending = {}
             for task in wave:
-                failed_pre = task.get("pretrain") and read_error(task["pretrain"])
-                (blocked if failed_pre else ready).append(task)
-            for task in blocked:
-                line = f"pretraining {os.path.basename(task['pretrain'])} failed: {read_error(task['pretrain'])}"
-                os.makedirs(task["dir"], exist_ok=True)
-                atomic_write_text(rundir.error_path(task["dir"]), line + "\n")
-                results.append({"dir": task["dir"], "ok": False, "error": line, "seconds": 0.0})
-            if echo and ready:
-                echo(f"ray: {len(ready)} {wave[0]['kind']} task(s) submitted")
-            for r in ray.get([remote.remote(t) for t in ready]):
+                blocked = _blocked(task)
+                if blocked:
+                    results.append(blocked)
+                else:
+                    pending[remote.remote(task)] = task
+            if echo and pending:
+                echo(f"ray: {len(pending)} {wave[0]['kind']} task(s) submitted")
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                task = pending.pop(ref)
+                try:
+                    r = ray.get(ref)
+                except ray.exceptions.RayError as e:  # the worker died: execute() could not record it
+                    line = f"Ray task failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    os.makedirs(task["dir"], exist_ok=True)
+                    atomic_write_text(rundir.error_path(task["dir"]), line + "\n")
+                    r = {"dir": task["dir"], "ok": False, "error": line, "seconds": 0.0}
                 results.append(r)
                 if echo:
                     echo(f"  {'done' if r['ok'] else 'failed'} {os.path.relpath(r['dir'])}"
@@ -489,6 +554,47 @@ def prepare_dir(study, out):
     except OSError as e:
         raise ConfigError(f"Expected a writable study directory. Received: {out} ({e.strerror})") from None
     return out
+
+
+@contextlib.contextmanager
+def lock(study_dir):
+    """Hold ``STUDY/.lock`` (this process's id) while the study runs: a second ``ktransfer study`` on the same
+    directory is refused while the first is alive; the lock of a process that died (``kill -9``) is taken
+    over."""
+    path = os.path.join(study_dir, ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise ConfigError(f"{study_dir} is in use by another ktransfer study (process {pid}): expected one "
+                                  f"study at a time per directory. Received: a second one") from None
+            os.remove(path)
+    else:
+        raise ConfigError(f"Could not lock {study_dir}: expected to create {path}. Received: it reappeared")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def estimate(study, study_dir):

@@ -48,12 +48,14 @@ def run_rows(study, study_dir):
             rows.append({**base, "strategy": s, "kind": "deep", "accuracy": m["accuracy"],
                          "macro_f1": m["macro"]["f1"], "wall_time": m["wall_time"],
                          "trainable_params": m["trainable_params"], "peak_host_mb": m.get("peak_host_mb"),
-                         "peak_device_mb": m.get("peak_device_mb"), "train_accuracy": train, "val_accuracy": val,
+                         "peak_device_mb": m.get("peak_device_mb"), "peak_device_scope": m.get("peak_device_scope"),
+                         "train_accuracy": train, "val_accuracy": val,
                          "train_val_gap": None if train is None or val is None else train - val})
         for b, m in (summary.get("baselines") or {}).items():
             rows.append({**base, "strategy": b, "kind": "baseline", "accuracy": m["accuracy"],
                          "macro_f1": m["macro_f1"], "wall_time": m["wall_time"], "trainable_params": None,
-                         "peak_host_mb": None, "peak_device_mb": None, "train_accuracy": None,
+                         "peak_host_mb": None, "peak_device_mb": None, "peak_device_scope": None,
+                         "train_accuracy": None,
                          "val_accuracy": None, "train_val_gap": None})
     return rows, runs
 
@@ -76,10 +78,14 @@ def summarise(values):
     return {"mean": float(v.mean()), "sd": sd, "ci95": _t95(n) * sd / math.sqrt(n) if n > 1 else None, "n": n}
 
 
-def aggregate(rows, reference_label):
+def aggregate(rows, reference):
     """A group per (condition, strategy), in the study's order: every metric summarised over seeds, and the
-    paired differences of accuracy to the same run's scratch (``vs_scratch``) and to the same seed and
-    strategy in the reference condition (``vs_reference``)."""
+    paired differences of accuracy to the same run's scratch (``vs_scratch``), to each raw-pixel baseline of
+    the same run (``vs_baseline``) and to the same seed and strategy in the condition's reference
+    (``vs_reference``): the condition with the keys of ``reference`` (a ``{grid key: value}``) set to its
+    values, the others kept, so each slice of the grid is compared with its own reference."""
+    from keras_transfer.study import condition_label
+
     groups = {}
     for r in rows:
         groups.setdefault((r["condition"], r["strategy"]), []).append(r)
@@ -88,7 +94,9 @@ def aggregate(rows, reference_label):
     out = []
     for (condition, strategy), rs in groups.items():
         g = {"condition": condition, "strategy": strategy, "kind": rs[0]["kind"], "settings": rs[0]["settings"],
-             "n": len(rs)}
+             "n": len(rs), "device_scope": rs[0].get("peak_device_scope")}
+        reference_label = condition_label({**rs[0]["settings"], **reference})
+        g["reference"] = reference_label
         for m in METRICS:
             g[m] = summarise([r[m] for r in rs])
         if strategy != "scratch":
@@ -151,22 +159,27 @@ def write_study_report(study, study_dir):
     from keras_transfer.study import condition_label
 
     reference = condition_label(study.reference)
-    groups = aggregate(rows, reference)
+    groups = aggregate(rows, study.reference)
     ranking = sorted([g for g in groups if g["accuracy"]["mean"] is not None],
                      key=lambda g: -g["accuracy"]["mean"])
-    figures = []
-    if groups:
-        conditions = study.conditions
-        plots.study_bars_figure(groups, conditions, os.path.join(study_dir, "study_bars.png"),
-                                title=f"{study.name}: mean ± sd over seeds, per condition")
-        figures.append("study_bars.png")
-        for key in numeric_axes(study.grid):
-            name = f"study_{key.replace('.', '_')}.png"
-            plots.study_axis_figure(groups, key, [k for k in study.grid if k != key],
-                                    os.path.join(study_dir, name), title=f"{study.name}: accuracy against {key}")
+    figures, figure_errors = [], []
+
+    def figure(name, draw, *args, **kwargs):  # a figure that cannot be drawn must not cost the report
+        try:
+            draw(*args, os.path.join(study_dir, name), **kwargs)
             figures.append(name)
+        except (ValueError, MemoryError, OverflowError) as e:
+            figure_errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    if groups:
+        figure("study_bars.png", plots.study_bars_figure, groups, study.conditions,
+               title=f"{study.name}: mean ± sd over seeds, per condition")
+        for key in numeric_axes(study.grid):
+            figure(f"study_{key.replace('.', '_')}.png", plots.study_axis_figure, groups, key,
+                   [k for k in study.grid if k != key], title=f"{study.name}: accuracy against {key}")
     states = [r["state"] for r in runs]
-    data = {"study": study.document, "reference": reference, "runs": runs, "rows": rows, "groups": groups,
+    data = {"study": study.document, "reference": reference, "figure_errors": figure_errors, "runs": runs,
+            "rows": rows, "groups": groups,
             "ranking": [{"condition": g["condition"], "strategy": g["strategy"], "accuracy": g["accuracy"]}
                         for g in ranking],
             "finished": states.count("finished"), "total": len(runs)}
@@ -189,13 +202,19 @@ def _markdown(study, study_dir, data, groups, ranking, figures):
               f"({', '.join(map(str, study.seeds))}) = {len(runs)} runs, **{data['finished']} finished**"
               + (f", {len(failed)} failed" if failed else "") + (f", {len(waiting)} not run yet" if waiting else "")
               + ".", "",
-              f"Source {b.data.source} → target {b.data.target}, model {b.model.name}"
-              + (f" (pretrained: `{b.transfer.pretrained}`)" if b.transfer.pretrained else "")
-              + f"; strategies {', '.join(b.transfer.strategies)}; classical baselines on raw pixels: "
-              + (", ".join(b.transfer.baselines) or "none") + ".", ""]
+              "Base configuration: " + ", ".join(
+                  f"{what} {value}" + (" (varied by the grid)" if key in study.grid else "")
+                  for what, key, value in (("source", "data.source", b.data.source),
+                                           ("target", "data.target", b.data.target),
+                                           ("model", "model.name", b.model.name),
+                                           ("strategies", "transfer.strategies", ", ".join(b.transfer.strategies))))
+              + (f", pretrained model `{b.transfer.pretrained}`" if b.transfer.pretrained else "")
+              + "; classical baselines on raw pixels: " + (", ".join(b.transfer.baselines) or "none") + ".", ""]
     if study.grid:
+        ref = ", ".join(f"{k}={v}" for k, v in study.reference.items())
         lines += ["Grid: " + "; ".join(f"`{k}` ∈ {v}" for k, v in study.grid.items())
-                  + f". Reference condition: **{data['reference']}**.", ""]
+                  + f". Reference: **{ref}** (each condition is compared with the condition that has these values "
+                  "and its own values of the other keys).", ""]
     if not groups:
         lines += ["No run has finished yet.", ""]
     else:
@@ -216,7 +235,8 @@ def _markdown(study, study_dir, data, groups, ranking, figures):
                          f"{_ci(g['accuracy'])} | {_diff(g.get('vs_scratch'))} | {_diff(g.get('vs_reference'))} | "
                          f"{_pm(g['macro_f1'])} | {_pm(g['train_val_gap'], '.3f')} | "
                          f"{_num(g['trainable_params'], ',.0f')} | {_pm(g['wall_time'], '.1f')} | "
-                         f"{_num(g['peak_host_mb'], ',.0f')} | {_num(g['peak_device_mb'], ',.0f')} |")
+                         f"{_num(g['peak_host_mb'], ',.0f')} | {_num(g['peak_device_mb'], ',.0f')}"
+                         f"{'†' if g.get('device_scope') == 'process' and g['peak_device_mb']['mean'] else ''} |")
         lines += ["", "Mean ± sample standard deviation over seeds; 95% CI: the t interval of the mean. Paired "
                   "differences are taken run by run and then averaged: *vs scratch*, a strategy minus the same "
                   "run's scratch (same seed and target images); *vs reference*, a condition minus the reference "
@@ -224,10 +244,14 @@ def _markdown(study, study_dir, data, groups, ranking, figures):
                   "includes 0 means the difference is not resolved by these seeds. Train − val accuracy: the "
                   "last epoch's gap (overfitting). Raw-pixel rows: scikit-learn on the same training and test "
                   "images, no network. Peak host memory: the process's resident high-water mark during the "
-                  "strategy, which includes what the process already held (the data, earlier models).", ""]
+                  "strategy, which includes what the process already held (the data, earlier models); † device "
+                  "memory whose peak the backend cannot reset (JAX): the running maximum of the process, so of "
+                  "every run before it in the same process.", ""]
         lines += _verdict_lines(groups)
         for f in figures:
             lines += [f'<img src="{f}" alt="{f}">', ""]
+        for e in data["figure_errors"]:
+            lines += [f"Figure not drawn: {e}", ""]
     if failed:
         lines += ["## Failed runs", "", "| run | error |", "|---|---|"]
         lines += [f"| {r['name']} | {r['error']} |" for r in failed] + [""]
@@ -242,38 +266,46 @@ def _markdown(study, study_dir, data, groups, ranking, figures):
 
 
 def _verdict_lines(groups):
-    """Per condition: the best deep strategy against scratch and against the best raw-pixel baseline."""
+    """Per condition: the best transfer strategy against scratch, and the best deep strategy (scratch
+    included) against the best raw-pixel baseline, both as paired differences with their intervals."""
+    def verdict(vs):
+        if vs is None or vs["ci95"] is None:
+            return "not resolved (one seed)" if vs is not None else "no paired runs"
+        if vs["mean"] - vs["ci95"] > 0:
+            return "above"
+        if vs["mean"] + vs["ci95"] < 0:
+            return "**below**"
+        return "not distinguishable from"
+
     out = []
     for condition in dict.fromkeys(g["condition"] for g in groups):
         gs = [g for g in groups if g["condition"] == condition and g["accuracy"]["mean"] is not None]
-        deep = [g for g in gs if g["kind"] == "deep" and g["strategy"] != "scratch"]
+        deep = [g for g in gs if g["kind"] == "deep"]
+        transfer = [g for g in deep if g["strategy"] != "scratch"]
         base = [g for g in gs if g["kind"] == "baseline"]
-        if not deep:
-            continue
-        best = max(deep, key=lambda g: g["accuracy"]["mean"])
-        text = f"- **{condition or '(base)'}**: best transfer strategy {best['strategy']} {_pm(best['accuracy'])}"
-        vs = best.get("vs_scratch")
-        if vs is not None:
-            if vs["ci95"] is None:
-                text += f", {100 * vs['mean']:+.1f} points vs scratch (one seed: not resolved)"
-            elif vs["mean"] - vs["ci95"] > 0:
-                text += f", beats scratch by {_diff(vs)}"
-            elif vs["mean"] + vs["ci95"] < 0:
-                text += f", **below scratch** by {_diff(vs)}"
+        parts = []
+        if transfer:
+            t = max(transfer, key=lambda g: g["accuracy"]["mean"])
+            vs = t.get("vs_scratch")
+            if vs is not None:
+                parts.append(f"best transfer strategy {t['strategy']} {_pm(t['accuracy'])} is {verdict(vs)} "
+                             f"scratch ({_diff(vs)})")
             else:
-                text += f", not distinguishable from scratch ({_diff(vs)})"
-        if base:
+                parts.append(f"best transfer strategy {t['strategy']} {_pm(t['accuracy'])} (no scratch runs)")
+        if deep and base:
             b = max(base, key=lambda g: g["accuracy"]["mean"])
-            vs = (best.get("vs_baseline") or {}).get(b["strategy"])
-            resolved = vs is not None and vs["ci95"] is not None
-            if resolved and vs["mean"] - vs["ci95"] > 0:
-                word = "above"
-            elif resolved and vs["mean"] + vs["ci95"] < 0:
-                word = "**below**"
+            d = max(deep, key=lambda g: g["accuracy"]["mean"])
+            vs = (d.get("vs_baseline") or {}).get(b["strategy"])
+            word = verdict(vs)
+            if word == "**below**" or (d["accuracy"]["mean"] < b["accuracy"]["mean"] and word != "above"):
+                parts.append(f"**no deep strategy, scratch included, beats {b['strategy']} on raw pixels** "
+                             f"({b['strategy']} {_pm(b['accuracy'])}; the best, {d['strategy']}, is {word} it: "
+                             f"{_diff(vs)})")
             else:
-                word = "not distinguishable from"
-            text += f"; {word} the best raw-pixel baseline ({b['strategy']} {_pm(b['accuracy'])}, paired {_diff(vs)})"
-        out.append(text + ".")
+                parts.append(f"the best deep strategy {d['strategy']} is {word} the best raw-pixel baseline "
+                             f"({b['strategy']} {_pm(b['accuracy'])}; {_diff(vs)})")
+        if parts:
+            out.append(f"- **{condition or '(base)'}**: " + "; ".join(parts) + ".")
     return (["## What it shows", ""] + out + [""]) if out else []
 
 

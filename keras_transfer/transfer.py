@@ -71,7 +71,10 @@ class TransferConfig:
                 raise ConfigError(f"Unknown strategy: expected some of {STRATEGIES}. Received: {s!r}")
         if self.channel_mode not in ("repeat", "conv"):
             raise ConfigError(f"Unknown channel_mode: expected repeat or conv. Received: {self.channel_mode!r}")
+        if not isinstance(self.cached_features, bool):
+            raise ConfigError(f"transfer.cached_features: expected true or false. Received: {self.cached_features!r}")
         check_ranges("transfer", self, (
+            ("gradual_phases", lambda v: is_number(v, True) and v >= 1, "an integer >= 1"),
             ("backbone_lr", lambda v: is_number(v) and v > 0, "a learning-rate multiplier > 0"),
             ("layer_decay", lambda v: is_number(v) and 0 < v <= 1, "a factor in (0, 1]"),
         ))

@@ -19,11 +19,11 @@ def invoke(*args):
     return CliRunner().invoke(main, list(args))
 
 
-def write_study(tmp_path, digits_npz, name="s", **extra):
+def write_study(tmp_path, digits_npz, file="s", **extra):
     doc = {**TINY, "data": {**TINY["data"], "source": f"npz:{digits_npz}", "target": f"npz:{digits_npz}"},
            "strategies": ["scratch", "partial"], "seeds": [0, 1],
            "grid": {"transfer.train_last_k": [0, 2]}, **extra}
-    path = tmp_path / f"{name}.yaml"
+    path = tmp_path / f"{file}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return str(path)
 
@@ -149,6 +149,57 @@ def test_a_failing_condition_is_recorded_and_the_others_go_on(tmp_path, digits_n
     assert "## Failed runs" in md and "missing.npz" in md
 
 
+def test_a_failed_shared_pretraining_fails_the_runs_that_need_it_only(tmp_path, digits_npz):
+    missing = str(tmp_path / "gone" / "x.npz")
+    study = write_study(tmp_path, digits_npz, seeds=[0], strategies=["linear"],
+                        grid={"data.source": [f"npz:{digits_npz}", f"npz:{missing}"]})
+    out = str(tmp_path / "out")
+    r = invoke("study", study, "--out", out)
+    assert r.exit_code == 1, r.output
+    runs = {x["name"]: x for x in read(os.path.join(out, "study.json"))["runs"]}
+    assert runs["source-digits.npz_seed-0"]["state"] == "finished"
+    failed = runs["source-x.npz_seed-0"]
+    assert failed["state"] == "failed" and failed["error"].startswith("pretraining source-x.npz_seed-0 failed: ")
+    assert "x.npz" in open(os.path.join(out, "pretrain", "source-x.npz_seed-0", "error.txt")).readline()
+
+
+def test_dry_run_names_runs_apart_and_takes_null_values(tmp_path, digits_npz):
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = other / "digits.npz"  # the same file name in another folder: the run names must still differ
+    twin.write_bytes(open(digits_npz, "rb").read())
+    study = write_study(tmp_path, digits_npz, strategies=["linear"], seeds=[0],
+                        grid={"data.target": [f"npz:{digits_npz}", f"npz:{twin}"], "data.per_class": [3, None]})
+    r = invoke("study", study, "--dry-run", "--out", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    names = [line.split(":")[0].split()[-1] for line in r.output.splitlines() if line.startswith("  run ")]
+    assert len(names) == len(set(names)) == 4, names
+    assert sum("all per class" in line for line in r.output.splitlines()) == 2  # null: every training image
+    assert sum("3 per class" in line for line in r.output.splitlines()) == 2
+
+
+def test_a_second_study_on_the_same_directory_is_refused_while_the_first_runs(tmp_path, digits_npz):
+    import subprocess
+    import sys
+
+    from keras_transfer.study import lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(sleeper.pid))
+        with pytest.raises(Exception, match=f"in use by another ktransfer study \\(process {sleeper.pid}\\)"):
+            with lock(str(out)):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with lock(str(out)):  # the lock of a process that died is taken over
+        assert (out / ".lock").read_text() == str(os.getpid())
+    assert not (out / ".lock").exists()
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"grid": {"data.per_clas": [3]}}, "data.per_clas"),
     ({"grid": {"seed": [0, 1]}}, "seeds:"),
@@ -162,6 +213,11 @@ def test_a_failing_condition_is_recorded_and_the_others_go_on(tmp_path, digits_n
     ({"strategies": ["linear", "fancy"]}, "fancy"),
     ({"reference": {"transfer.train_last_k": 7}}, "reference"),
     ({"epochs": 3}, "unknown keys"),
+    ({"grid": {"data.per_class": [3, 3]}}, "data.per_class: expected distinct values"),
+    ({"grid": {"finetune.ema_momentum": ["x"]}}, "finetune.ema_momentum"),
+    ({"grid": {"data.augment": ["mild", "heavy"]}}, "data.augment"),
+    ({"grid": {"finetune.jit_compile": ["sometimes"]}}, "jit_compile"),
+    ({"name": "../escape"}, "name: expected letters"),
 ])
 def test_an_invalid_study_is_refused_in_one_line_before_anything_runs(tmp_path, digits_npz, change, expected):
     study, out = write_study(tmp_path, digits_npz, **change), str(tmp_path / "out")
@@ -175,11 +231,11 @@ def test_a_changed_study_file_is_refused_but_more_seeds_are_added(tmp_path, digi
     out = str(tmp_path / "out")
     study = write_study(tmp_path, digits_npz, seeds=[0], strategies=["linear"], grid={})
     assert invoke("study", study, "--out", out).exit_code == 0
-    changed = write_study(tmp_path, digits_npz, name="s2", seeds=[0], strategies=["linear"], grid={},
+    changed = write_study(tmp_path, digits_npz, file="s2", seeds=[0], strategies=["linear"], grid={},
                           finetune={"epochs": 3})
     r = invoke("study", changed, "--out", out)
     assert r.exit_code == 2 and "finetune.epochs: 2 -> 3" in r.output, r.output
-    more = write_study(tmp_path, digits_npz, name="s3", seeds=[0, 1], strategies=["linear"], grid={})
+    more = write_study(tmp_path, digits_npz, file="s3", seeds=[0, 1], strategies=["linear"], grid={})
     r = invoke("study", more, "--dry-run", "--out", out)
     assert r.exit_code == 0 and "seed-0: (base), seed 0" in r.output and "[finished]" in r.output, r.output
     assert "2 of 4 run directories to do" in r.output  # seed 1: its pretraining and its run
