@@ -1,5 +1,5 @@
 """``python -m keras_transfer`` is ``ktransfer`` (for machines where the package is on PYTHONPATH only)."""
 
-from keras_transfer.cli import main
+from keras_transfer.entry import main
 
 main()

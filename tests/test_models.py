@@ -387,3 +387,24 @@ def test_networks_train_under_jit_compile(name, size, options):
     assert np.isfinite(history.history["loss"][0])
     unchanged = [w.path for b, w in zip(before, moving) if np.allclose(b, keras.ops.convert_to_numpy(w))]
     assert unchanged == []  # kernels, BN parameters and BN statistics all moved
+
+
+def test_a_frozen_spatial_dropout_stays_frozen_through_save_and_load(tmp_path):
+    """A checkpoint restored a frozen block's dropout as trainable, so a resumed partial stage dropped out
+    inside its frozen blocks (0.4453 instead of 0.4917 on the main job's partial, resumed at epoch 3)."""
+    from keras_transfer.io import load_model
+    from keras_transfer.models.resnet import FreezableSpatialDropout2D
+
+    inputs = keras.Input((4, 4, 3))
+    drop = FreezableSpatialDropout2D(0.5, seed=1, name="drop")
+    model = keras.Model(inputs, drop(inputs))
+    drop.trainable = False
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = load_model(path).get_layer("drop")
+    assert loaded.trainable is False
+    x = np.ones((2, 4, 4, 3), "float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x, training=True)), x)  # frozen: identity
+    # A config saved before the fix has no "trainable": the layer loads trainable, as it did then.
+    config = {k: v for k, v in drop.get_config().items() if k != "trainable"}
+    assert FreezableSpatialDropout2D.from_config(config).trainable is True

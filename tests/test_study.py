@@ -129,6 +129,16 @@ def test_an_interrupted_study_resumes_to_the_report_of_an_uninterrupted_one(tmp_
     assert "resuming" in r.output
     history = open(os.path.join(killed, "strategies", "partial", "history.csv")).read().splitlines()
     assert len(history) == 3  # header + 2 epochs, the second one trained after the resume
+    # The resumed epoch trains as the uninterrupted one did: same losses and accuracies (frozen blocks, their
+    # BatchNorm and dropout included), epoch times aside.
+    import csv
+
+    def curves(root):
+        with open(os.path.join(root, "runs", "train_last_k-2_seed-0", "strategies", "partial", "history.csv")) as f:
+            return [{k: float(v) for k, v in row.items() if k != "epoch_time"} for row in csv.DictReader(f)]
+
+    for a, b in zip(curves(whole), curves(cut)):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
     assert_same_groups(read(os.path.join(whole, "study.json"))["groups"],
                        read(os.path.join(cut, "study.json"))["groups"])
 

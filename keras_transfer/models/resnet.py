@@ -21,6 +21,19 @@ class FreezableSpatialDropout2D(layers.SpatialDropout2D):
     def call(self, inputs, training=False):
         return super().call(inputs, training=bool(training) and self.trainable)
 
+    def get_config(self):
+        # SpatialDropout2D's config leaves out ``trainable``: without it a frozen dropout came back trainable
+        # from a checkpoint, so a resumed partial/linear stage dropped out inside its frozen blocks.
+        return {**super().get_config(), "trainable": self.trainable}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        trainable = config.pop("trainable", True)  # saved before the fix: trainable, as it loaded then
+        layer = cls(**config)
+        layer.trainable = trainable
+        return layer
+
 
 def _conv_bn(x, filters, kernel, stride, batch_norm, name):
     x = fast.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batch_norm,
