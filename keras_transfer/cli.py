@@ -432,8 +432,10 @@ def _check_compatible(model, ds):
 @click.option("--layer", help="Layer of the backbone to explain (default: last spatial layer).")
 @click.option("-n", "--num-images", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--out", type=click.Path(), help="PNG path (default: gradcam.png beside the model).")
+@click.option("--strategies", help="With a fine-tuning RUN_DIR: these strategies' models side by side on the same "
+                                   "images (e.g. scratch,linear,full); default: the best strategy alone.")
 @_fail_cleanly
-def gradcam(target, dataset, data_dir, layer, num_images, out):
+def gradcam(target, dataset, data_dir, layer, num_images, out, strategies):
     """Grad-CAM heatmaps over test images for RUN_DIR or MODEL.keras."""
     import numpy as np
 
@@ -442,6 +444,8 @@ def gradcam(target, dataset, data_dir, layer, num_images, out):
     from keras_transfer.gradcam import grad_cam
     from keras_transfer.runner import load_pretrained
 
+    if strategies:
+        return _gradcam_compare(target, strategies.split(","), dataset, data_dir, layer, num_images, out)
     model_path, dataset, data_dir = _model_and_dataset(target, dataset, data_dir)
     model = load_pretrained(model_path)
     ds = _dataset_for(model, dataset, data_dir)
@@ -454,6 +458,41 @@ def gradcam(target, dataset, data_dir, layer, num_images, out):
               for i, (t, p) in enumerate(zip(y, pred))]
     out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), "gradcam.png")
     plots.gradcam_figure(x, heat, titles, out, title=f"Grad-CAM ({ds.name}, predicted class)")
+    click.echo(f"wrote {out}")
+
+
+def _gradcam_compare(run_dir, strategies, dataset, data_dir, layer, num_images, out):
+    """Grad-CAM of several strategies of one fine-tuning run on the same test images, side by side."""
+    import numpy as np
+
+    from keras_transfer import plots
+    from keras_transfer.evaluate import predict_logits, softmax
+    from keras_transfer.gradcam import grad_cam
+    from keras_transfer.runner import load_pretrained
+
+    have = rundir.strategy_names(run_dir) if os.path.isdir(run_dir) else []
+    missing = [s for s in strategies if not os.path.isfile(rundir.model_path(rundir.strategy_dir(run_dir, s)))]
+    if missing:
+        raise KTransferError(f"--strategies: expected strategies with a model in the fine-tuning run {run_dir} "
+                             f"({', '.join(have) or 'none'}). Received: {', '.join(missing)}")
+    run_data = _run_data_config(run_dir)
+    dataset = dataset or run_data.get("target")
+    data_dir = data_dir or run_data.get("data_dir")
+    models = {s: load_pretrained(rundir.model_path(rundir.strategy_dir(run_dir, s))) for s in strategies}
+    ds = _dataset_for(models[strategies[0]], dataset, data_dir)
+    idx = np.random.default_rng(0).choice(len(ds.x_test), min(num_images, len(ds.x_test)), replace=False)
+    x, y = ds.x_test[idx], ds.y_test[idx]
+    heat, titles = {}, {}
+    for s, model in models.items():
+        _check_compatible(model, ds)
+        probs = softmax(predict_logits(model, x))
+        pred = probs.argmax(1)
+        heat[s] = grad_cam(model, x, pred, layer)
+        titles[s] = [f"{ds.class_names[p]} {probs[i, p]:.0%}" + ("" if p == t else " ✗")
+                     for i, (t, p) in enumerate(zip(y, pred))]
+    out = out or os.path.join(run_dir, f"gradcam-{'-'.join(strategies)}.png")
+    plots.gradcam_compare_figure(x, heat, titles, [f"true {ds.class_names[t]}" for t in y], out,
+                                 title=f"Grad-CAM of the predicted class, {ds.name} test images")
     click.echo(f"wrote {out}")
 
 

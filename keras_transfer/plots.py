@@ -174,6 +174,28 @@ def gradcam_figure(images, heatmaps, titles, path, title="Grad-CAM"):
     plt.close(fig)
 
 
+def gradcam_compare_figure(images, heatmaps, titles, row_titles, path, title="Grad-CAM"):
+    """One row per image: the image alone, then each model's heatmap beside it (alone, so a small image is
+    not hidden under an overlay), with each model's prediction above its heatmap.
+
+    ``heatmaps`` / ``titles``: ``{model label: (N, H, W) array / N titles}``; ``row_titles``: N labels."""
+    labels = list(heatmaps)
+    n, cols = len(images), 1 + len(labels)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.4), squeeze=False, layout="constrained")
+    for i, img in enumerate(images):
+        _show(axes[i, 0], img)
+        axes[i, 0].set_title(row_titles[i], fontsize=7)
+        for j, label in enumerate(labels, 1):
+            ax = axes[i, j]
+            ax.imshow(heatmaps[label][i], cmap="jet", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{label}: {titles[label][i]}", fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 # Fixed colours per strategy, so a strategy looks the same in every study figure.
 _STRATEGY_COLORS = {"scratch": "#555555", "linear": "#1f77b4", "partial": "#ff7f0e", "full": "#2ca02c",
                     "gradual": "#d62728", "logreg": "#999999", "knn": "#bbbbbb"}

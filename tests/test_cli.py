@@ -72,6 +72,11 @@ def test_pretrain_finetune_evaluate_end_to_end(tmp_path, tiny_config):
 
     r = invoke("gradcam", ft, "-n", "4", "--out", str(tmp_path / "cam.png"))
     assert r.exit_code == 0, r.output and os.path.exists(tmp_path / "cam.png")
+    # Several strategies of the run side by side on the same images; a strategy the run lacks is refused.
+    r = invoke("gradcam", ft, "--strategies", "scratch,linear,full", "-n", "3")
+    assert r.exit_code == 0 and os.path.exists(os.path.join(ft, "gradcam-scratch-linear-full.png")), r.output
+    r = CliRunner().invoke(main, ["gradcam", ft, "--strategies", "scratch,lp-ft"])
+    assert r.exit_code == 2 and "Received: lp-ft" in r.output, r.output
 
     r = invoke("compare", ft, pre, "--out", str(tmp_path / "cmp"))
     assert r.exit_code == 0, r.output

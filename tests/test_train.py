@@ -287,7 +287,7 @@ def test_average_overwrite_matches_keras_ema_overwrite(tmp_path, name):
     save_model(models[0], str(tmp_path / "m.keras"))
     loaded = load_model(str(tmp_path / "m.keras"))
     assert type(loaded.optimizer) is type(opt) and loaded.optimizer.ema_overwrite_every == 3
-    with pytest.raises(ConfigError, match="ema_overwrite_every: expected an integer >= 1. Received: -2"):
+    with pytest.raises(ConfigError, match="ema_overwrite_every: expected null or an integer >= 1. Received: -2"):
         make_optimizer(dataclasses.replace(cfg, ema_overwrite_every=-2), 1)
 
 
