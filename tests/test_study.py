@@ -99,7 +99,7 @@ def test_a_tiny_study_writes_ordinary_runs_and_a_report_read_back_from_them(tmp_
 
 
 def test_an_interrupted_study_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, digits_npz, monkeypatch):
-    study = write_study(tmp_path, digits_npz, seeds=[0], grid={"transfer.train_last_k": [1, 2]})
+    study = write_study(tmp_path, digits_npz, seeds=[0], grid={"transfer.train_last_k": [2]})
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     assert invoke("study", study, "--out", whole).exit_code == 0
 
@@ -109,7 +109,7 @@ def test_an_interrupted_study_resumes_to_the_report_of_an_uninterrupted_one(tmp_
 
     def fit_then_die(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, **kw):
         calls.append(stage_dir)
-        if len(calls) == 5:  # pretrain, 2 strategies, then the second run's second: one epoch, then killed
+        if len(calls) == 3:  # pretrain, scratch, then partial: one epoch (checkpointed), then killed
             real_fit(model, train, val, cfg, stage_dir, initial_epoch=initial_epoch, epochs=initial_epoch + 1, **kw)
             raise KeyboardInterrupt
         return real_fit(model, train, val, cfg, stage_dir, initial_epoch=initial_epoch, epochs=epochs, **kw)
@@ -123,7 +123,7 @@ def test_an_interrupted_study_resumes_to_the_report_of_an_uninterrupted_one(tmp_
     assert os.path.exists(os.path.join(killed, "strategies", "partial", "checkpoints", "last.keras"))
 
     r = invoke("study", study, "--dry-run", "--out", cut)
-    assert "[partial]" in r.output and "[finished]" in r.output, r.output
+    assert "[partial]" in r.output and "pretrain seed-0: " in r.output and "[finished]" in r.output, r.output
     r = invoke("study", study, "--out", cut)
     assert r.exit_code == 0, r.output
     assert "resuming" in r.output
@@ -260,17 +260,17 @@ def test_a_changed_study_file_is_refused_but_more_seeds_are_added(tmp_path, digi
 
 def test_the_ray_executor_runs_the_study_as_ray_tasks(tmp_path, digits_npz):
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
-    study = write_study(tmp_path, digits_npz, seeds=[0], strategies=["linear"], grid={"data.per_class": [2, 3]})
-    local, remote = str(tmp_path / "local"), str(tmp_path / "ray")
-    assert invoke("study", study, "--out", local).exit_code == 0
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "")}})
+    study = write_study(tmp_path, digits_npz, seeds=[0], strategies=["linear"], grid={})
+    out = str(tmp_path / "ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local instance, 2 CPUs
     try:
-        r = invoke("study", study, "--out", remote, "--executor", "ray")
+        r = invoke("study", study, "--out", out, "--executor", "ray")
     finally:
         ray.shutdown()
     assert r.exit_code == 0, r.output
-    assert "ray: 2 run task(s) submitted" in r.output
-    a, b = read(os.path.join(local, "study.json")), read(os.path.join(remote, "study.json"))
-    assert b["finished"] == 2
-    assert_same_groups(a["groups"], b["groups"], metrics=("accuracy",))
+    assert "ray: 1 pretrain task(s) submitted" in r.output and "ray: 1 run task(s) submitted" in r.output
+    report = read(os.path.join(out, "study.json"))
+    assert report["finished"] == 1
+    (g,) = [g for g in report["groups"] if g["strategy"] == "linear"]
+    metrics = read(os.path.join(out, "runs", "seed-0", "strategies", "linear", "metrics.json"))
+    assert g["accuracy"]["mean"] == metrics["accuracy"] and metrics["backend"] == os.environ.get("KERAS_BACKEND")
