@@ -170,6 +170,9 @@ def _prepare_run(kind, o):
     if resume:
         if not os.path.isdir(resume):
             raise KTransferError(f"Expected an existing run directory for --resume. Received: {resume}")
+        if not os.path.isfile(rundir.config_path(resume)):
+            raise KTransferError(f"Expected a run directory (with {rundir.CONFIG}) for --resume. Received: {resume} "
+                                 f"has none")
         return resume, True
     return new_run_dir(o.get("out"), kind, o.get("overwrite")), False
 

@@ -1,5 +1,7 @@
 """Error types whose message is shown to the user as a single line, and the range check of config values."""
 
+import math
+
 
 class KTransferError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits 2."""
@@ -14,10 +16,13 @@ class ConfigError(KTransferError):
 
 
 def is_number(value, integer=False):
-    """True for an int (``integer``) or an int or float, never a bool."""
+    """True for an int (``integer``) or a finite int or float, never a bool (``inf`` passed every range check
+    of a learning rate and ended in NaN losses)."""
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) if integer else isinstance(value, (int, float))
+    if integer:
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def check_ranges(section, obj, rules):

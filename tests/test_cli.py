@@ -122,6 +122,9 @@ def test_existing_run_directory_is_refused_and_kept(tmp_path, tiny_config):
     (["pretrain", "--width", "0,0,0"], "model.widths: expected a list of positive integers"),
     (["pretrain", "--lr", "0.1", "--pretrain-lr", "0.2"], "--lr and --pretrain-lr: expected one of them"),
     (["study", "/nonexistent/study.yaml"], "Expected an existing study file"),
+    (["finetune", "--lr", "inf"], "finetune.learning_rate: expected a learning rate > 0. Received: inf"),
+    (["finetune", "--backbone-lr", "nan"], "transfer.backbone_lr: expected a learning-rate multiplier > 0"),
+    (["finetune", "--resume", "/"], "Expected a run directory (with config.yaml) for --resume"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
     r = CliRunner().invoke(main, args + (["--out", str(tmp_path / "o")] if args[0] != "evaluate" else []))
