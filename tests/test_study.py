@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from keras_transfer.cli import main
 
 TINY = {"model": {"input_size": 8, "widths": [4, 8, 8], "head_hidden": 8},
-        "pretrain": {"epochs": 1}, "finetune": {"epochs": 2},
+        "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
         "data": {"batch_size": 32, "per_class": 3, "augment": "none"}}
 
 
@@ -99,7 +99,8 @@ def test_a_tiny_study_writes_ordinary_runs_and_a_report_read_back_from_them(tmp_
 
 
 def test_an_interrupted_study_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, digits_npz, monkeypatch):
-    study = write_study(tmp_path, digits_npz, seeds=[0], grid={"transfer.train_last_k": [2]})
+    study = write_study(tmp_path, digits_npz, seeds=[0], grid={"transfer.train_last_k": [2]},
+                        finetune={"epochs": 2})
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     assert invoke("study", study, "--out", whole).exit_code == 0
 
@@ -244,7 +245,7 @@ def test_a_changed_study_file_is_refused_but_more_seeds_are_added(tmp_path, digi
     changed = write_study(tmp_path, digits_npz, file="s2", seeds=[0], strategies=["linear"], grid={},
                           finetune={"epochs": 3})
     r = invoke("study", changed, "--out", out)
-    assert r.exit_code == 2 and "finetune.epochs: 2 -> 3" in r.output, r.output
+    assert r.exit_code == 2 and "finetune.epochs: 1 -> 3" in r.output, r.output
     more = write_study(tmp_path, digits_npz, file="s3", seeds=[0, 1], strategies=["linear"], grid={})
     r = invoke("study", more, "--dry-run", "--out", out)
     assert r.exit_code == 0 and "seed-0: (base), seed 0" in r.output and "[finished]" in r.output, r.output
