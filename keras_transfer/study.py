@@ -42,6 +42,10 @@ STUDY_KEYS = {"name", "description", "base", "grid", "seeds", "strategies", "ref
 # Keys that only fine-tuning reads (`keras_transfer.runner.pretrain` reads none of them): runs that differ only in
 # these can share one pretraining.
 FINETUNE_ONLY = ("data.target", "data.per_class", "data.fraction", "finetune.", "transfer.")
+# Keys that only pretraining reads: with a given pretrained model (``pretrained:``) they change nothing, except
+# the new head's, which fine-tuning builds anew (`keras_transfer.runner.with_pretrained`).
+PRETRAIN_ONLY = ("data.source", "pretrain.", "model.")
+NEW_HEAD = ("model.head_hidden", "model.head_dropout")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -246,10 +250,10 @@ def load_study(path):
         texts = [repr(v) for v in values]
         if len(set(texts)) < len(texts):
             raise ConfigError(f"grid: {key}: expected distinct values. Received: {values!r}")
-        if cfg.transfer.pretrained is not None and not key.startswith(FINETUNE_ONLY):
+        if cfg.transfer.pretrained is not None and key.startswith(PRETRAIN_ONLY) and key not in NEW_HEAD:
             raise ConfigError(f"grid: {key}: has no effect when every run fine-tunes the model given by pretrained: "
-                              f"expected a fine-tuning key (data.target, data.per_class, finetune.*, transfer.*, "
-                              f"...). Received: {key}")
+                              f"expected a key fine-tuning reads (data.target, data.per_class, data.augment, "
+                              f"finetune.*, transfer.*, model.head_hidden, ...). Received: {key}")
         for v in values:  # each value on its own, so the error names the key
             try:
                 apply_condition(cfg, {key: v})

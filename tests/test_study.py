@@ -189,6 +189,21 @@ def test_dry_run_names_runs_apart_and_takes_null_values(tmp_path, digits_npz):
     assert sum("3 per class" in line for line in r.output.splitlines()) == 2
 
 
+def test_with_a_pretrained_model_only_keys_fine_tuning_reads_may_vary(tmp_path, digits_npz):
+    pre = str(tmp_path / "pre")
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "source": f"npz:{digits_npz}",
+                                                     "target": f"npz:{digits_npz}"}}))
+    assert invoke("pretrain", "--config", str(tiny), "--out", pre).exit_code == 0
+    bad = write_study(tmp_path, digits_npz, file="bad", pretrained=pre, grid={"pretrain.epochs": [1, 2]})
+    r = invoke("study", bad, "--dry-run")
+    assert r.exit_code == 2 and "grid: pretrain.epochs: has no effect when every run fine-tunes" in r.output, r.output
+    ok = write_study(tmp_path, digits_npz, file="ok", pretrained=pre,
+                     grid={"model.head_hidden": [0, 8], "data.augment": ["none", "mild"]})
+    r = invoke("study", ok, "--dry-run", "--out", str(tmp_path / "out"))
+    assert r.exit_code == 0 and "0 shared pretrain run(s)" in r.output, r.output
+
+
 def test_a_second_study_on_the_same_directory_is_refused_while_the_first_runs(tmp_path, digits_npz):
     import subprocess
     import sys
