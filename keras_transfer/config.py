@@ -349,17 +349,24 @@ def merge(config, overrides):
     return dataclasses.replace(config, **top)
 
 
-def load(path, base=None):
-    """Read a YAML config file on top of ``base`` (default: `RunConfig()`)."""
-    if not os.path.exists(path):
-        raise ConfigError(f"Expected an existing YAML config file. Received: {path!r}")
+def read_yaml_mapping(path, what="YAML config file", holds="sections"):
+    """The mapping in the YAML file at ``path``, or a one-line `ConfigError`: missing (or a directory), not
+    YAML, not text, or not a mapping. ``what`` / ``holds`` name the file and its contents in the messages."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"Expected an existing {what}. Received: {path!r}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML. Received: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections. Received: {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of {holds}. Received: {type(data).__name__}")
+    return data
+
+
+def load(path, base=None):
+    """Read a YAML config file on top of ``base`` (default: `RunConfig()`)."""
+    data = read_yaml_mapping(path)
     return merge(base or RunConfig(), data)
 
 

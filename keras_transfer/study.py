@@ -94,19 +94,6 @@ def _fail(path, msg):
     raise ConfigError(f"{path}: {msg}")
 
 
-def _read_yaml(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f"Expected an existing study file (YAML). Received: {path!r}")
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid YAML. Received: {str(e).splitlines()[0]}") from e
-    if not isinstance(doc, dict):
-        _fail(path, f"expected a mapping of study keys and config sections. Received: {type(doc).__name__}")
-    return doc
-
-
 def _field_names(section):
     return {f.name for f in dataclasses.fields(config_lib.SECTIONS[section])}
 
@@ -202,7 +189,7 @@ def _pretrain_key(cfg):
 def load_study(path):
     """Read and check a study file: every condition x seed resolves to a valid configuration, or a
     `ConfigError` naming the key at fault is raised before anything runs."""
-    doc = _read_yaml(path)
+    doc = config_lib.read_yaml_mapping(path, "study file (YAML)", "study keys and config sections")
     unknown = set(doc) - STUDY_KEYS - set(config_lib.SECTIONS)
     if unknown:
         _fail(path, f"unknown keys {sorted(unknown)}: expected some of {sorted(STUDY_KEYS)} and config sections "

@@ -116,6 +116,7 @@ def test_existing_run_directory_is_refused_and_kept(tmp_path, tiny_config):
     (["pretrain", "--model", "vgg16"], "Unknown model"),
     (["finetune", "--strategies", "magic"], "Unknown strategy"),
     (["pretrain", "--config", "/nonexistent/run.yaml"], "Expected an existing YAML"),
+    (["pretrain", "--config", "/"], "Expected an existing YAML config file. Received: '/'"),  # a directory
     (["evaluate", "/nonexistent/run"], "Expected a .keras file or a run directory"),
     (["pretrain", "--seed", "-1"], "seed: expected an integer in [0, 2**32)"),
     (["pretrain", "--width", "16,abc"], "--width: expected comma-separated integers"),
