@@ -232,7 +232,8 @@ def pretrain(config_path, **o):
 @main.command()
 @_run_options
 @click.option("--pretrained", type=click.Path(), help="Pretrained MODEL.keras or pretrain run dir (skips pretraining).")
-@click.option("--strategies", help="Comma list of scratch,linear,partial,full,gradual.")
+@click.option("--strategies", help="Comma list of scratch, linear, partial, full, gradual, lp-ft, l2sp, bss, bitfit, "
+                                   "norm-only, surgical.")
 @click.option("--freeze-until", help="partial: freeze blocks up to and including this one.")
 @click.option("--train-last-k", type=int, help="partial: train the last k blocks.")
 @click.option("--channel-mode", type=click.Choice(["repeat", "conv"]),
@@ -243,10 +244,15 @@ def pretrain(config_path, **o):
               help="partial/full/gradual: the pretrained backbone's learning rate as a multiple of the head's.")
 @click.option("--layer-decay", type=float,
               help="partial/full/gradual: each block d below the head trains at backbone-lr x this^d (timm's).")
+@click.option("--lp-epochs", type=int, help="lp-ft: epochs of the linear probe before full fine-tuning.")
+@click.option("--l2sp-alpha", type=float, help="l2sp: weight of ||w - w0||^2 toward the pretrained backbone.")
+@click.option("--l2sp-beta", type=float, help="l2sp: weight of ||w||^2 on the new head's kernels.")
+@click.option("--bss-eta", type=float, help="bss: weight of the smallest squared singular value of a batch's features.")
+@click.option("--surgical-block", help="surgical: the block that trains: first, middle, last or a block name.")
 @click.option("--preview/--no-preview", default=True, help="Write an augmentation preview figure.")
 @_fail_cleanly
 def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, channel_mode, cached_features,
-             backbone_lr, layer_decay, preview, **o):
+             backbone_lr, layer_decay, lp_epochs, l2sp_alpha, l2sp_beta, bss_eta, surgical_block, preview, **o):
     """Pretrain (unless --pretrained), fine-tune each strategy on the target, write a report.
 
     With no options it runs the embedded, offline default: the residual CNN pretrained on
@@ -257,7 +263,9 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
 
     transfer = {"strategies": tuple(strategies.split(",")) if strategies else None,
                 "freeze_until": freeze_until, "train_last_k": train_last_k, "channel_mode": channel_mode,
-                "cached_features": cached_features, "backbone_lr": backbone_lr, "layer_decay": layer_decay}
+                "cached_features": cached_features, "backbone_lr": backbone_lr, "layer_decay": layer_decay,
+                "lp_epochs": lp_epochs, "l2sp_alpha": l2sp_alpha, "l2sp_beta": l2sp_beta, "bss_eta": bss_eta,
+                "surgical_block": surgical_block}
     cfg = _resolve(config_path, o, **transfer)
     if pretrained is not None and not o.get("resume_dir"):
         cfg = runner.with_pretrained(cfg, pretrained, source=config_lib.absolute_dataset(o.get("source")),

@@ -14,6 +14,7 @@ import yaml
 from keras_transfer.data.augment import PRESETS
 from keras_transfer.data.registry import check_dataset_name
 from keras_transfer.errors import ConfigError, check_ranges, is_number
+from keras_transfer.methods import check_surgical_block
 from keras_transfer.models import get_spec
 from keras_transfer.transfer import TransferConfig, check_train_last_k
 
@@ -302,6 +303,7 @@ class RunConfig:
         if not (is_number(self.seed, True) and 0 <= self.seed < 2**32):
             raise ConfigError(f"seed: expected an integer in [0, 2**32). Received: {self.seed!r}")
         check_train_last_k(self.model.name, self.transfer.train_last_k, self.transfer.freeze_until)
+        check_surgical_block(get_spec(self.model.name).blocks, self.transfer.surgical_block)
         for section in ("pretrain", "finetune"):
             if getattr(self, section).whiten_bias_epochs is not None and self.model.name != "airbench":
                 raise ConfigError(f"{section}.whiten_bias_epochs: expected model.name airbench (the only model with "

@@ -198,7 +198,9 @@ def gradcam_compare_figure(images, heatmaps, titles, row_titles, path, title="Gr
 
 # Fixed colours per strategy, so a strategy looks the same in every study figure.
 _STRATEGY_COLORS = {"scratch": "#555555", "linear": "#1f77b4", "partial": "#ff7f0e", "full": "#2ca02c",
-                    "gradual": "#d62728", "logreg": "#999999", "knn": "#bbbbbb"}
+                    "gradual": "#d62728", "lp-ft": "#9467bd", "l2sp": "#8c564b", "bss": "#e377c2",
+                    "bitfit": "#bcbd22", "norm-only": "#17becf", "surgical": "#7f7f7f",
+                    "logreg": "#999999", "knn": "#bbbbbb"}
 
 
 def _strategy_color(name, i):

@@ -133,6 +133,9 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None, ba
     scaled = [s for s in results if cfg.transfer.lr_scales(s)]
     if scaled:
         lines += ["", _lr_scales_line(cfg, scaled, model_name)]
+    methods = method_lines(cfg.transfer, results, model_name)
+    if methods:
+        lines += ["", "Methods beyond freezing (`keras_transfer.methods`):", "", *methods]
     lines += ["", '<img src="comparison.png" alt="comparison">', "",
               '<img src="curves.png" alt="curves">', ""]
     best = max(results, key=lambda s: results[s]["accuracy"])
@@ -164,6 +167,29 @@ def baseline_verdict(results, baselines):
                 f"target the deep network, pretrained or not, did not earn its cost.")
     return (f"The best deep strategy ({best}, {acc:.4f}) and the best classical baseline on raw pixels "
             f"({best_b}, {b_acc:.4f}) are within noise ({delta * 100:+.1f} points, ~2 s.e. = {2 * se * 100:.1f}).")
+
+
+def method_lines(t, results, model_name):
+    """A bullet per method of ``keras_transfer.methods`` in ``results``: what it did, with its settings."""
+    from keras_transfer.methods import check_surgical_block
+    from keras_transfer.models import get_spec
+
+    said = {
+        "lp-ft": f"linear probe on the frozen backbone's cached features for {t.lp_epochs} epochs "
+                 f"({results.get('lp-ft', {}).get('probe_wall_time', 0):.1f} s), then every block fine-tuned from "
+                 f"that head (Kumar et al. 2022)",
+        "l2sp": f"every block fine-tuned with α‖w − w₀‖² toward the pretrained weights (α = {t.l2sp_alpha:g}) and "
+                f"β‖w‖² on the head's kernels (β = {t.l2sp_beta:g}) (Li et al. 2018)",
+        "bss": f"every block fine-tuned with η × the {t.bss_k} smallest squared singular value(s) of each batch's "
+               f"features added to the loss (η = {t.bss_eta:g}; Chen et al. 2019)",
+        "bitfit": "only the backbone's biases and BatchNorm shifts train, with the head; BatchNorm statistics "
+                  "re-estimated on the target",
+        "norm-only": "only BatchNorm's scales and shifts train, with the head; BatchNorm statistics re-estimated "
+                     "on the target",
+        "surgical": f"only block {check_surgical_block(get_spec(model_name).blocks, t.surgical_block)} "
+                    f"(`surgical_block: {t.surgical_block}`) trains, with the head (Lee et al. 2023)",
+    }
+    return [f"- **{s}**: {said[s]}." for s in results if s in said]
 
 
 def _lr_scales_line(cfg, strategies, model_name):
@@ -296,7 +322,8 @@ def _row(d, m, seed, strategy, condition=""):
             "trainable_params": m.get("trainable_params", 0)}
 
 
-_ORDER = ("pretrain", "scratch", "linear", "partial", "full", "gradual")
+_ORDER = ("pretrain", "scratch", "linear", "partial", "full", "gradual", "lp-ft", "l2sp", "bss", "bitfit",
+          "norm-only", "surgical")
 
 
 def aggregate(rows, keys=("condition", "strategy", "model", "backend")):

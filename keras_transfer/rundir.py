@@ -35,6 +35,7 @@ REPORT_HTML = "report.html"
 AUGMENTATION = "augmentation.png"
 PRETRAIN = "pretrain"
 STRATEGIES = "strategies"
+PROBE = "probe"
 MODEL = "model.keras"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
@@ -71,6 +72,11 @@ def pretrain_dir(run_dir):
 
 def strategy_dir(run_dir, strategy):
     return os.path.join(run_dir, STRATEGIES, strategy)
+
+
+def probe_dir(stage_dir):
+    """Where ``lp-ft``'s linear probe (its first phase) keeps its history and checkpoints."""
+    return os.path.join(stage_dir, PROBE)
 
 
 def strategy_names(run_dir):

@@ -18,6 +18,7 @@ from keras_transfer.errors import ConfigError, DataError
 from keras_transfer.evaluate import evaluate_model
 from keras_transfer.io import load_model, read_json, save_model, write_json
 from keras_transfer.memory import PeakMemory
+from keras_transfer.methods import VARIABLE_LEVEL, BatchSpectralShrinkage, attach_l2sp, pretrained_values
 from keras_transfer.models import (
     build_classifier,
     channel_stats,
@@ -38,7 +39,7 @@ from keras_transfer.transfer import (
     set_trainable_blocks,
 )
 
-NO_FLIP = {"mnist", "mnist_5k", "digits", "emnist_letters"}
+NO_FLIP = {"mnist", "mnist_5k", "digits", "digits28", "emnist_letters"}
 
 
 def _log(msg, echo):
@@ -60,14 +61,15 @@ def _augment(dcfg, ds, seed):
                               seed=seed)
 
 
-def _classifier(backbone, spec_name, mcfg, ds, x_train, dcfg, seed, feature_stats=None):
+def _classifier(backbone, spec_name, mcfg, ds, x_train, dcfg, seed, feature_stats=None, feature_penalty=None):
     """The classifier around ``backbone`` (registered as ``spec_name``, whose input contract it gets);
-    ``feature_stats``: see `build_classifier` (the linear probe's)."""
+    ``feature_stats`` / ``feature_penalty``: see `build_classifier` (the linear probe's; ``bss``'s)."""
     channels = backbone.input.shape[-1]
     mean, std = channel_stats(x_train, channels)
     return build_classifier(backbone, spec_name, ds.image_shape, ds.num_classes, mean=mean, std=std,
                             augment=_augment(dcfg, ds, seed), head_hidden=mcfg.head_hidden,
-                            head_dropout=mcfg.head_dropout, seed=seed, feature_stats=feature_stats)
+                            head_dropout=mcfg.head_dropout, seed=seed, feature_stats=feature_stats,
+                            feature_penalty=feature_penalty)
 
 
 def _evaluate_and_plot(model, ds, splits, stage_dir, label, history, tta="none"):
@@ -97,14 +99,16 @@ def _val_input(splits, batch_size, seed, input_path):
 
 
 def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy="full", phases=None, resume=False,
-                echo=None, lr_scales=None):
+                echo=None, lr_scales=None, prepare=None):
     """Train one stage (a strategy, or pretraining); gradual runs phases, recompiling each.
 
     ``strategy`` labels the progress lines (`EpochProgress`) echoed for slow epochs.
 
     ``tcfg``: the stage's `TrainConfig`; ``dcfg``: the `DataConfig` (batch size, input path, flips,
     full batches only). ``lr_scales``: ``(backbone_lr, layer_decay)`` for the backbone's learning-rate
-    multipliers (`TransferConfig.lr_scales`), or None.
+    multipliers (`TransferConfig.lr_scales`), or None. ``prepare``: called with the model that trains
+    (``model``, or the one resumed from the stage's checkpoint) before it is compiled or fitted, for what a saved
+    model does not keep (L2-SP's regularizers).
 
     Returns:
         ``(model, wall_seconds)``: a resumed stage's include its epochs before the interruption.
@@ -117,6 +121,8 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
         # The epochs trained before the interruption count in the stage's wall time.
         earlier = float(sum(read_history(rundir.history_path(stage_dir)).get("epoch_time", [])[:start]))
         _log(f"  resuming {stage_dir} at epoch {start}", echo)
+    if prepare is not None:
+        prepare(model)
     progress = [EpochProgress(echo, f"{strategy:8s} ")] if echo else []
 
     def multipliers():  # of the weights trainable now
@@ -342,25 +348,32 @@ def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
 def _finetune_strategy(cfg, strategy, source_backbone, spec_name, ds, splits, stage_dir, resume, echo):
     """Fine-tune one strategy from ``source_backbone``; writes the stage's model and figures and returns its
     metrics (written to ``metrics.json`` by the caller)."""
-    m = cfg.model
+    m, t = cfg.model, cfg.transfer
     keras.utils.set_random_seed(cfg.seed)
     channels = source_backbone.input.shape[-1]
-    if cfg.transfer.channel_mode == "conv" and ds.image_shape[-1] == 1 and channels == 3:
+    if t.channel_mode == "conv" and ds.image_shape[-1] == 1 and channels == 3:
         channels = 1
     # scratch: the same architecture with a fresh initialisation.
     backbone = copy_backbone(source_backbone, channels, fresh=strategy == "scratch")
-    model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed)
+    penalty = BatchSpectralShrinkage(t.bss_eta, t.bss_k, name="head_bss") if strategy == "bss" else None
+    model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed, feature_penalty=penalty)
     train_features, feature_pass = None, 0.0
-    if strategy == "linear":  # the head trains on the frozen features standardised (feature_statistics)
+    if strategy in ("linear", "lp-ft"):  # the head trains on the frozen features standardised (feature_statistics)
         t0 = time.perf_counter()
         train_features = feature_extractor(model).predict(splits["train"][0], batch_size=256, verbose=0)
         model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed,
                             feature_stats=feature_statistics(train_features))
-        feature_pass = time.perf_counter() - t0  # counted in linear's wall time
+        feature_pass = time.perf_counter() - t0  # counted in the strategy's wall time
     if strategy == "scratch":
         initialise_from_data(model, spec_name, splits["train"][0])
-    apply_strategy(model, spec_name, strategy, cfg.transfer.freeze_until, cfg.transfer.train_last_k)
-    phases = gradual_schedule(spec_name, cfg.transfer.gradual_phases) if strategy == "gradual" else None
+    if strategy in VARIABLE_LEVEL and resume and os.path.exists(rundir.checkpoint_path(stage_dir)):
+        # A saved model keeps its layers' trainable flags, not its variables': the optimizer state in the
+        # checkpoint belongs to the frozen-variable model, so the interrupted stage starts again (same seed).
+        _log(f"  {strategy:8s} restarts from its first epoch (its frozen variables are not in the checkpoint)", echo)
+        resume = False
+    w0 = pretrained_values(backbone) if strategy == "l2sp" else None
+    apply_strategy(model, spec_name, strategy, t.freeze_until, t.train_last_k, t.surgical_block)
+    phases = gradual_schedule(spec_name, t.gradual_phases) if strategy == "gradual" else None
     extra = {}
     if phases:  # gradual: the parameters each phase trains; its own count is its last phase's
         counts = []
@@ -374,13 +387,19 @@ def _finetune_strategy(cfg, strategy, source_backbone, spec_name, ds, splits, st
     else:
         trainable, frozen = parameter_counts(model)
         _log(f"  {strategy:8s} trainable {trainable:,} / frozen {frozen:,} parameters", echo)
-    scales = cfg.transfer.lr_scales(strategy)  # (backbone_lr, layer_decay) or None
-    if strategy == "linear" and cfg.transfer.cached_features:
+    scales = t.lr_scales(strategy)  # (backbone_lr, layer_decay) or None
+    if strategy == "lp-ft":
+        probe_wall = _lp_ft_probe(model, spec_name, cfg, splits, stage_dir, train_features, resume, echo)
+        extra["probe_wall_time"] = probe_wall
+        feature_pass += probe_wall
+        apply_strategy(model, spec_name, "full")
+    prepare = (lambda mdl: attach_l2sp(mdl, w0, t.l2sp_alpha, t.l2sp_beta)) if strategy == "l2sp" else None
+    if strategy == "linear" and t.cached_features:
         model, wall = train_cached_linear(model, splits, cfg.finetune, stage_dir, cfg.seed,
                                           cfg.data.batch_size, train_features)
     else:
         model, wall = train_stage(model, spec_name, splits, cfg.finetune, cfg.data, stage_dir, cfg.seed,
-                                  strategy, phases, resume, echo, scales)
+                                  strategy, phases, resume, echo, scales, prepare)
     history = read_history(rundir.history_path(stage_dir))
     metrics = _evaluate_and_plot(model, ds, splits, stage_dir, strategy, history, cfg.data.tta)
     if scales:
@@ -390,6 +409,27 @@ def _finetune_strategy(cfg, strategy, source_backbone, spec_name, ds, splits, st
                    backend=keras.config.backend(), epochs=len(history.get("epoch", [])), **extra)
     save_model(model, rundir.model_path(stage_dir))
     return metrics
+
+
+def _lp_ft_probe(model, spec_name, cfg, splits, stage_dir, train_features, resume, echo):
+    """LP-FT's first phase: the linear probe on cached features, ``transfer.lp_epochs`` epochs of the ``finetune``
+    recipe, in ``stage_dir/probe`` (its history and checkpoints); ``model``'s head holds the trained probe after.
+    Skipped when the fine-tuning phase already has a checkpoint to resume from (which holds the head).
+
+    Returns the probe's wall time in seconds (read from its history when skipped)."""
+    import dataclasses
+
+    probe_dir = rundir.probe_dir(stage_dir)
+    if resume and os.path.exists(rundir.checkpoint_path(stage_dir)):
+        return float(sum(read_history(rundir.history_path(probe_dir)).get("epoch_time", [])))
+    apply_strategy(model, spec_name, "linear")
+    probe_cfg = dataclasses.replace(cfg.finetune, epochs=cfg.transfer.lp_epochs, early_stopping=None)
+    _, wall = train_cached_linear(model, splits, probe_cfg, probe_dir, cfg.seed, cfg.data.batch_size, train_features)
+    h = read_history(rundir.history_path(probe_dir))
+    if h.get("val_accuracy"):
+        _log(f"  lp-ft    probe: {len(h['epoch'])} epochs, val accuracy {h['val_accuracy'][-1]:.4f} ({wall:.1f} s); "
+             f"then every block trains", echo)
+    return wall
 
 
 def _spec_name_of(backbone, configured):

@@ -17,7 +17,10 @@ from keras_transfer.baselines import check_baselines
 from keras_transfer.errors import ConfigError, check_ranges, is_number
 from keras_transfer.models import get_spec
 
-STRATEGIES = ("scratch", "linear", "partial", "full", "gradual")
+STRATEGIES = ("scratch", "linear", "partial", "full", "gradual", "lp-ft", "l2sp", "bss", "bitfit", "norm-only",
+              "surgical")
+# Strategies that train every block (the methods of `keras_transfer.methods` differ in what else they do).
+_ALL_BLOCKS = ("scratch", "full", "lp-ft", "l2sp", "bss", "bitfit", "norm-only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,12 @@ class TransferConfig:
             learning rate, as timm's ``layer_decay`` (1: no decay). See `learning_rate_multipliers`.
         baselines: tuple of str. Classical baselines fitted on the target's raw pixels beside the strategies
             (`keras_transfer.baselines`: ``logreg``, ``knn``); empty for none.
+        lp_epochs: int. ``lp-ft``: epochs of its linear probe (cached features) before the full fine-tuning
+            (which takes the ``finetune`` recipe's epochs).
+        l2sp_alpha, l2sp_beta: float. ``l2sp``: weight of ``||w - w0||^2`` over the pretrained backbone and of
+            ``||w||^2`` over the new head's kernels (`keras_transfer.methods`).
+        bss_eta, bss_k: ``bss``: weight of the ``k`` smallest squared singular values of a batch's features.
+        surgical_block: str. ``surgical``: the one block that trains (``first``, ``middle``, ``last`` or its name).
     """
 
     strategies: tuple = ("scratch", "linear", "partial", "full")
@@ -58,6 +67,12 @@ class TransferConfig:
     backbone_lr: float = 1.0
     layer_decay: float = 1.0
     baselines: tuple = ("logreg", "knn")
+    lp_epochs: int = 25
+    l2sp_alpha: float = 0.01
+    l2sp_beta: float = 0.01
+    bss_eta: float = 0.001
+    bss_k: int = 1
+    surgical_block: str = "first"
 
     def __post_init__(self):  # checked here, so bad values are refused before any run directory
         if not isinstance(self.strategies, tuple) or not self.strategies:
@@ -77,7 +92,15 @@ class TransferConfig:
             ("gradual_phases", lambda v: is_number(v, True) and v >= 1, "an integer >= 1"),
             ("backbone_lr", lambda v: is_number(v) and v > 0, "a learning-rate multiplier > 0"),
             ("layer_decay", lambda v: is_number(v) and 0 < v <= 1, "a factor in (0, 1]"),
+            ("lp_epochs", lambda v: is_number(v, True) and v >= 1, "an integer >= 1"),
+            ("l2sp_alpha", lambda v: is_number(v) and v >= 0, "a penalty weight >= 0"),
+            ("l2sp_beta", lambda v: is_number(v) and v >= 0, "a penalty weight >= 0"),
+            ("bss_eta", lambda v: is_number(v) and v >= 0, "a penalty weight >= 0"),
+            ("bss_k", lambda v: is_number(v, True) and v >= 1, "an integer >= 1"),
         ))
+        if not isinstance(self.surgical_block, str):
+            raise ConfigError(f"transfer.surgical_block: expected first, middle, last or a block name. "
+                              f"Received: {self.surgical_block!r}")
 
     def lr_scales(self, strategy):
         """``(backbone_lr, layer_decay)`` for ``strategy``, or None where the backbone trains at the
@@ -91,13 +114,18 @@ def backbone_of(model):
     return model.get_layer("backbone")
 
 
-def trainable_blocks(spec_name, strategy, freeze_until=None, train_last_k=1):
-    """The set of backbone blocks that train under ``strategy``."""
+def trainable_blocks(spec_name, strategy, freeze_until=None, train_last_k=1, surgical_block="first"):
+    """The set of backbone blocks that train under ``strategy`` (``lp-ft``: its fine-tuning phase; ``bitfit`` and
+    ``norm-only``: all blocks, of which `keras_transfer.methods.freeze_variables` freezes single weights)."""
+    from keras_transfer.methods import check_surgical_block
+
     blocks = get_spec(spec_name).blocks
-    if strategy in ("scratch", "full"):
+    if strategy in _ALL_BLOCKS:
         return set(blocks)
     if strategy == "linear":
         return set()
+    if strategy == "surgical":
+        return {check_surgical_block(blocks, surgical_block)}
     if strategy == "partial":
         if freeze_until is not None:
             if freeze_until not in blocks:
@@ -131,12 +159,18 @@ def set_trainable_blocks(model, spec_name, train_blocks):
     return model
 
 
-def apply_strategy(model, spec_name, strategy, freeze_until=None, train_last_k=1):
-    """Set ``trainable`` flags for a strategy (``gradual`` starts head-only). Recompile after."""
+def apply_strategy(model, spec_name, strategy, freeze_until=None, train_last_k=1, surgical_block="first"):
+    """Set ``trainable`` flags for a strategy (``gradual`` starts head-only; ``lp-ft`` is set for its fine-tuning
+    phase). Recompile after."""
+    from keras_transfer.methods import VARIABLE_LEVEL, freeze_variables
+
     if strategy == "gradual":
         return set_trainable_blocks(model, spec_name, set())
-    return set_trainable_blocks(model, spec_name,
-                                trainable_blocks(spec_name, strategy, freeze_until, train_last_k))
+    set_trainable_blocks(model, spec_name,
+                         trainable_blocks(spec_name, strategy, freeze_until, train_last_k, surgical_block))
+    if strategy in VARIABLE_LEVEL:
+        freeze_variables(backbone_of(model), strategy)
+    return model
 
 
 def block_lr_factors(spec_name, backbone_lr=1.0, layer_decay=1.0):

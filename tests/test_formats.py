@@ -247,3 +247,22 @@ def test_embedded_datasets():
     m = load_dataset("mnist_5k")
     assert m.image_shape == (28, 28, 1) and len(m.x_train) == 4000 and len(m.x_test) == 1000
     assert np.bincount(m.y_test).tolist() == [100] * 10
+
+
+def test_digits28_draws_the_8x8_digits_as_mnist_draws_its_digits():
+    """The same images and labels as ``digits``, upsampled into MNIST's 20x20 box and centred by mass in 28x28."""
+    from scipy import ndimage
+
+    d, d28 = load_dataset("digits"), load_dataset("digits28")
+    assert d28.image_shape == (28, 28, 1) and d28.x_train.dtype == np.uint8
+    np.testing.assert_array_equal(d28.y_train, d.y_train)
+    np.testing.assert_array_equal(d28.y_test, d.y_test)
+    ink = d28.x_train[..., 0] > 64
+    rows = [np.flatnonzero(r.any(1)) for r in ink]
+    heights = [r[-1] - r[0] + 1 for r in rows if len(r)]
+    assert 18 <= np.mean(heights) <= 22  # MNIST's digits: 20 px high
+    x = d28.x_train[..., 0].astype("float64")
+    border = x[:, :2].sum() + x[:, -2:].sum() + x[:, :, :2].sum() + x[:, :, -2:].sum()
+    assert border < 0.01 * x.sum()  # a (nearly) blank margin, as MNIST's
+    centres = np.array([ndimage.center_of_mass(x[..., 0].astype("float64")) for x in d28.x_test[:50]])
+    np.testing.assert_allclose(centres, 13.5, atol=0.6)

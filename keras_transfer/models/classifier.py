@@ -81,7 +81,7 @@ def create_backbone(name, input_size=None, channels=None, weights=None, **option
 
 def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None, std=None,
                      augment=(), head_hidden=256, head_dropout=0.2, seed=0, feature_stats=None,
-                     name="classifier"):
+                     feature_penalty=None, name="classifier"):
     """Assemble the classifier around ``backbone``.
 
     Args:
@@ -100,6 +100,9 @@ def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None
         feature_stats: ``(mean, variance)`` per backbone feature, or None. With them the head
             starts with a fixed `keras.layers.Normalization` of the features (``head_norm``), as for
             a linear probe on a frozen backbone (`keras_transfer.transfer.feature_statistics`).
+        feature_penalty: a layer or None. Applied to the backbone's features before the head, named
+            ``head_<its name>``: an identity that adds a loss in training (`keras_transfer.methods.
+            BatchSpectralShrinkage`).
     """
     spec = get_spec(spec_name)
     h, w, c = backbone.input.shape[1:]
@@ -123,6 +126,11 @@ def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None
         x = layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0, 1.0, 1.0],
                                  name="pre_norm")(x)
     x = backbone(x)
+    if feature_penalty is not None:
+        if not feature_penalty.name.startswith(HEAD_PREFIX):
+            raise ConfigError(f"feature_penalty: expected a layer named {HEAD_PREFIX}*. "
+                              f"Received: {feature_penalty.name!r}")
+        x = feature_penalty(x)
     if feature_stats is not None:
         mean, variance = (np.asarray(v, "float32").tolist() for v in feature_stats)
         x = layers.Normalization(mean=mean, variance=variance, name=HEAD_PREFIX + "norm")(x)
