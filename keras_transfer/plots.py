@@ -46,6 +46,42 @@ def confusion_matrix_figure(cm, class_names, path, title="Confusion matrix (row-
     plt.close(fig)
 
 
+def confusion_grid_figure(matrices, class_names, path, title="Confusion matrices (row-normalised)"):
+    """One row-normalised confusion matrix per panel, ``matrices``: ``{label: counts}`` (true class along rows),
+    at most four panels per row; counts written in the cells for up to 12 classes."""
+    k = len(class_names)
+    n = len(matrices)
+    if not n:
+        raise ValueError("no confusion matrix to draw")
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    side = max(3.2, 0.3 * k + 1.5)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows + 0.6), layout="constrained",
+                             squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (label, cm) in zip(axes.flat, matrices.items()):
+        cm = np.asarray(cm, dtype=float)
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ticks = class_names if k <= 26 else [""] * k
+        ax.set_xticks(range(k), ticks, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), ticks, fontsize=7)
+        ax.set_title(f"{label}: {np.trace(cm) / max(cm.sum(), 1):.3f}", fontsize=9)
+        ax.set_xlabel("predicted class", fontsize=8)
+        if k <= 12:
+            for i in range(k):
+                for j in range(k):
+                    if cm[i, j]:
+                        ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=6,
+                                color="white" if norm[i, j] > 0.5 else "black")
+    axes.flat[0].set_ylabel("true class")
+    fig.colorbar(im, ax=list(axes.flat), fraction=0.02, label="fraction of true class")
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def curves_figure(histories, path, title="Training curves"):
     """``histories``: ``{label: {"loss": [...], "val_loss": [...], "accuracy": [...], ...}}``; a third
     panel shows ``learning_rate`` when any history has it (log scale unless a rate is 0)."""

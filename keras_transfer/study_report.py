@@ -50,7 +50,8 @@ def run_rows(study, study_dir):
                          "trainable_params": m["trainable_params"], "peak_host_mb": m.get("peak_host_mb"),
                          "peak_device_mb": m.get("peak_device_mb"), "peak_device_scope": m.get("peak_device_scope"),
                          "train_accuracy": train, "val_accuracy": val,
-                         "train_val_gap": None if train is None or val is None else train - val})
+                         "train_val_gap": None if train is None or val is None else train - val,
+                         "per_class": m.get("per_class"), "confusion_matrix": m.get("confusion_matrix")})
         for b, m in (summary.get("baselines") or {}).items():
             rows.append({**base, "strategy": b, "kind": "baseline", "accuracy": m["accuracy"],
                          "macro_f1": m["macro_f1"], "wall_time": m["wall_time"], "trainable_params": None,
@@ -58,6 +59,29 @@ def run_rows(study, study_dir):
                          "train_accuracy": None,
                          "val_accuracy": None, "train_val_gap": None})
     return rows, runs
+
+
+def per_class(rows):
+    """Per condition and deep strategy, per class: precision, recall and F1 (mean over seeds) and the confusion
+    matrix summed over seeds. ``{condition: {strategy: {"classes", "precision", "recall", "f1", "confusion", "n"}}}``;
+    rows without per-class metrics are left out."""
+    out = {}
+    for r in rows:
+        if r["kind"] != "deep" or not r.get("per_class") or r.get("confusion_matrix") is None:
+            continue
+        out.setdefault(r["condition"], {}).setdefault(r["strategy"], []).append(r)
+    summary = {}
+    for condition, by_strategy in out.items():
+        for strategy, rs in by_strategy.items():
+            classes = [c["class"] for c in rs[0]["per_class"]]
+            if any([c["class"] for c in r["per_class"]] != classes for r in rs):
+                continue  # runs that disagree on the classes are not averaged
+            summary.setdefault(condition, {})[strategy] = {
+                "classes": classes, "n": len(rs),
+                **{k: np.mean([[c[k] for c in r["per_class"]] for r in rs], 0).tolist()
+                   for k in ("precision", "recall", "f1")},
+                "confusion": np.sum([np.asarray(r["confusion_matrix"]) for r in rs], 0).tolist()}
+    return summary
 
 
 def _t95(n):
@@ -177,20 +201,30 @@ def write_study_report(study, study_dir):
         for key in numeric_axes(study.grid):
             figure(f"study_{key.replace('.', '_')}.png", plots.study_axis_figure, groups, key,
                    [k for k in study.grid if k != key], title=f"{study.name}: accuracy against {key}")
+    classes = per_class(rows)
+    confusion_figures = {}
+    for i, (condition, by_strategy) in enumerate(classes.items()):
+        name = f"study_confusion_{i}.png"
+        figure(name, plots.confusion_grid_figure,
+               {s: v["confusion"] for s, v in by_strategy.items()}, next(iter(by_strategy.values()))["classes"],
+               title=f"{study.name}, {condition or '(base)'}: confusion matrices summed over seeds (row-normalised)")
+        if name in figures:
+            figures.remove(name)  # shown in its condition's per-class section
+            confusion_figures[condition] = name
     states = [r["state"] for r in runs]
     data = {"study": study.document, "reference": reference, "figure_errors": figure_errors, "runs": runs,
-            "rows": rows, "groups": groups,
+            "rows": rows, "groups": groups, "per_class": classes,
             "ranking": [{"condition": g["condition"], "strategy": g["strategy"], "accuracy": g["accuracy"]}
                         for g in ranking],
             "finished": states.count("finished"), "total": len(runs)}
     write_json(os.path.join(study_dir, "study.json"), data)
-    md = _markdown(study, study_dir, data, groups, ranking, figures)
+    md = _markdown(study, study_dir, data, groups, ranking, figures, confusion_figures)
     atomic_write_text(os.path.join(study_dir, "study.md"), md)
     atomic_write_text(os.path.join(study_dir, "study.html"), markdown_to_html(md, study_dir, f"study {study.name}"))
     return data
 
 
-def _markdown(study, study_dir, data, groups, ranking, figures):
+def _markdown(study, study_dir, data, groups, ranking, figures, confusion_figures=None):
     runs = data["runs"]
     failed = [r for r in runs if r["state"] == "failed"]
     waiting = [r for r in runs if r["state"] in ("missing", "partial")]
@@ -252,6 +286,7 @@ def _markdown(study, study_dir, data, groups, ranking, figures):
             lines += [f'<img src="{f}" alt="{f}">', ""]
         for e in data["figure_errors"]:
             lines += [f"Figure not drawn: {e}", ""]
+        lines += _per_class_lines(data["per_class"], confusion_figures or {})
     if failed:
         lines += ["## Failed runs", "", "| run | error |", "|---|---|"]
         lines += [f"| {r['name']} | {r['error']} |" for r in failed] + [""]
@@ -263,6 +298,31 @@ def _markdown(study, study_dir, data, groups, ranking, figures):
               "<details><summary>Base configuration</summary>", "", "```yaml", _yaml(study.document["base"]).rstrip(),
               "```", "", "</details>", ""]
     return "\n".join(lines)
+
+
+def _per_class_lines(classes, confusion_figures):
+    """The per-class section: per condition, each class's F1 under each strategy (mean over seeds), the best
+    strategy's precision and recall, and the confusion matrices summed over seeds."""
+    if not classes:
+        return []
+    lines = ["## Per class", "", "F1 per class and strategy (mean over seeds); precision and recall of the strategy with "
+             "the highest macro-F1; confusion matrices summed over the seeds' test predictions.", ""]
+    for condition, by_strategy in classes.items():
+        strategies = list(by_strategy)
+        best = max(strategies, key=lambda s: np.mean(by_strategy[s]["f1"]))
+        b = by_strategy[best]
+        lines += [f"### {condition or '(base)'}", "",
+                  "| class | " + " | ".join(f"{s} F1" for s in strategies) + f" | {best} precision | {best} recall |",
+                  "|---|" + "---:|" * (len(strategies) + 2)]
+        for i, c in enumerate(b["classes"]):
+            lines.append(f"| {c} | " + " | ".join(
+                (f"**{by_strategy[s]['f1'][i]:.3f}**" if s == best else f"{by_strategy[s]['f1'][i]:.3f}")
+                for s in strategies) + f" | {b['precision'][i]:.3f} | {b['recall'][i]:.3f} |")
+        worst = int(np.argmin(b["f1"]))
+        lines += ["", f"Hardest class for {best}: {b['classes'][worst]} (F1 {b['f1'][worst]:.3f}).", ""]
+        if condition in confusion_figures:
+            lines += [f'<img src="{confusion_figures[condition]}" alt="confusion matrices">', ""]
+    return lines
 
 
 def _verdict_lines(groups):

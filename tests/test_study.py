@@ -89,6 +89,15 @@ def test_a_tiny_study_writes_ordinary_runs_and_a_report_read_back_from_them(tmp_
     # The classical baselines are reference rows of every run and of the study.
     assert {g["strategy"] for g in report["groups"] if g["kind"] == "baseline"} == {"logreg", "knn"}
     assert "raw pixels" in open(os.path.join(out, "study.md")).read()
+    # Per class: each class's F1 is the mean over seeds of the runs' own, the confusion matrix their sum.
+    pc = report["per_class"]["transfer.train_last_k=2"]["partial"]
+    f1s = [[c["f1"] for c in read(os.path.join(out, "runs", f"train_last_k-2_seed-{s}", "strategies", "partial",
+                                               "metrics.json"))["per_class"]] for s in (0, 1)]
+    np.testing.assert_allclose(pc["f1"], np.mean(f1s, 0))
+    assert np.sum(pc["confusion"]) == 2 * p2["n"] and pc["n"] == 2
+    md = open(os.path.join(out, "study.md")).read()
+    assert "## Per class" in md and "Hardest class for" in md
+    assert os.path.exists(os.path.join(out, "study_confusion_0.png")) and "study_confusion_1.png" in md
     # A run of the study is an ordinary run directory.
     r = invoke("evaluate", os.path.join(out, "runs", "train_last_k-2_seed-0"), "--out", str(tmp_path / "ev"))
     assert r.exit_code == 0, r.output
