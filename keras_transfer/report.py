@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from keras_transfer import plots, rundir
-from keras_transfer.config import to_dict
+from keras_transfer.config import to_dict, weights_label, weights_source
 from keras_transfer.io import atomic_write_text, read_json, write_json
 
 
@@ -56,6 +56,8 @@ def per_class_table(metrics):
 
 def _pretraining(cfg, run_dir):
     """``(source label, pretrain metrics or None)``: this run's pretraining, or the pretrained model's."""
+    if weights_source(cfg):
+        return weights_label(weights_source(cfg)), None
     if cfg.transfer.pretrained is None:
         pre = rundir.metrics_path(rundir.pretrain_dir(run_dir))
         return cfg.data.source, read_json(pre) if os.path.exists(pre) else None
@@ -113,6 +115,10 @@ def write_finetune_report(cfg, run_dir, ds, splits, results, model_name=None, ba
         lines += [f"Pretrained model: `{cfg.transfer.pretrained}`" + (
             f", trained on {pre_metrics['dataset']} to test accuracy **{pre_metrics['accuracy']:.4f}**."
             if pre_metrics else " (no metrics.json beside it: where it was trained is not recorded)."), ""]
+    elif weights_source(cfg):
+        w = weights_source(cfg)
+        lines += [f"Backbone weights: **{weights_label(w)}** (`model.weights: {w}`"
+                  + (", keras.applications' own file" if w == "imagenet" else "") + "); no pretraining stage.", ""]
     elif pre_metrics:
         lines += [f"Pretraining on {pre_metrics['dataset']}: test accuracy **{pre_metrics['accuracy']:.4f}** "
                   f"in {pre_metrics['wall_time']:.1f} s.", ""]

@@ -11,6 +11,7 @@ import numpy as np
 from keras_transfer import plots, rundir
 from keras_transfer.backend import defer_tensorflow_import, enable_compilation_cache
 from keras_transfer.baselines import run_baselines
+from keras_transfer.config import weights_label, weights_source
 from keras_transfer.data import load_dataset, train_val_test
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input, steps_per_epoch
@@ -295,8 +296,8 @@ def with_pretrained(cfg, path, source=None, model=None):
 
 
 def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
-    """Pretrain (unless ``cfg.transfer.pretrained`` is set, see `with_pretrained`), then fine-tune
-    every strategy and report.
+    """Pretrain (unless ``cfg.transfer.pretrained`` is set, see `with_pretrained`, or ``model.weights`` names
+    weights to start from, see `weights_source`), then fine-tune every strategy and report.
 
     The pretrained model (if given) and then the target are loaded first, once: a bad pretrained
     file or a target that cannot be read stops the run before any pretraining, and the augmentation
@@ -307,16 +308,22 @@ def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
     pretrained = cfg.transfer.pretrained
     source_model = load_pretrained(pretrained) if pretrained is not None else None
     ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
+    m = cfg.model
+    weights = weights_source(cfg)
+    if weights:  # the backbone starts from these weights: no pretraining stage
+        source_backbone = create_backbone(m.name, m.input_size, m.channels or ds.image_shape[-1], weights,
+                                          **m.backbone_options())
+        _log(f"backbone {m.name} from {weights_label(weights)} weights; no pretraining stage", echo)
     if preview and cfg.data.augment != "none":
         augmentation_preview(cfg, ds, rundir.augmentation_path(run_dir))
-    if source_model is None:
+    if source_model is None and not weights:
         pre_dir = rundir.pretrain_dir(run_dir)
         if resume and os.path.exists(rundir.model_path(pre_dir)):
             source_model = load_pretrained(pre_dir)
         else:
             source_model, _ = pretrain(cfg, pre_dir, echo, resume=resume)
-    source_backbone = source_model.get_layer("backbone")
-    m = cfg.model
+    if not weights:
+        source_backbone = source_model.get_layer("backbone")
     spec_name = _spec_name_of(source_backbone, m.name)
     set_precision(cfg.finetune.precision)
     _log(f"fine-tune on {ds.name}: {len(splits['train'][0])} train / {len(splits['val'][0])} val / "

@@ -305,8 +305,8 @@ def _per_class_lines(classes, confusion_figures):
     strategy's precision and recall, and the confusion matrices summed over seeds."""
     if not classes:
         return []
-    lines = ["## Per class", "", "F1 per class and strategy (mean over seeds); precision and recall of the strategy with "
-             "the highest macro-F1; confusion matrices summed over the seeds' test predictions.", ""]
+    lines = ["## Per class", "", "F1 per class and strategy (mean over seeds); precision and recall of the strategy "
+             "with the highest macro-F1; confusion matrices summed over the seeds' test predictions.", ""]
     for condition, by_strategy in classes.items():
         strategies = list(by_strategy)
         best = max(strategies, key=lambda s: np.mean(by_strategy[s]["f1"]))

@@ -518,3 +518,52 @@ def test_backbone_learning_rate_reaches_the_backbone_of_full_and_gradual(tmp_pat
     assert "backbone_lr" not in scratch
     report = open(os.path.join(ft, "report.md")).read()
     assert "full, gradual trained the pretrained backbone at 1e-06 × 0.5^d" in report
+
+
+def test_finetune_from_a_weights_file_skips_pretraining_and_starts_from_exactly_those_weights(tmp_path, tiny_config):
+    """--weights FILE is the source: no pretraining stage, and the frozen backbone of `linear` holds exactly the
+    file's values (BatchNorm statistics included) after training."""
+    import numpy as np
+
+    from keras_transfer.io import load_model
+    from keras_transfer.models import create_backbone
+
+    source = create_backbone("resnet", 8, 1, widths=(4, 8, 8))
+    rng = np.random.default_rng(0)
+    source.set_weights([rng.normal(0, 0.1, w.shape).astype("float32") + (1.0 if "variance" in v.path else 0.0)
+                        for w, v in zip(source.get_weights(), source.weights)])
+    path = str(tmp_path / "mine.weights.h5")
+    source.save_weights(path)
+    ft = str(tmp_path / "ft")
+    r = invoke("finetune", "--config", tiny_config, "--weights", path, "--out", ft, "--strategies", "linear,full",
+               "--no-preview")
+    assert r.exit_code == 0, r.output
+    assert "no pretraining stage" in r.output and not os.path.exists(os.path.join(ft, "pretrain"))
+    linear = load_model(os.path.join(ft, "strategies", "linear", "model.keras")).get_layer("backbone")
+    for a, b in zip(source.get_weights(), linear.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    summary = json.load(open(os.path.join(ft, "summary.json")))
+    assert summary["source"] == "mine.weights.h5" and set(summary["strategies"]) == {"linear", "full"}
+    assert "no pretraining stage" in open(os.path.join(ft, "report.md")).read()
+
+
+def test_finetune_from_imagenet_offline_is_one_line_and_leaves_no_run_directory(tmp_path, tiny_config, monkeypatch):
+    import keras.src.utils.file_utils as fu
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))  # an empty weights cache
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(fu.urllib.request, "urlretrieve", offline)
+    ft = str(tmp_path / "ft")
+    for flags in (["--weights", "imagenet"], ["--source", "imagenet"]):
+        r = CliRunner().invoke(main, ["finetune", "--config", tiny_config, "--model", "mobilenet_v2", "--input-size",
+                                      "32", *flags, "--out", ft, "--no-preview"])
+        assert r.exit_code == 2, r.output
+        line = r.output.strip()
+        assert "\n" not in line and "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in line
+        assert os.path.join(str(tmp_path / "keras-home"), "models") in line
+        assert not os.path.exists(ft)
+    r = CliRunner().invoke(main, ["finetune", "--source", "imagenet", "--weights", "x.h5"])
+    assert r.exit_code == 2 and "--source imagenet starts from ImageNet weights" in r.output

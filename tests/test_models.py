@@ -25,7 +25,7 @@ def test_seed_resnet_has_the_seed_parameter_count():
     assert blocks == set(spec.blocks)
 
 
-@pytest.mark.parametrize("name", ["resnet", "efficientnet_b0", "mobilenet_v2", "resnet50", "airbench"])
+@pytest.mark.parametrize("name", ["resnet", "efficientnet_b0", "mobilenet_v2", "resnet50", "vgg16", "airbench"])
 def test_every_model_builds_and_maps_layers_to_blocks(name):
     spec = get_spec(name)
     bb = create_backbone(name, 32)

@@ -7,8 +7,12 @@ input, so that freezing strategies are written once for all models.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import sys
+import warnings
 
 import keras
 
@@ -134,11 +138,20 @@ def _applications_builder(fn_name, file_name):
         w = None if weights in (None, "none") else weights
         if w not in (None, "imagenet") and not os.path.exists(w):
             raise ConfigError(f"Expected a local weights file for {fn_name}. Received: {w!r} does not exist")
+        # Keras prints "Downloading data from ..." and warns about the input size before it fails offline:
+        # held back, and shown only when the model was built, so a failure is the one line below.
+        out = io.StringIO()
         try:
-            base = fn(include_top=False, weights=w, input_shape=tuple(input_shape))
+            with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                base = fn(include_top=False, weights=w, input_shape=tuple(input_shape))
+            sys.stdout.write(out.getvalue())
+            for c in caught:
+                warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
         except Exception as e:  # offline download failure, bad file, wrong shape
             if w == "imagenet":
-                cache = os.path.join(os.path.expanduser("~"), ".keras", "models")
+                home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+                cache = os.path.join(home, "models")  # where keras.utils.get_file keeps it
                 raise ConfigError(
                     f"ImageNet weights for {fn_name} could not be loaded (offline?): place "
                     f"{file_name} in {cache} or pass --weights PATH. Received: "
@@ -162,6 +175,10 @@ register_model(ModelSpec(
     224, 32, 3, "-1-1",
     ("Conv1", "expanded_conv") + tuple(f"block_{i}_" for i in range(1, 17)) + ("Conv_1",), "out_relu",
     "keras.applications MobileNetV2 (alpha 1.0)"))
+register_model(ModelSpec(
+    "vgg16", _applications_builder("VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    224, 32, 3, "caffe", ("block1", "block2", "block3", "block4", "block5"), "block5_conv3",
+    "keras.applications VGG16 (14.7 M without its dense top)"))
 register_model(ModelSpec(
     "resnet50", _applications_builder("ResNet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     224, 32, 3, "caffe", ("conv1", "conv2", "conv3", "conv4", "conv5"), "conv5_block3_out",
