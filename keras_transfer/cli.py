@@ -53,7 +53,21 @@ def keep_freed_host_memory():
     return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 30))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineUsageErrors(click.Group):
+    """Click's own usage errors in a command (a value of the wrong type, an unknown option or command) as one line,
+    ``Error: ... (see 'ktransfer CMD --help')``, exit status 2, as this package's own errors are."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if e.ctx is None:
+                raise
+            raise click.UsageError(f"{e.format_message()} (see '{e.ctx.command_path} --help')") from None
+
+
+@click.group(cls=_OneLineUsageErrors,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="keras-transfer")
 def main():
     """Transfer learning for image classification on Keras 3 (TensorFlow, JAX or PyTorch).
@@ -194,7 +208,10 @@ def _started_run(run_dir, resume, existed):
             for name in os.listdir(run_dir):
                 os.remove(os.path.join(run_dir, name))
             if not existed:
+                from keras_transfer.io import remove_created
+
                 os.rmdir(run_dir)
+                remove_created(run_dir)  # and the parents made for it (runs/)
         raise
 
 
@@ -315,22 +332,25 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
 @click.option("--tta", type=click.Choice(list(config_lib.TTA_MODES)), default="none", show_default=True,
               help="Test-time augmentation: average over mirrored (and 1-px shifted) views.")
 @click.option("--out", type=click.Path(), help="Where to write metrics.json and figures (default: beside the model).")
+@click.option("--overwrite", is_flag=True, help="Move an existing --out (or default folder) aside.")
 @_fail_cleanly
-def evaluate(target, dataset, data_dir, split, tta, out):
+def evaluate(target, dataset, data_dir, split, tta, out, overwrite):
     """Evaluate RUN_DIR or MODEL.keras: accuracy, top-k, per-class P/R/F1, confusion matrix."""
     from keras_transfer import plots
     from keras_transfer.evaluate import evaluate_model, format_table
-    from keras_transfer.io import write_json
+    from keras_transfer.io import check_output, new_run_dir, write_json
     from keras_transfer.runner import load_pretrained
 
+    check_output(out, overwrite)
     model_path, dataset, data_dir = _model_and_dataset(target, dataset, data_dir)
     model = load_pretrained(model_path)
     ds = _dataset_for(model, dataset, data_dir)
+    suffix = "" if tta == "none" else f"-tta-{tta}"
+    out = check_output(out or os.path.join(os.path.dirname(os.path.abspath(model_path)),
+                                           f"eval-{ds.name}-{split}{suffix}"), overwrite)
     x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
     metrics, probs = evaluate_model(model, x, y, ds.class_names, tta=tta)
-    suffix = "" if tta == "none" else f"-tta-{tta}"
-    out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), f"eval-{ds.name}-{split}{suffix}")
-    os.makedirs(out, exist_ok=True)
+    out = new_run_dir(out, "eval", overwrite)  # an earlier result moved aside only now, after validation
     write_json(rundir.metrics_path(out), {"model": model_path, "dataset": ds.name, "split": split,
                                                    "tta": tta, **metrics})
     plots.confusion_matrix_figure(metrics["confusion_matrix"], ds.class_names,
@@ -454,19 +474,24 @@ def _check_compatible(model, ds):
 @click.option("--out", type=click.Path(), help="PNG path (default: gradcam.png beside the model).")
 @click.option("--strategies", help="With a fine-tuning RUN_DIR: these strategies' models side by side on the same "
                                    "images (e.g. scratch,linear,full); default: the best strategy alone.")
+@click.option("--overwrite", is_flag=True, help="Move an existing --out (or default figure) aside.")
 @_fail_cleanly
-def gradcam(target, dataset, data_dir, layer, num_images, out, strategies):
+def gradcam(target, dataset, data_dir, layer, num_images, out, strategies, overwrite):
     """Grad-CAM heatmaps over test images for RUN_DIR or MODEL.keras."""
     import numpy as np
 
     from keras_transfer import plots
     from keras_transfer.evaluate import predict_logits, softmax
     from keras_transfer.gradcam import grad_cam
+    from keras_transfer.io import check_output, move_aside
     from keras_transfer.runner import load_pretrained
 
+    check_output(out, overwrite, "file")
     if strategies:
-        return _gradcam_compare(target, strategies.split(","), dataset, data_dir, layer, num_images, out)
+        return _gradcam_compare(target, strategies.split(","), dataset, data_dir, layer, num_images, out, overwrite)
     model_path, dataset, data_dir = _model_and_dataset(target, dataset, data_dir)
+    out = check_output(out or os.path.join(os.path.dirname(os.path.abspath(model_path)), "gradcam.png"), overwrite,
+                       "file")
     model = load_pretrained(model_path)
     ds = _dataset_for(model, dataset, data_dir)
     idx = np.random.default_rng(0).choice(len(ds.x_test), min(num_images, len(ds.x_test)), replace=False)
@@ -476,18 +501,19 @@ def gradcam(target, dataset, data_dir, layer, num_images, out, strategies):
     heat = grad_cam(model, x, pred, layer)
     titles = [f"true {ds.class_names[t]} / pred {ds.class_names[p]} {probs[i, p]:.0%}"
               for i, (t, p) in enumerate(zip(y, pred))]
-    out = out or os.path.join(os.path.dirname(os.path.abspath(model_path)), "gradcam.png")
+    move_aside(out)  # only with --overwrite (checked above), after everything was computed
     plots.gradcam_figure(x, heat, titles, out, title=f"Grad-CAM ({ds.name}, predicted class)")
     click.echo(f"wrote {out}")
 
 
-def _gradcam_compare(run_dir, strategies, dataset, data_dir, layer, num_images, out):
+def _gradcam_compare(run_dir, strategies, dataset, data_dir, layer, num_images, out, overwrite=False):
     """Grad-CAM of several strategies of one fine-tuning run on the same test images, side by side."""
     import numpy as np
 
     from keras_transfer import plots
     from keras_transfer.evaluate import predict_logits, softmax
     from keras_transfer.gradcam import grad_cam
+    from keras_transfer.io import check_output, move_aside
     from keras_transfer.runner import load_pretrained
 
     have = rundir.strategy_names(run_dir) if os.path.isdir(run_dir) else []
@@ -495,6 +521,7 @@ def _gradcam_compare(run_dir, strategies, dataset, data_dir, layer, num_images, 
     if missing:
         raise KTransferError(f"--strategies: expected strategies with a model in the fine-tuning run {run_dir} "
                              f"({', '.join(have) or 'none'}). Received: {', '.join(missing)}")
+    out = check_output(out or os.path.join(run_dir, f"gradcam-{'-'.join(strategies)}.png"), overwrite, "file")
     run_data = _run_data_config(run_dir)
     dataset = dataset or run_data.get("target")
     data_dir = data_dir or run_data.get("data_dir")
@@ -510,7 +537,7 @@ def _gradcam_compare(run_dir, strategies, dataset, data_dir, layer, num_images, 
         heat[s] = grad_cam(model, x, pred, layer)
         titles[s] = [f"{ds.class_names[p]} {probs[i, p]:.0%}" + ("" if p == t else " ✗")
                      for i, (t, p) in enumerate(zip(y, pred))]
-    out = out or os.path.join(run_dir, f"gradcam-{'-'.join(strategies)}.png")
+    move_aside(out)
     plots.gradcam_compare_figure(x, heat, titles, [f"true {ds.class_names[t]}" for t in y], out,
                                  title=f"Grad-CAM of the predicted class, {ds.name} test images")
     click.echo(f"wrote {out}")
@@ -523,8 +550,9 @@ def _gradcam_compare(run_dir, strategies, dataset, data_dir, layer, num_images, 
 @click.option("--tta", type=click.Choice(list(config_lib.TTA_MODES)), default="none", show_default=True,
               help="Test-time augmentation: average over mirrored (and 1-px shifted) views.")
 @click.option("--out", type=click.Path(), help="Also write the predictions to this CSV file (a new file).")
+@click.option("--overwrite", is_flag=True, help="Move an existing --out file aside.")
 @_fail_cleanly
-def predict(target, images, top_k, tta, out):
+def predict(target, images, top_k, tta, out, overwrite):
     """Classify image files (or folders of them, searched recursively) with RUN_DIR or MODEL.keras.
 
     Each image is converted to the model's channels, centre-cropped to its aspect ratio and resized to its
@@ -534,10 +562,10 @@ def predict(target, images, top_k, tta, out):
 
     from keras_transfer.data.formats import decode_image, image_files
     from keras_transfer.evaluate import softmax, tta_logits
+    from keras_transfer.io import check_output, move_aside
     from keras_transfer.runner import load_pretrained
 
-    if out is not None and os.path.exists(out):
-        raise KTransferError(f"Expected a new file for --out. Received: {out} exists")
+    check_output(out, overwrite, "file")
     model_path = target if os.path.isfile(target) else _run_model(target)[0]
     paths = image_files(images)
     model = load_pretrained(model_path)
@@ -560,6 +588,7 @@ def predict(target, images, top_k, tta, out):
 
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])
+        move_aside(out)
         atomic_write_text(out, buf.getvalue())
         click.echo(f"wrote {out}")
 
@@ -583,16 +612,19 @@ def _class_names(model_path, n):
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(), help="Output directory (default runs/compare-<time>).")
+@click.option("--overwrite", is_flag=True, help="Move an existing non-empty --out aside.")
 @_fail_cleanly
-def compare(run_dirs, out):
+def compare(run_dirs, out, overwrite):
     """Side-by-side table and figure across runs (mean ± std over seeds)."""
-    from keras_transfer.io import new_run_dir
-    from keras_transfer.report import clip_condition, mean_sd, vs_scratch, write_comparison
+    from keras_transfer.io import check_output, new_run_dir
+    from keras_transfer.report import clip_condition, collect_runs, mean_sd, vs_scratch, write_comparison
 
+    check_output(out, overwrite)
     for d in run_dirs:
         if not os.path.isdir(d):
             raise KTransferError(f"Expected run directories. Received: {d} does not exist")
-    out = new_run_dir(out, "compare")
+    collect_runs(list(run_dirs))  # every run readable before anything is written
+    out = new_run_dir(out, "compare", overwrite)
     agg = write_comparison(list(run_dirs), out)
     conditions = [clip_condition(a["condition"]) for a in agg]
     width = max(map(len, conditions))

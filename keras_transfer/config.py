@@ -139,6 +139,9 @@ class ModelConfig:
                               f"Received: {self.widths!r}")
         if self.weights is not None and not isinstance(self.weights, str):
             raise ConfigError(f"model.weights: expected none, imagenet or a weights file. Received: {self.weights!r}")
+        if self.weights not in (None, "none", "imagenet") and not os.path.isfile(self.weights):
+            raise ConfigError(f"model.weights: expected none, imagenet or an existing weights file (.h5, .weights.h5). "
+                              f"Received: {self.weights!r} does not exist")
         if not isinstance(self.batch_norm, bool):
             raise ConfigError(f"model.batch_norm: expected true or false. Received: {self.batch_norm!r}")
         if self.pooling not in POOLINGS:
@@ -332,7 +335,7 @@ def merge(config, overrides):
     for key, value in overrides.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(f"Section [{key}] must be a mapping. Received: {value!r}")
+                raise ConfigError(f"Section [{key}]: expected a mapping of keys. Received: {value!r}")
             values = {k: v for k, v in value.items() if v is not None}
             values = _coerce(SECTIONS[key], key, values)
             try:
@@ -360,7 +363,7 @@ def read_yaml_mapping(path, what="YAML config file", holds="sections"):
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid YAML. Received: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"{path}: expected a YAML text file. Received: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of {holds}. Received: {type(data).__name__}")
     return data

@@ -79,6 +79,7 @@ def load_model(path):
     import keras
 
     import keras_transfer.data.augment  # noqa: F401  (registers the custom layers and losses)
+    import keras_transfer.methods  # noqa: F401
     import keras_transfer.models.airbench  # noqa: F401
     import keras_transfer.models.classifier  # noqa: F401
     import keras_transfer.models.fast  # noqa: F401
@@ -96,6 +97,72 @@ def save_figure(fig, path, dpi=110):
     atomic_write_bytes(path, buf.getvalue())
 
 
+def check_output(out, overwrite=False, kind="directory", flag="--out"):
+    """Refuse an output path before anything is computed, written or moved, in one line: an existing result
+    (a non-empty directory, an existing file) unless ``overwrite``; a file where a directory is expected or
+    the reverse; a path below a file; a folder that cannot be written (the nearest existing one must be a
+    writable directory). ``kind``: ``directory`` or ``file``. Returns ``out``."""
+    if out is None:
+        return out
+    if kind == "directory":
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise KTransferError(f"Expected a directory for {flag}. Received: {out} is a file")
+        if os.path.isdir(out) and os.listdir(out) and not overwrite:
+            raise KTransferError(f"{out} exists and is not empty: expected a new or empty directory for {flag} "
+                                 f"(pass --overwrite to move it aside). Received: {flag} {out}")
+    else:
+        if os.path.isdir(out):
+            raise KTransferError(f"Expected a file path for {flag}. Received: {out} is a directory")
+        if os.path.exists(out) and not overwrite:
+            raise KTransferError(f"{out} exists: expected a new file for {flag} (pass --overwrite to move it "
+                                 f"aside). Received: {flag} {out}")
+    parent = os.path.abspath(out if kind == "directory" and os.path.isdir(out) else os.path.dirname(
+        os.path.abspath(out)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise KTransferError(f"Expected {flag} in a directory. Received: {out} lies below the file {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK) or _read_only_fs(parent):
+        raise KTransferError(f"Expected a writable place for {flag}. Received: {out} ({parent} cannot be written)")
+    return out
+
+
+def _read_only_fs(path):
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY) or os.path.realpath(path).startswith(("/proc", "/sys"))
+    except OSError:
+        return True
+
+
+def move_aside(path):
+    """Move an existing ``path`` to ``<path>.old-<timestamp>`` (never deleted); returns the new name or None."""
+    if not os.path.lexists(path):
+        return None
+    base = path.rstrip(os.sep)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = f"{base}.old-{stamp}", 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{base}.old-{stamp}-{n}"
+    shutil.move(path, aside)
+    return aside
+
+
+_CREATED = {}  # run directory -> the folders new_run_dir created for it, deepest first
+
+
+def remove_created(out):
+    """Remove the folders `new_run_dir` created for ``out`` (its parents included, e.g. ``runs/``), deepest first,
+    as far as they are empty: what a run that stopped at a bad input leaves behind."""
+    for d in _CREATED.pop(os.path.abspath(out), []):
+        if not os.path.exists(d):
+            continue
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
 def new_run_dir(out, kind, overwrite=False):
     """Create the run directory: ``out`` if given, else ``runs/<kind>-<timestamp>``.
 
@@ -109,12 +176,16 @@ def new_run_dir(out, kind, overwrite=False):
         while os.path.exists(out):
             n += 1
             out = os.path.join("runs", f"{kind}-{stamp}-{n}")
+    check_output(out, overwrite)
     if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise KTransferError(f"Run directory {out} exists and is not empty: expected a new or empty "
-                                 f"directory (pass --overwrite to move it aside). Received: --out {out}")
-        shutil.move(out, f"{out.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    elif os.path.exists(out) and not os.path.isdir(out):
-        raise KTransferError(f"Expected a directory for --out. Received: {out} is a file")
-    os.makedirs(out, exist_ok=True)
+        move_aside(out)
+    created, d = [], os.path.abspath(out)
+    while not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(d)
+    _CREATED[os.path.abspath(out)] = created
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise KTransferError(f"Expected a writable place for --out. Received: {out} ({e.strerror})") from None
     return out

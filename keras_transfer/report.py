@@ -308,10 +308,10 @@ def collect_runs(run_dirs):
         for s in rundir.strategy_names(d):
             p = rundir.metrics_path(rundir.strategy_dir(d, s))
             if os.path.exists(p):
-                rows.append(_row(d, read_json(p), seed, s, condition))
+                rows.append(_row(d, _read_metrics(p), seed, s, condition))
                 found = True
         if os.path.exists(rundir.metrics_path(d)):
-            rows.append(_row(d, read_json(rundir.metrics_path(d)), seed, "pretrain", condition))
+            rows.append(_row(d, _read_metrics(rundir.metrics_path(d)), seed, "pretrain", condition))
             found = True
         if not found:
             from keras_transfer.errors import DataError
@@ -319,6 +319,19 @@ def collect_runs(run_dirs):
             raise DataError(f"Expected a run directory with metrics.json or strategies/*/metrics.json. "
                             f"Received: {d}")
     return rows
+
+
+def _read_metrics(path):
+    """A run's ``metrics.json``, or a one-line `DataError` naming the file that is not one."""
+    from keras_transfer.errors import DataError
+
+    try:
+        m = read_json(path)
+        float(m["accuracy"]), float(m["macro"]["f1"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"Expected a metrics.json with accuracy and macro-F1. Received: {path} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
+    return m
 
 
 def _row(d, m, seed, strategy, condition=""):

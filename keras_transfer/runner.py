@@ -15,6 +15,7 @@ from keras_transfer.config import weights_label, weights_source
 from keras_transfer.data import load_dataset, train_val_test
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input, steps_per_epoch
+from keras_transfer.data.registry import check_every_class
 from keras_transfer.errors import ConfigError, DataError
 from keras_transfer.evaluate import evaluate_model
 from keras_transfer.io import load_model, read_json, save_model, write_json
@@ -52,6 +53,7 @@ def _splits(name, dcfg, seed, low_data):
     ds = load_dataset(name, dcfg.data_dir, image_size=dcfg.image_size)
     splits = train_val_test(ds, dcfg.val, dcfg.per_class if low_data else None,
                             dcfg.fraction if low_data else None, seed)
+    check_every_class(ds.name, splits["train"][1], ds.class_names)
     return ds, splits
 
 
@@ -218,8 +220,13 @@ def epoch_timing(epoch_times):
 
 def _pretrained_file(path):
     """The ``.keras`` file ``path`` names: itself, or ``model.keras`` in a run directory (or its ``pretrain/``)."""
+    import zipfile
+
     for c in (path, rundir.model_path(path), rundir.model_path(rundir.pretrain_dir(path))):
         if os.path.isfile(c):
+            if not zipfile.is_zipfile(c):  # Keras' own error says "File not found" for a truncated file
+                raise DataError(f"Could not load {c}: expected a complete Keras .keras (zip) file. Received: "
+                                f"{os.path.getsize(c):,} bytes, not a zip archive (truncated?)")
             return c
     raise DataError(f"Expected a .keras file or a run directory with model.keras. Received: {path!r}")
 
@@ -227,11 +234,6 @@ def _pretrained_file(path):
 def load_pretrained(path):
     """A pretrained classifier from ``MODEL.keras`` or a run directory holding ``model.keras``."""
     c = _pretrained_file(path)
-    import zipfile
-
-    if not zipfile.is_zipfile(c):  # Keras' own error says "File not found" for a truncated file
-        raise DataError(f"Could not load {c}: expected a complete Keras .keras (zip) file. Received: "
-                        f"{os.path.getsize(c):,} bytes, not a zip archive (truncated?)")
     try:
         return load_model(c)
     except Exception as e:

@@ -483,7 +483,7 @@ def test_predict_classifies_image_files_with_the_runs_class_names(tmp_path, tiny
         assert float(row[2]) >= float(row[4])
     assert rows[9][0] == str(odd) and rows[9][1] in classes
     r = CliRunner().invoke(main, ["predict", ft, str(odd), "--out", str(out)])
-    assert r.exit_code == 2 and "Expected a new file for --out. Received:" in r.output
+    assert r.exit_code == 2 and "exists: expected a new file for --out" in r.output
     r = CliRunner().invoke(main, ["predict", ft, str(tmp_path / "nothing.png")])
     err = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(err) == 1 and "nothing.png does not exist" in err[0]

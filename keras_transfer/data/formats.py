@@ -118,7 +118,12 @@ def read_npz(path):
     except KeyError as e:
         raise DataError(f"{path}: expected arrays 'x' and 'y'. Received: missing {e}") from e
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path} is not a readable npz file. Received: {e}") from e
+        raise DataError(f"{path}: expected an npz file with arrays x and y. Received: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
+    if y.dtype.kind not in "iu" and not (y.dtype.kind in "fb" and y.size and np.all(np.mod(y, 1) == 0)):
+        raise DataError(f"{path}: expected integer class labels y. Received: y {y.dtype}"
+                        + (f" with values such as {y.ravel()[np.mod(y.ravel(), 1) != 0][:1].tolist()}"
+                           if y.dtype.kind == "f" else ""))
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y):
@@ -138,6 +143,9 @@ def list_image_folder(root):
     paths, labels = [], []
     for i, c in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTS))
+        if not files and any(os.listdir(os.path.join(root, d)) for d in classes):
+            raise DataError(f"Expected images ({', '.join(IMAGE_EXTS)}) in every class folder of {root}. "
+                            f"Received: class folder {c!r} has none")
         paths += [os.path.join(root, c, f) for f in files]
         labels += [i] * len(files)
     if not paths:

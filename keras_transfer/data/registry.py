@@ -33,6 +33,9 @@ class Dataset:
     y_test: np.ndarray
     class_names: list
 
+    def __post_init__(self):  # a dataset that would train on garbage is refused when it is read
+        check_arrays(self.name, self.x_train, self.y_train, self.x_test, self.y_test, self.class_names)
+
     @property
     def num_classes(self):
         return len(self.class_names)
@@ -40,6 +43,40 @@ class Dataset:
     @property
     def image_shape(self):
         return tuple(self.x_train.shape[1:])
+
+
+def check_arrays(name, x_train, y_train, x_test, y_test, class_names):
+    """Raise a one-line `DataError` unless the splits are uint8 images ``(N, H, W, 1 or 3)`` of one shape with as
+    many integer labels, both splits non-empty, at least 2 classes and every label in ``0..K-1``."""
+    k = len(class_names)
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8:
+            raise DataError(f"{name} {split}: expected uint8 images (N, H, W, 1 or 3). Received: {x.dtype} "
+                            f"{tuple(x.shape)}")
+        if y.ndim != 1 or len(y) != len(x) or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+            raise DataError(f"{name} {split}: expected one integer label per image ({len(x)}). Received: labels "
+                            f"{y.dtype} {tuple(y.shape)}")
+        if not len(x):
+            raise DataError(f"{name} {split}: expected images. Received: an empty split")
+        if y.min() < 0 or y.max() >= k:
+            raise DataError(f"{name} {split}: expected labels in 0..{k - 1} ({k} classes). Received: labels "
+                            f"{int(y.min())}..{int(y.max())}")
+    if k < 2:
+        raise DataError(f"{name}: expected at least 2 classes to classify. Received: {k} "
+                        f"({', '.join(map(str, class_names))})")
+    if tuple(np.shape(x_train)[1:]) != tuple(np.shape(x_test)[1:]):
+        raise DataError(f"{name}: expected train and test images of one shape. Received: "
+                        f"{tuple(np.shape(x_train)[1:])} and {tuple(np.shape(x_test)[1:])}")
+
+
+def check_every_class(name, y_train, class_names):
+    """Raise a one-line `DataError` naming the classes that have no image in ``y_train`` (the split that trains)."""
+    missing = sorted(set(range(len(class_names))) - set(np.unique(y_train).tolist()))
+    if missing:
+        raise DataError(f"{name}: expected every class in the training split. Received: no training image of "
+                        f"{', '.join(repr(str(class_names[i])) for i in missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +372,8 @@ def _load_path_dataset(name, image_size=None):
     label = os.path.basename(os.path.normpath(path))
     if kind == "npz":
         x, y, names = formats.read_npz(path)
+        if not len(y):
+            raise DataError(f"{path}: expected images in x and labels in y. Received: empty arrays")
         names = names or [str(i) for i in range(int(y.max()) + 1)]
         from keras_transfer.data.splits import stratified_split
 

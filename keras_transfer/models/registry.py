@@ -91,13 +91,26 @@ def get_spec(name):
     return _REGISTRY[name]
 
 
+def _load_weights_file(model, path):
+    """``model.load_weights(path)``, or a one-line `ConfigError` saying why the file does not fit the model."""
+    if path == "imagenet":
+        raise ConfigError(f"ImageNet weights exist for keras.applications models only (efficientnet_b0, mobilenet_v2, "
+                          f"resnet50, vgg16): expected a weights file for {model.name}. Received: imagenet")
+    try:
+        model.load_weights(path)
+    except Exception as e:  # a missing or foreign file, another architecture or width
+        raise ConfigError(f"Could not load the weights file {path} into {model.name}: expected weights saved from "
+                          f"the same architecture (model.weights). Received: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+
+
 def _resnet_builder(input_shape, weights=None, widths=(64, 128, 256), blocks_per_stage=1,
                     batch_norm=True, dropout=0.1, pooling="avg"):
     from keras_transfer.models.resnet import residual_cnn
 
     model = residual_cnn(input_shape, tuple(widths), blocks_per_stage, batch_norm, dropout, pooling)
     if weights not in (None, "none"):
-        model.load_weights(weights)
+        _load_weights_file(model, weights)
     return model
 
 
@@ -116,7 +129,7 @@ def _airbench_builder(input_shape, weights=None, widths=(64, 256, 256), bn_bias_
 
     model = airbench_cnn(input_shape, tuple(widths), bn_bias_lr)
     if weights not in (None, "none"):
-        model.load_weights(weights)
+        _load_weights_file(model, weights)
     return model
 
 
