@@ -113,7 +113,7 @@ def test_existing_run_directory_is_refused_and_kept(tmp_path, tiny_config):
 
 @pytest.mark.parametrize("args,expected", [
     (["pretrain", "--source", "imagenet21k"], "Unknown dataset"),
-    (["pretrain", "--model", "vgg16"], "Unknown model"),
+    (["pretrain", "--model", "vgg99"], "Unknown model"),
     (["finetune", "--strategies", "magic"], "Unknown strategy"),
     (["pretrain", "--config", "/nonexistent/run.yaml"], "Expected an existing YAML"),
     (["pretrain", "--config", "/"], "Expected an existing YAML config file. Received: '/'"),  # a directory

@@ -1,237 +1,278 @@
-"""The fast CIFAR-10 preset's parts: airbench network, whitening init, schedule, flip TTA, preset file."""
+"""keras_transfer/models/fast.py: the layers that run torch's kernels directly (fused BatchNorm, copy-free
+convolutions, pooling, padding) against Keras' own layers, outputs and gradients."""
 
-import os
 
 import keras
 import numpy as np
 import pytest
 
-from keras_transfer import config as config_lib
-from keras_transfer.models import build_classifier, create_backbone, initialise_from_data
-from keras_transfer.models.airbench import PartialDirac, patches_2x2
-from tests.conftest import tiny_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from keras_transfer.models import create_backbone
 
 
-def test_airbench_has_airbench94s_shape_and_size():
-    bb = create_backbone("airbench", 32, 3)
-    assert bb.output.shape[-1] == 256
-    names = [layer.name for layer in bb.layers]
-    assert names.index("whiten_conv") < names.index("group1_conv1") < names.index("group3_conv2")
-    # whiten 2x2x3x24 (frozen) + its bias (+ held copy and gate); six 3x3 convs without bias;
-    # BN: beta + moving mean and var
-    convs = 9 * (24 * 64 + 64 * 64 + 64 * 256 + 3 * 256 * 256)
-    assert bb.count_params() == 288 + 24 + 25 + convs + 3 * (2 * 64 + 4 * 256) == 1_971_409
-    assert not bb.get_layer("whiten_conv").trainable
+@pytest.mark.parametrize("scale", [True, False])
+def test_fused_batch_norm_matches_keras_batch_normalization(scale):
+    from keras_transfer import backend
+    from keras_transfer.models.fast import BatchNormalization as BatchNorm
 
-
-def test_whitening_init_decorrelates_training_patches():
     rng = np.random.default_rng(0)
-    # Correlated channels and pixels, as in natural images.
-    base = rng.normal(size=(64, 17, 17, 1))
-    x = np.concatenate([base, 0.8 * base + 0.2 * rng.normal(size=base.shape), rng.normal(size=base.shape)], -1)
-    x = (x[:, 1:] + x[:, :-1])[:, :, 1:] + (x[:, 1:] + x[:, :-1])[:, :, :-1]
-    bb = create_backbone("airbench", 16, 3)
-    from keras_transfer.models.airbench import init_whitening
-
-    init_whitening(bb, x, eps=0.0)
-    kernel = keras.ops.convert_to_numpy(bb.get_layer("whiten_conv").kernel).reshape(12, 24)
-    out = patches_2x2(x) @ kernel[:, :12]  # the positive half of the filters
-    cov = out.T @ out / len(out)
-    np.testing.assert_allclose(cov, np.eye(12), atol=1e-6)
-    np.testing.assert_allclose(kernel[:, 12:], -kernel[:, :12])
-
-
-def test_initialise_from_data_runs_on_what_the_backbone_sees():
-    x, y = tiny_data(40, shape=(16, 16, 3))
-    bb = create_backbone("airbench", 16, 3, widths=(8, 8, 8))
-    model = build_classifier(bb, "airbench", (16, 16, 3), 10, mean=[0.5] * 3, std=[0.25] * 3, head_hidden=0)
-    before = keras.ops.convert_to_numpy(bb.get_layer("whiten_conv").kernel).copy()
-    initialise_from_data(model, "airbench", x)
-    after = keras.ops.convert_to_numpy(bb.get_layer("whiten_conv").kernel)
-    assert not np.allclose(before, after)
-    seen = (x / 255.0 - 0.5) / 0.25
-    out = patches_2x2(seen) @ after.reshape(12, 24)[:, :12]
-    assert np.abs(np.diag(out.T @ out / len(out)) - 1).max() < 0.05
+    x = (rng.normal(size=(8, 5, 5, 6)) * 3 + 2).astype("float32")
+    ref, ours = keras.layers.BatchNormalization(momentum=0.8, scale=scale), BatchNorm(momentum=0.8, scale=scale)
+    for layer in (ref, ours):
+        layer.build(x.shape)
+    ours.set_weights([rng.normal(size=w.shape).astype("float32") + (w.shape[0] == 6) for w in ref.get_weights()])
+    ours.moving_variance.assign(np.abs(ours.moving_variance.numpy()) + 0.5)
+    ref.set_weights(ours.get_weights())
+    numpy = keras.ops.convert_to_numpy
+    for training in (True, True, False):  # two training calls move the statistics twice
+        np.testing.assert_allclose(numpy(ours(x, training=training)), numpy(ref(x, training=training)),
+                                   rtol=1e-4, atol=1e-4)
+    for a, b in zip(ours.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    gamma = ours.gamma if scale else None
+    fused = backend.fused_batch_norm(keras.ops.convert_to_tensor(x), gamma, ours.beta, 1e-3)
+    assert (fused is not None) == (keras.config.backend() == "torch")
+    ours.trainable = False  # frozen: inference mode, statistics untouched
+    frozen = [w.copy() for w in ours.get_weights()]
+    np.testing.assert_allclose(numpy(ours(x, training=True)), numpy(ref(x, training=False)), rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours.get_weights(), frozen):
+        np.testing.assert_array_equal(a, b)
 
 
-def test_partial_dirac_starts_as_identity_on_the_first_filters():
-    w = keras.ops.convert_to_numpy(PartialDirac(seed=1)((3, 3, 4, 6)))
-    for i in range(4):
-        expected = np.zeros((3, 3, 4))
-        expected[1, 1, i] = 1
-        np.testing.assert_array_equal(w[..., i], expected)
-    assert np.abs(w[..., 4:]).max() <= 1 / np.sqrt(36) and np.abs(w[..., 4:]).min() > 0
+def test_fused_batch_norm_in_mixed_precision_matches_keras():
+    from keras_transfer.models.fast import BatchNormalization as BatchNorm
+
+    x = (np.random.default_rng(3).normal(size=(8, 5, 5, 6)) * 3 + 2).astype("float32")
+    ref, ours = (cls(dtype="mixed_bfloat16") for cls in (keras.layers.BatchNormalization, BatchNorm))
+    y_ref, y_ours = ref(x, training=True), ours(x, training=True)
+    assert keras.backend.standardize_dtype(y_ours.dtype) == "bfloat16" and ours.moving_mean.dtype == "float32"
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_allclose(numpy(keras.ops.cast(y_ours, "float32")), numpy(keras.ops.cast(y_ref, "float32")),
+                               atol=0.02)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), ref.moving_variance.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_triangle_schedule_goes_up_then_down_linearly():
-    from keras_transfer.train import TriangularSchedule, learning_rate
+def _torch_gradients(layer, x, w, **call_kwargs):
+    """Gradients of ``sum(layer(x) * w)`` with respect to ``x`` and the layer's trainable weights, as
+    numpy arrays (torch backend)."""
+    import torch
 
-    cfg = config_lib.TrainConfig(epochs=10, learning_rate=1.5, schedule="triangle", warmup_epochs=2.3,
-                                 start_factor=0.2, end_factor=0.07)
-    sched = learning_rate(cfg, 10)
-    assert isinstance(sched, TriangularSchedule)
-    lr = [float(keras.ops.convert_to_numpy(sched(s))) for s in (0, 23, 100, 200)]
-    np.testing.assert_allclose(lr, [0.3, 1.5, 0.105, 0.105], rtol=1e-6)
-    mid = float(keras.ops.convert_to_numpy(sched(61)))
-    np.testing.assert_allclose(mid, 1.5 + (0.105 - 1.5) * (61 - 23) / 77, rtol=1e-6)
-    restored = TriangularSchedule.from_config(sched.get_config())
-    assert float(keras.ops.convert_to_numpy(restored(23))) == pytest.approx(1.5)
+    xt = keras.ops.convert_to_tensor(x).detach().requires_grad_(True)
+    y = layer(xt, **call_kwargs)
+    loss = (y * torch.as_tensor(w, device=y.device)).sum()
+    return [g.cpu().numpy() for g in torch.autograd.grad(loss, [xt] + [v.value for v in layer.trainable_weights])]
 
 
-def test_flip_tta_averages_the_logits_of_image_and_mirror():
-    from keras_transfer.evaluate import evaluate_model, predict_logits, softmax
-    from tests.conftest import tiny_model
+def test_fused_batch_norm_gradients_match_on_torch():
+    if keras.config.backend() != "torch":
+        pytest.skip("the fused kernel is torch's; elsewhere BatchNorm is Keras' layer unchanged")
+    from keras_transfer.models.fast import BatchNormalization as BatchNorm
 
-    model = tiny_model()
-    x, y = tiny_data(12)
-    _, probs = evaluate_model(model, x, y, [str(i) for i in range(10)], tta="flip")
-    expected = softmax((predict_logits(model, x) + predict_logits(model, x[:, :, ::-1])) / 2)
-    np.testing.assert_allclose(probs, expected, rtol=1e-6)
-    from keras_transfer.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="expected one of none, flip, flip_translate. Received: 'crop'"):
-        evaluate_model(model, x, y, [str(i) for i in range(10)], tta="crop")
-
-
-def test_flip_translate_tta_is_airbench_multicrop():
-    from keras_transfer.evaluate import evaluate_model, predict_logits, softmax
-    from tests.conftest import tiny_model
-
-    model = tiny_model()
-    x, y = tiny_data(12)
-    _, probs = evaluate_model(model, x, y, [str(i) for i in range(10)], tta="flip_translate")
-
-    def flip(v):
-        return (predict_logits(model, v) + predict_logits(model, v[:, :, ::-1])) / 2
-
-    h, w = x.shape[1:3]
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    up_left, down_right = padded[:, :h, :w], padded[:, 2:, 2:]
-    assert np.array_equal(up_left[:, 1:, 1:], x[:, :-1, :-1])  # content moved one pixel down-right
-    expected = softmax(0.5 * flip(x) + 0.25 * flip(up_left) + 0.25 * flip(down_right))
-    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
+    x = np.random.default_rng(1).normal(size=(4, 3, 3, 5)).astype("float32") * 2 + 1
+    w = np.random.default_rng(2).normal(size=(4, 3, 3, 5)).astype("float32")
+    grads = []
+    for cls in (keras.layers.BatchNormalization, BatchNorm):
+        layer = cls()
+        layer.build(x.shape)
+        grads.append(_torch_gradients(layer, x, w, training=True))  # x, gamma, beta
+    assert len(grads[0]) == 3
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_fast_preset_file_resolves_to_the_airbench_recipe():
-    cfg = config_lib.load(os.path.join(ROOT, "experiments", "cifar10_fast.yaml"))
-    assert cfg.model.name == "airbench" and cfg.data.source == "cifar10" and cfg.data.val == 0
-    assert cfg.pretrain.schedule == "triangle" and cfg.pretrain.precision == "mixed_bfloat16"
-    assert cfg.data.augment == "translate" and cfg.data.flips == "alternate" and cfg.data.tta == "flip_translate"
-    assert cfg.pretrain.whiten_bias_epochs == 3
-    # airbench94's coupled decay (0.0153 per 1024 examples, through momentum 0.85) as Keras' decoupled wd
-    lr, momentum = cfg.pretrain.learning_rate, cfg.pretrain.momentum
-    per_step = 0.0153 * 1024 / (1024 * (1 + 1 / (1 - momentum))) / (1 - momentum)
-    assert cfg.pretrain.weight_decay == pytest.approx(per_step / lr, rel=1e-3)
-    assert cfg.pretrain.lookahead_every == 5 and cfg.model.bn_bias_lr == 64.0
+def test_fused_batch_norm_takes_bfloat16_as_it_is():
+    """A bfloat16 batch goes into torch's kernel without a float32 copy: the same outputs as the float32
+    computation rounded to bfloat16, float32 statistics, and the same gradients."""
+    if keras.config.backend() != "torch":
+        pytest.skip("the fused kernel is torch's; elsewhere BatchNorm is Keras' layer unchanged")
+    import torch
+
+    from keras_transfer import backend
+
+    torch.manual_seed(0)
+    gamma, beta = (keras.Variable(v, dtype="float32") for v in (np.linspace(0.5, 1.5, 16), np.zeros(16)))
+    device = gamma.value.device  # a GPU where there is one
+    x = (torch.randn(8, 7, 7, 16, device=device) * 3 + 1).to(torch.bfloat16)
+    w = torch.randn(8, 7, 7, 16, device=device)
+    results = []
+    for cast in (False, True):
+        xt = x.clone().requires_grad_(True)
+        if cast:  # the former path: float32 in, bfloat16 out
+            v = xt.permute(0, 3, 1, 2).float()
+            y, mean, invstd = torch.native_batch_norm(v, gamma.value, beta.value, None, None, True, 0.0, 1e-3)
+            y, variance = y.to(torch.bfloat16).permute(0, 2, 3, 1), invstd.pow(-2) - 1e-3
+        else:
+            y, mean, variance = backend.fused_batch_norm(xt, gamma, beta, 1e-3)
+        assert y.dtype == torch.bfloat16 and mean.dtype == variance.dtype == torch.float32
+        grads = torch.autograd.grad((y.float() * w).sum(), [xt, gamma.value, beta.value])
+        results.append([y.float(), mean, variance.detach(), *(g.float() for g in grads)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)  # outputs: bit-identical
 
 
-def test_fast_recipe_pretrains_end_to_end_on_tiny_data(tmp_path, digits_npz):
-    import json
+def test_fast_layers_launch_fewer_torch_ops_and_keep_keras_statistics_rule():
+    """On torch, the fused BatchNorm moves its statistics with one in-place ``lerp_`` each (Keras' assign
+    takes ten ops for the two) and a convolution's bias goes into the convolution (no add after it);
+    in Keras' stateless scope the statistics update is Keras' assign, recorded in the scope. Counted with
+    `backend.op_counter` (operators other than views: kernel launches on a GPU)."""
+    if keras.config.backend() != "torch":
+        pytest.skip("torch ops are counted; elsewhere these are Keras' layers")
+    from keras_transfer import backend
+    from keras_transfer.models import fast
 
-    import yaml
-    from click.testing import CliRunner
+    x = (np.random.default_rng(0).normal(size=(8, 5, 5, 6)) * 3 + 2).astype("float32")
+    xt = keras.ops.convert_to_tensor(x)
+    bn = fast.BatchNormalization(momentum=0.8)
+    bn.build(x.shape)
+    ref = keras.layers.BatchNormalization(momentum=0.8)
+    ref.build(x.shape)
+    ref(xt, training=True)  # the first call builds Keras' helpers; count the second
+    with backend.op_counter() as keras_ops:
+        ref(xt, training=True)
+    with backend.op_counter() as ours:
+        bn(xt, training=True)
+    assert ours.counts == {"native_batch_norm": 1, "pow": 1, "sub": 1, "lerp_": 2}, ours.counts
+    assert sum(keras_ops.counts.values()) > 10
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.2 * mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.8 + 0.2 * var, rtol=1e-5)
 
-    from keras_transfer.cli import main
+    before = [w.copy() for w in bn.get_weights()]
+    with keras.StatelessScope() as scope:
+        bn(xt, training=True)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before[2])  # untouched: the scope holds the update
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(scope.get_current_value(bn.moving_mean)),
+                               0.8 * before[2] + 0.2 * mean, rtol=1e-5, atol=1e-7)
 
-    preset = yaml.safe_load(open(os.path.join(ROOT, "experiments", "cifar10_fast.yaml")))
-    preset["data"].update(source=f"npz:{digits_npz}", batch_size=64, drop_last=True)
-    preset["model"].update(input_size=16, channels=1, widths=[8, 8, 8])
-    preset["pretrain"].update(epochs=3, warmup_epochs=0.5, precision="float32",
-                              jit_compile=keras.config.backend() != "torch")
-    path = tmp_path / "fast.yaml"
-    path.write_text(yaml.safe_dump(preset))
-    out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["pretrain", "--config", str(path), "--out", str(out)], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    m = json.load(open(out / "metrics.json"))
-    assert m["model"] == "airbench" and 0.0 <= m["accuracy"] <= 1.0
-    assert m["first_epoch_s"] > 0 and m["train_s_without_compile"] > 0
-    assert m["compile_s_estimate"] == pytest.approx(max(0.0, m["first_epoch_s"] - m["epoch_s_median"]))
-    assert "training without compilation" in r.output
-    model = keras.saving.load_model(out / "model.keras")
-    assert not model.get_layer("backbone").get_layer("whiten_conv").trainable
-    # drop_last: full batches only, as airbench94 (400 digits, 40 of them test: 360 // 64 = 5 steps per
-    # epoch, not 6)
-    assert int(model.optimizer.iterations) == 3 * 5
-
-
-def test_bias_lr_scale_trains_the_bias_that_much_faster():
-    from keras_transfer.models.airbench import Bias
-
-    def bias_step(scale):
-        inputs = keras.Input((4,))
-        model = keras.Model(inputs, Bias(scale)(inputs))
-        model.compile(keras.optimizers.SGD(0.1), "mse")
-        x, y = np.zeros((8, 4), "float32"), np.ones((8, 4), "float32")
-        model.train_on_batch(x, y)
-        return keras.ops.convert_to_numpy(model.predict(x[:1], verbose=0))[0]  # the applied bias
-
-    np.testing.assert_allclose(bias_step(64.0), 64 * bias_step(1.0), rtol=1e-5)
-    with pytest.raises(ValueError, match="lr_scale: expected a positive number. Received: 0"):
-        Bias(0)
+    for layer in (fast.Conv2D(4, 3, padding="same"), fast.DepthwiseConv2D(3, padding="same")):
+        layer.build(x.shape)
+        with backend.op_counter() as ops:
+            layer(xt)
+        assert ops.counts["convolution"] == 1 and "add" not in ops.counts, (type(layer).__name__, ops.counts)
 
 
-def test_airbench_batchnorm_biases_get_the_configured_multiplier():
-    bb = create_backbone("airbench", 16, 3, widths=(8, 8, 8), bn_bias_lr=16.0)
-    biases = [layer for layer in bb.layers if layer.name.endswith("_bias") and layer.name.startswith("group")]
-    assert len(biases) == 6 and all(b.lr_scale == 16.0 for b in biases)
-    assert all(not bb.get_layer(b.name[:-5]).center for b in biases)
-    clone = keras.Model.from_config(bb.get_config())
-    assert clone.get_layer("group2_bn1_bias").lr_scale == 16.0
+def test_applications_backbones_train_through_the_fast_layers():
+    from keras_transfer.models import fast
+
+    L = keras.layers
+    expected = {"mobilenet_v2": (L.BatchNormalization, L.Conv2D, L.DepthwiseConv2D, L.ZeroPadding2D),
+                "efficientnet_b0": (L.GlobalAveragePooling2D,),  # squeeze-excite and the pool
+                "resnet": (L.BatchNormalization, L.Conv2D, L.GlobalAveragePooling2D),
+                "airbench": (L.BatchNormalization, L.Conv2D, L.MaxPooling2D)}
+    assert set(fast.FAST_LAYERS) == {cls for classes in expected.values() for cls in classes}
+    for name, classes in expected.items():
+        bb = create_backbone(name, 32, 3)
+        for keras_cls in classes:
+            found = [layer for layer in bb.layers if isinstance(layer, keras_cls)]
+            assert found and all(type(layer) is fast.FAST_LAYERS[keras_cls] for layer in found), (name, keras_cls)
 
 
-def test_airbench_batchnorm_keeps_six_tenths_of_its_statistics_per_step():
-    # airbench94's BatchNorm(momentum=0.6) hands torch momentum=0.4: running = 0.6 running + 0.4 batch.
-    bb = create_backbone("airbench", 16, 3, widths=(8, 8, 8))
-    probe = keras.Model(bb.input, bb.get_layer("group1_pool").output)
-    x = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype("float32")
-    batch_mean = keras.ops.convert_to_numpy(probe(x)).mean(axis=(0, 1, 2))
-    bn = bb.get_layer("group1_bn1")
-    bn.moving_mean.assign(np.ones(8, "float32"))
-    bb(x, training=True)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), 0.6 + 0.4 * batch_mean, rtol=1e-4,
-                               atol=1e-5)
+CONV_CASES = [  # (layer, kernel, strides, padding, dilation, groups or depth multiplier, bias)
+    ("conv", 3, 1, "same", 1, 1, False),
+    ("conv", 3, 2, "same", 1, 1, True),   # odd input, stride 2: padding split unevenly
+    ("conv", 2, 1, "same", 1, 1, False),  # even kernel: extra pixel at the bottom / right
+    ("conv", 3, 1, "same", 2, 1, False),
+    ("conv", 1, 2, "valid", 1, 1, True),
+    ("conv", 3, 1, "valid", 1, 2, False),
+    ("depthwise", 3, 2, "same", 1, 2, True),
+    ("depthwise", 5, 1, "same", 1, 1, False),
+]
 
 
-def test_whitening_bias_is_held_after_its_epochs_and_trains_again_after_fit(tmp_path):
-    from keras_transfer.config import TrainConfig
-    from keras_transfer.data.pipeline import make_input
-    from keras_transfer.train import compile_model, fit
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fast_convolutions_match_keras_outputs_and_gradients(case):
+    """`fast.Conv2D` / `fast.DepthwiseConv2D` (torch: `backend.conv2d`, no layout copies) compute
+    Keras' convolution: outputs on every backend, input and weight gradients on torch."""
+    from keras_transfer import backend
+    from keras_transfer.models import fast
 
-    x, y = tiny_data(32, shape=(16, 16, 3))
-    bb = create_backbone("airbench", 16, 3, widths=(8, 8, 8))
-    model = build_classifier(bb, "airbench", (16, 16, 3), 10, mean=[127.0] * 3, std=[64.0] * 3, head_hidden=0)
-    initialise_from_data(model, "airbench", x)
-    layer = bb.get_layer("whiten_bias")
-    applied, gates, raw = [], [], []
-
-    class Record(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            applied.append(keras.ops.convert_to_numpy(layer(keras.ops.zeros((1, 1, 1, 24))))[0, 0, 0].copy())
-            gates.append(float(keras.ops.convert_to_numpy(layer.gate)))
-            raw.append(keras.ops.convert_to_numpy(layer.bias).copy())
-
-    cfg = TrainConfig(epochs=3, optimizer="sgd", learning_rate=0.5, momentum=0.9, weight_decay=0.01,
-                      schedule="constant", whiten_bias_epochs=1)
-    compile_model(model, cfg, 4)
-    conv_before = keras.ops.convert_to_numpy(bb.get_layer("group1_conv1").kernel).copy()
-    fit(model, make_input(x, y, 8, True, 0), None, cfg, str(tmp_path / "freeze"), extra_callbacks=[Record()])
-    assert gates == [1.0, 0.0, 0.0]
-    assert np.abs(applied[0]).max() > 0  # it trained in epoch 0 ...
-    np.testing.assert_array_equal(applied[1], applied[0])  # ... and was held in epochs 1 and 2,
-    np.testing.assert_array_equal(applied[2], applied[0])
-    assert np.abs(raw[2] - applied[0]).max() > 0  # although decay and momentum still moved the variable
-    conv_after = keras.ops.convert_to_numpy(bb.get_layer("group1_conv1").kernel)
-    assert np.abs(conv_after - conv_before).max() > 0  # while the rest trained
-    # After fit it trains again, holding the value it was frozen at.
-    assert float(keras.ops.convert_to_numpy(layer.gate)) == 1.0
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.bias), applied[2], rtol=1e-6)
+    kind, k, s, padding, d, g, bias = case
+    if kind == "conv":
+        args = dict(filters=6, kernel_size=k, strides=s, padding=padding, dilation_rate=d, groups=g, use_bias=bias)
+        ref, ours = keras.layers.Conv2D(**args), fast.Conv2D(**args)
+    else:
+        args = dict(kernel_size=k, strides=s, padding=padding, dilation_rate=d, depth_multiplier=g, use_bias=bias)
+        ref, ours = keras.layers.DepthwiseConv2D(**args), fast.DepthwiseConv2D(**args)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 7, 6, 4)).astype("float32")
+    for layer in (ref, ours):
+        layer.build(x.shape)
+    ref.set_weights([rng.normal(size=w.shape).astype("float32") for w in ref.get_weights()])
+    ours.set_weights(ref.get_weights())
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_allclose(numpy(ours(x)), numpy(ref(x)), rtol=1e-5, atol=1e-5)
+    direct = backend.conv2d(keras.ops.convert_to_tensor(x), ours.kernel, ours.strides, padding, ours.dilation_rate,
+                            depthwise=kind == "depthwise")
+    assert (direct is not None) == (keras.config.backend() == "torch")
+    if keras.config.backend() != "torch":
+        return
+    w = rng.normal(size=ref(x).shape).astype("float32")
+    grads = [_torch_gradients(layer, x, w) for layer in (ref, ours)]  # x, kernel (, bias)
+    assert len(grads[0]) == 2 + bias
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_freeze_needs_an_airbench_model():
-    with pytest.raises(config_lib.ConfigError, match="whiten_bias_epochs: expected model.name airbench"):
-        config_lib.merge(config_lib.RunConfig(), {"pretrain": {"whiten_bias_epochs": 3}})
-    with pytest.raises(config_lib.ConfigError, match="whiten_bias_epochs: expected null or an integer >= 0"):
-        config_lib.TrainConfig(whiten_bias_epochs=-1)
+@pytest.mark.parametrize("pool,strides,padding", [(2, None, "valid"), (3, 2, "valid"), (2, 1, "same")])
+def test_fast_max_pooling_matches_keras(pool, strides, padding):
+    from keras_transfer.models import fast
+
+    x = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype("float32")
+    ref, ours = (cls(pool, strides=strides, padding=padding) for cls in (keras.layers.MaxPooling2D, fast.MaxPooling2D))
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_array_equal(numpy(ours(x)), numpy(ref(x)))
+    if keras.config.backend() == "torch":  # the gradient goes to the same maxima
+        shape = ref(x).shape
+        w = np.arange(np.prod(shape), dtype="float32").reshape(shape)
+        (g_ref,), (g_ours,) = (_torch_gradients(layer, x, w) for layer in (ref, ours))
+        np.testing.assert_array_equal(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("padding", [1, ((0, 1), (2, 0))])
+def test_fast_zero_padding_matches_keras(padding):
+    from keras_transfer.models import fast
+
+    x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype("float32")
+    ref, ours = keras.layers.ZeroPadding2D(padding), fast.ZeroPadding2D(padding)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours(x)), keras.ops.convert_to_numpy(ref(x)))
+
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_fast_global_average_pooling_matches_keras(dtype, keepdims):
+    """`fast.GlobalAveragePooling2D` (torch: `backend.spatial_mean`, the mean in the batch's own dtype)
+    gives Keras' output on every backend and, on torch, Keras' input gradient, without casting a
+    bfloat16 batch to float32 and back as Keras' torch mean does (passes over the whole activation)."""
+    from keras_transfer import backend
+    from keras_transfer.models import fast
+
+    rng = np.random.default_rng(0)
+    x = keras.ops.cast(rng.normal(size=(3, 5, 4, 6)) * 2 + 1, dtype)
+    ref, ours = (cls(keepdims=keepdims, dtype=dtype)
+                 for cls in (keras.layers.GlobalAveragePooling2D, fast.GlobalAveragePooling2D))
+
+    def numpy(t):
+        return keras.ops.convert_to_numpy(keras.ops.cast(t, "float32"))
+
+    tol = 2.0**-8 if dtype == "bfloat16" else 1e-6  # one bfloat16 rounding step: torch sums in another order
+    np.testing.assert_allclose(numpy(ours(x)), numpy(ref(x)), rtol=tol, atol=tol)
+    assert keras.ops.convert_to_numpy(keras.ops.cast(ours(x), "float32")).shape == ref(x).shape
+    assert keras.backend.standardize_dtype(ours(x).dtype) == dtype
+    if keras.config.backend() != "torch":
+        return
+    import torch
+
+    w = torch.as_tensor(rng.normal(size=tuple(ref(x).shape))).to(x.dtype)
+    grads, counts = [], []
+    for layer in (ref, ours):
+        xt = x.detach().clone().requires_grad_(True)
+        with backend.op_counter() as ops:
+            (layer(xt) * w).sum().backward()
+        grads.append(numpy(xt.grad))
+        counts.append(ops.counts)
+    np.testing.assert_allclose(grads[1], grads[0], rtol=tol, atol=tol)
+    assert "_to_copy" not in counts[1], counts[1]
+    if dtype == "bfloat16":
+        assert counts[0]["_to_copy"] >= 3, counts[0]  # what Keras' mean does
