@@ -262,7 +262,8 @@ def test_evaluate_and_gradcam_read_the_runs_dataset_and_data_root(tmp_path, tiny
     for args in (["evaluate", str(ft)], ["evaluate", str(ft / "pretrain")],
                  ["gradcam", str(ft / "pretrain"), "-n", "2"],
                  # model files inside the run: a strategy's, a checkpoint, pretrain/'s
-                 ["evaluate", str(linear / "model.keras")],
+                 # the same default output as `evaluate ft` (its best strategy): refused, unless --overwrite
+                 ["evaluate", str(linear / "model.keras"), "--overwrite"],
                  ["gradcam", str(linear / "checkpoints" / "best.keras"), "-n", "2", "--out", str(tmp_path / "c.png")],
                  ["evaluate", str(ft / "pretrain" / "model.keras"), "--split", "train"]):
         r = invoke(*args)
@@ -270,6 +271,9 @@ def test_evaluate_and_gradcam_read_the_runs_dataset_and_data_root(tmp_path, tiny
     assert json.load(open(ft / "pretrain" / "eval-mnist-test" / "metrics.json"))["n"] == 100
     assert json.load(open(ft / "pretrain" / "eval-mnist-train" / "metrics.json"))["n"] == 300
     assert json.load(open(linear / "eval-mnist-test" / "metrics.json"))["n"] == 100
+    assert any(n.startswith("eval-mnist-test.old-") for n in os.listdir(linear))  # the earlier result, kept
+    r = CliRunner().invoke(main, ["evaluate", str(linear / "model.keras")])
+    assert r.exit_code == 2 and "exists and is not empty" in r.output
     assert (ft / "pretrain" / "gradcam.png").exists() and (tmp_path / "c.png").exists()
     shutil.copy(linear / "model.keras", tmp_path / "loose.keras")
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "loose.keras")])
@@ -287,7 +291,7 @@ def test_evaluate_and_gradcam_read_the_runs_dataset_and_data_root(tmp_path, tiny
         r = CliRunner().invoke(main, ["evaluate", str(run)])
         err = r.output.strip().splitlines()
         assert r.exit_code == 2 and len(err) == 1 and expected in err[0], r.output
-    r = invoke("evaluate", str(bare), "--dataset", "mnist", "--data-dir", str(root))
+    r = invoke("evaluate", str(bare), "--dataset", "mnist", "--data-dir", str(root), "--overwrite")  # a copied result
     assert r.exit_code == 0, r.output
 
 
