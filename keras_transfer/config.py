@@ -393,6 +393,14 @@ def weights_source(cfg):
     return None if w in (None, "none") or cfg.transfer.pretrained else w
 
 
+def needs_pretraining(cfg):
+    """Whether a fine-tuning run pretrains on ``data.source`` first: not when it starts from a pretrained model
+    (``transfer.pretrained``) or from weights (`weights_source`), nor when ``scratch`` is its only strategy (then
+    nothing transfers and the backbone is built fresh for the target)."""
+    return (cfg.transfer.pretrained is None and not weights_source(cfg)
+            and set(cfg.transfer.strategies) != {"scratch"})
+
+
 def weights_label(weights):
     """``ImageNet`` or the weights file's name, as the report names the source."""
     return "ImageNet" if weights == "imagenet" else os.path.basename(weights)

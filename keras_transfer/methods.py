@@ -13,7 +13,8 @@ Each is a strategy name (`keras_transfer.transfer.STRATEGIES`) and is written wi
   between the backbone and the head that is the identity at inference, like `keras.layers.ActivityRegularization`).
 - ``bitfit`` (Ben Zaken et al., ACL 2022; TinyTL's bias-only tuning, Cai et al., NeurIPS 2020): only the
   backbone's biases (including BatchNorm's shift) and the head train. ``norm-only`` (Frankle, Schwab &
-  Morcos, ICLR 2021): only BatchNorm's scale and shift, and the head. In both the backbone's BatchNorm layers
+  Morcos, ICLR 2021): only BatchNorm's scale and shift (a shift held by a layer of its own, as airbench's,
+  included), and the head. In both the backbone's BatchNorm layers
   run in training mode, so their statistics are re-estimated on the target: a layer whose shift trains
   cannot keep Keras' inference mode, which follows the layer's ``trainable`` flag. The other weights are
   frozen per variable (``variable.trainable = False``).
@@ -89,15 +90,27 @@ def check_surgical_block(blocks, block):
                       f"model ({', '.join(blocks)}). Received: {block!r}")
 
 
-def _is_bias(layer, variable):
+def _is_bias(layer, variable, shifts):
     name = variable.name
     if isinstance(layer, layers.BatchNormalization):
         return name == "beta"
     return name == "bias"
 
 
-def _is_norm(layer, variable):
-    return isinstance(layer, layers.BatchNormalization) and variable.name in ("gamma", "beta")
+def _is_norm(layer, variable, shifts):
+    if isinstance(layer, layers.BatchNormalization):
+        return variable.name in ("gamma", "beta")
+    return layer.name in shifts and variable.name == "bias"
+
+
+def _separate_shifts(backbone):
+    """Names of the layers that hold a BatchNorm layer's shift outside it: a BatchNormalization built with
+    ``center=False`` followed by a layer named ``<its name>_bias`` (airbench's ``group1_bn1`` and
+    ``group1_bn1_bias``, whose learning rate is scaled apart)."""
+    leaves = list(_backbone_layers(backbone))
+    names = {layer.name for layer in leaves}
+    return {f"{layer.name}_bias" for layer in leaves
+            if isinstance(layer, layers.BatchNormalization) and not layer.center and f"{layer.name}_bias" in names}
 
 
 def _backbone_layers(backbone):
@@ -113,10 +126,11 @@ def freeze_variables(backbone, strategy):
 
     Returns the number of backbone weights left trainable."""
     keep = {"bitfit": _is_bias, "norm-only": _is_norm}[strategy]
+    shifts = _separate_shifts(backbone)
     n = 0
     for layer in _backbone_layers(backbone):
         for v in layer.trainable_weights:
-            v.trainable = bool(keep(layer, v))
+            v.trainable = bool(keep(layer, v, shifts))
             n += int(np.prod(v.shape)) if v.trainable else 0
     return n
 

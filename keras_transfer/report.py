@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from keras_transfer import plots, rundir
-from keras_transfer.config import to_dict, weights_label, weights_source
+from keras_transfer.config import needs_pretraining, to_dict, weights_label, weights_source
 from keras_transfer.io import atomic_write_text, read_json, write_json
 
 
@@ -58,6 +58,8 @@ def _pretraining(cfg, run_dir):
     """``(source label, pretrain metrics or None)``: this run's pretraining, or the pretrained model's."""
     if weights_source(cfg):
         return weights_label(weights_source(cfg)), None
+    if cfg.transfer.pretrained is None and not needs_pretraining(cfg):
+        return "none (scratch only)", None
     if cfg.transfer.pretrained is None:
         pre = rundir.metrics_path(rundir.pretrain_dir(run_dir))
         return cfg.data.source, read_json(pre) if os.path.exists(pre) else None
@@ -215,8 +217,10 @@ def _lr_scales_line(cfg, strategies, model_name):
 
 
 def transfer_verdict(results):
-    if "scratch" not in results or len(results) < 2:
+    if "scratch" not in results:
         return "No scratch baseline was run, so this run cannot say whether transfer helped."
+    if len(results) < 2:
+        return "Only scratch was run (no transfer strategy), so this run does not measure transfer."
     base = results["scratch"]["accuracy"]
     others = {s: r["accuracy"] for s, r in results.items() if s != "scratch"}
     best = max(others, key=others.get)

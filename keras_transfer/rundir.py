@@ -4,6 +4,9 @@ A run (``ktransfer pretrain`` / ``finetune``)::
 
     RUN/
       config.yaml              the resolved configuration
+      backbone.weights.h5      the weights a run started from (`keras_transfer.api.finetune` of a model
+                               registered from Python)
+      target.npz               the target images and labels given as arrays (`keras_transfer.api.finetune`)
       summary.json             a finished fine-tuning run's results (its presence: the run finished)
       report.md, report.html   the report
       comparison.png, curves.png, augmentation.png
@@ -47,10 +50,20 @@ STUDY_JSON = "study.json"
 STUDY_RUNS = "runs"
 STUDY_PRETRAIN = "pretrain"
 ERROR = "error.txt"
+BACKBONE_WEIGHTS = "backbone.weights.h5"
+TARGET = "target.npz"
 
 
 def config_path(run_dir):
     return os.path.join(run_dir, CONFIG)
+
+
+def backbone_weights_path(run_dir):
+    return os.path.join(run_dir, BACKBONE_WEIGHTS)
+
+
+def target_path(run_dir):
+    return os.path.join(run_dir, TARGET)
 
 
 def summary_path(run_dir):

@@ -11,7 +11,7 @@ import numpy as np
 from keras_transfer import plots, rundir
 from keras_transfer.backend import defer_tensorflow_import, enable_compilation_cache
 from keras_transfer.baselines import run_baselines
-from keras_transfer.config import weights_label, weights_source
+from keras_transfer.config import needs_pretraining, weights_label, weights_source
 from keras_transfer.data import load_dataset, train_val_test
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input, steps_per_epoch
@@ -312,19 +312,24 @@ def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
     ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)
     m = cfg.model
     weights = weights_source(cfg)
+    source_backbone = None
     if weights:  # the backbone starts from these weights: no pretraining stage
         source_backbone = create_backbone(m.name, m.input_size, m.channels or ds.image_shape[-1], weights,
                                           **m.backbone_options())
         _log(f"backbone {m.name} from {weights_label(weights)} weights; no pretraining stage", echo)
+    elif source_model is None and not needs_pretraining(cfg):  # scratch only: nothing to transfer
+        source_backbone = create_backbone(m.name, m.input_size, m.channels or ds.image_shape[-1], None,
+                                          **m.backbone_options())
+        _log(f"scratch only: {m.name} built fresh for {ds.name}; no pretraining stage", echo)
     if preview and cfg.data.augment != "none":
         augmentation_preview(cfg, ds, rundir.augmentation_path(run_dir))
-    if source_model is None and not weights:
-        pre_dir = rundir.pretrain_dir(run_dir)
-        if resume and os.path.exists(rundir.model_path(pre_dir)):
-            source_model = load_pretrained(pre_dir)
-        else:
-            source_model, _ = pretrain(cfg, pre_dir, echo, resume=resume)
-    if not weights:
+    if source_backbone is None:
+        if source_model is None:
+            pre_dir = rundir.pretrain_dir(run_dir)
+            if resume and os.path.exists(rundir.model_path(pre_dir)):
+                source_model = load_pretrained(pre_dir)
+            else:
+                source_model, _ = pretrain(cfg, pre_dir, echo, resume=resume)
         source_backbone = source_model.get_layer("backbone")
     spec_name = _spec_name_of(source_backbone, m.name)
     set_precision(cfg.finetune.precision)
@@ -443,17 +448,15 @@ def _lp_ft_probe(model, spec_name, cfg, splits, stage_dir, train_features, resum
 
 def _spec_name_of(backbone, configured):
     """The registered name of a loaded backbone: the configured one when its blocks fit."""
-    names = {layer.name for layer in backbone.layers}
-    spec = get_spec(configured)
-    if any(n.startswith(spec.blocks[-1]) for n in names):
+    if get_spec(configured).matches(backbone):
         return configured
     from keras_transfer.models import list_models
 
     for name in list_models():
-        if any(n.startswith(get_spec(name).blocks[-1]) for n in names):
+        if get_spec(name).matches(backbone):
             return name
     raise ConfigError(f"Cannot tell which registered model the pretrained backbone is. Received "
-                      f"layers: {sorted(names)[:5]}...")
+                      f"layers: {sorted(layer.name for layer in backbone.layers)[:5]}...")
 
 
 def augmentation_preview(cfg, ds, path, n_images=4, n_samples=6):

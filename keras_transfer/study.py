@@ -284,7 +284,7 @@ def load_study(path):
         for seed in seeds:
             run_cfg = config_lib.merge(cond_cfg, {"seed": seed})
             pre = None
-            if share and run_cfg.transfer.pretrained is None:
+            if share and config_lib.needs_pretraining(run_cfg):
                 pkey = _pretrain_key(run_cfg)
                 if pkey not in names_of:
                     pcond = {k: condition[k] for k in pretrain_keys}

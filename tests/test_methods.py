@@ -75,6 +75,35 @@ def test_bias_and_norm_only_tuning_move_only_their_variables(strategy, trains):
     assert moved > 0
 
 
+def test_norm_only_trains_the_shift_a_batchnorm_layer_keeps_apart():
+    """airbench's BatchNorm has no shift of its own (center=False): its ``groupI_bnJ_bias`` layer holds it, and
+    norm-only trains those (and bitfit too), not only the head."""
+    from keras_transfer.models import build_classifier, create_backbone
+
+    bb = create_backbone("airbench", 16, 3, widths=(4, 8, 8))
+    shifts = [layer for layer in bb.layers if layer.name.endswith("_bias") and "_bn" in layer.name]
+    assert len(shifts) == 6
+    shift_size = sum(int(np.prod(v.shape)) for layer in shifts for v in layer.weights)
+    counts = {}
+    for strategy in ("linear", "norm-only", "bitfit"):
+        model = build_classifier(create_backbone("airbench", 16, 3, widths=(4, 8, 8)), "airbench", (16, 16, 3),
+                                 10, head_hidden=8)
+        apply_strategy(model, "airbench", strategy)
+        counts[strategy] = parameter_counts(model)[0]
+        if strategy == "norm-only":
+            before = {layer.name: np.array(keras.ops.convert_to_numpy(layer.weights[0]))
+                      for layer in model.get_layer("backbone").layers if layer.name in {s.name for s in shifts}}
+            compile_model(model, TrainConfig(epochs=1, optimizer="sgd", learning_rate=0.5, weight_decay=0.0,
+                                             schedule="constant"), 2)
+            x, y = tiny_data(16, (16, 16, 3))
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+            moved = [n for n, b in before.items() if not np.array_equal(
+                b, keras.ops.convert_to_numpy(model.get_layer("backbone").get_layer(n).weights[0]))]
+            assert moved, "no BatchNorm shift moved under norm-only"
+    assert counts["norm-only"] == counts["linear"] + shift_size
+    assert counts["bitfit"] >= counts["norm-only"]  # the whitening bias is a bias too
+
+
 @pytest.mark.parametrize("position,block", [("first", "stem"), ("middle", "stage2_block1"),
                                             ("last", "stage3_block1"), ("stage1_block1", "stage1_block1")])
 def test_surgical_trains_one_block_and_keeps_the_others_bit_identical(position, block):

@@ -107,6 +107,24 @@ def test_a_tiny_study_writes_ordinary_runs_and_a_report_read_back_from_them(tmp_
     assert read(os.path.join(out, "study.json"))["groups"] == report["groups"]
 
 
+def test_a_scratch_only_study_pretrains_nothing_and_sweeps_the_architecture(tmp_path, digits_npz):
+    """An ablation sweep: only `scratch`, so no run pretrains; architecture keys change the parameter counts."""
+    study = write_study(tmp_path, digits_npz, strategies=["scratch"], seeds=[0],
+                        grid={"model.batch_norm": [True, False], "model.pooling": ["avg", "flatten"]})
+    out = str(tmp_path / "out")
+    r = invoke("study", study, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(os.path.join(out, "pretrain"))
+    runs = os.listdir(os.path.join(out, "runs"))
+    assert len(runs) == 4 and not any(os.path.exists(os.path.join(out, "runs", d, "pretrain")) for d in runs)
+    groups = {g["condition"]: g for g in read(os.path.join(out, "study.json"))["groups"] if g["kind"] == "deep"}
+    params = {c: g["trainable_params"]["mean"] for c, g in groups.items()}
+    assert params["model.batch_norm=False, model.pooling=avg"] < params["model.batch_norm=True, model.pooling=avg"]
+    assert params["model.batch_norm=True, model.pooling=avg"] < params["model.batch_norm=True, model.pooling=flatten"]
+    summary = read(os.path.join(out, "runs", runs[0], "summary.json"))
+    assert summary["source"] == "none (scratch only)" and "does not measure transfer" in summary["verdict"]
+
+
 def test_an_interrupted_study_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, digits_npz, monkeypatch):
     study = write_study(tmp_path, digits_npz, seeds=[0], grid={"transfer.train_last_k": [2]},
                         finetune={"epochs": 2})

@@ -40,6 +40,8 @@ class ModelSpec:
             normalised training images ``x``, run before training from scratch.
         fixed_layers: tuple of str. Layers that no strategy trains (airbench's whitening conv, set
             from the data by ``data_init``).
+        patterns: dict or None. ``{block: (layer-name prefixes)}`` where a block's layers are not named after
+            it (`keras_transfer.api.register_backbone`); None: each block's name is its prefix.
     """
 
     name: str
@@ -53,11 +55,17 @@ class ModelSpec:
     description: str = ""
     data_init: object = None
     fixed_layers: tuple = ()
+    patterns: dict = None
 
     def block_of(self, layer_name):
-        """The block whose name is the longest prefix of ``layer_name``, or ``None``."""
-        matches = [b for b in self.blocks if layer_name.startswith(b)]
-        return max(matches, key=len) if matches else None
+        """The block with the longest prefix of ``layer_name``, or ``None``."""
+        patterns = self.patterns or {b: (b,) for b in self.blocks}
+        matches = [(len(p), b) for b, prefixes in patterns.items() for p in prefixes if layer_name.startswith(p)]
+        return max(matches)[1] if matches else None
+
+    def matches(self, backbone):
+        """Whether ``backbone``'s layers hold this model's last block (a backbone of this model)."""
+        return any(self.block_of(layer.name) == self.blocks[-1] for layer in backbone.layers)
 
     def layer_blocks(self, backbone):
         """Map each backbone layer name to its block, in layer order.
@@ -91,7 +99,7 @@ def get_spec(name):
     return _REGISTRY[name]
 
 
-def _load_weights_file(model, path):
+def load_weights_file(model, path):
     """``model.load_weights(path)``, or a one-line `ConfigError` saying why the file does not fit the model."""
     if path == "imagenet":
         raise ConfigError(f"ImageNet weights exist for keras.applications models only (efficientnet_b0, mobilenet_v2, "
@@ -110,7 +118,7 @@ def _resnet_builder(input_shape, weights=None, widths=(64, 128, 256), blocks_per
 
     model = residual_cnn(input_shape, tuple(widths), blocks_per_stage, batch_norm, dropout, pooling)
     if weights not in (None, "none"):
-        _load_weights_file(model, weights)
+        load_weights_file(model, weights)
     return model
 
 
@@ -129,7 +137,7 @@ def _airbench_builder(input_shape, weights=None, widths=(64, 256, 256), bn_bias_
 
     model = airbench_cnn(input_shape, tuple(widths), bn_bias_lr)
     if weights not in (None, "none"):
-        _load_weights_file(model, weights)
+        load_weights_file(model, weights)
     return model
 
 
