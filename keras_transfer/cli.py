@@ -593,6 +593,78 @@ def predict(target, images, top_k, tta, out, overwrite):
         click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.argument("target", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "onnx"]), default="keras",
+              show_default=True, help="keras: a .keras file of Keras' own layers; savedmodel / onnx: through "
+                                      "Keras' Model.export.")
+@click.option("--strategy", help="The strategy of a run directory to export (default: the best).")
+@click.option("--out", type=click.Path(), help="Where to write it (default: RUN/export/<strategy>.keras, "
+                                               "<strategy>_savedmodel or <strategy>.onnx; a new path).")
+@click.option("--overwrite", is_flag=True, help="Move an existing --out aside.")
+@_fail_cleanly
+def export(target, fmt, strategy, out, overwrite):
+    """Export RUN_DIR's model (or MODEL.keras) to load and predict without keras-transfer installed.
+
+    Raw uint8 images in (the model's input size and channels), class probabilities out; this package's
+    layers are replaced by Keras layers that compute the same at inference.
+    """
+    import numpy as np
+
+    from keras_transfer.export import SUFFIX
+    from keras_transfer.export import export as export_model
+    from keras_transfer.io import check_output, move_aside
+    from keras_transfer.runner import load_pretrained
+
+    if os.path.isfile(target):
+        if strategy:
+            raise KTransferError(f"--strategy names a strategy of a run directory: expected a run directory with "
+                                 f"--strategy. Received: the file {target}")
+        model_path, label = target, os.path.splitext(os.path.basename(target))[0]
+    else:
+        if strategy is None:
+            model_path = _run_model(target)[0]
+        else:
+            model_path = rundir.model_path(rundir.strategy_dir(target, strategy))
+            if not os.path.isfile(model_path):
+                names = rundir.strategy_names(target) if os.path.isdir(target) else []
+                raise KTransferError(f"--strategy: expected one of the run's strategies {names}. Received: "
+                                     f"{strategy!r}")
+        label = os.path.basename(os.path.dirname(model_path))
+        if label == rundir.PRETRAIN or not os.path.basename(os.path.dirname(os.path.dirname(model_path))) \
+                == rundir.STRATEGIES:
+            label = "model"
+    if out is None:
+        base = target if not os.path.isfile(target) else os.path.dirname(os.path.abspath(target))
+        out = os.path.join(base, "export", label + (SUFFIX[fmt] or "_savedmodel"))
+    kind = "directory" if fmt == "savedmodel" else "file"
+    check_output(out, overwrite, kind)
+    model = load_pretrained(model_path)
+    parent = os.path.dirname(os.path.abspath(out))
+    made = not os.path.isdir(parent)
+    os.makedirs(parent, exist_ok=True)
+    stem, suffix = (out[:-len(SUFFIX[fmt])], SUFFIX[fmt]) if SUFFIX[fmt] and out.endswith(SUFFIX[fmt]) else (out, "")
+    tmp = f"{stem}.tmp-{os.getpid()}{suffix}"  # written whole, then put in place: an earlier export is moved aside
+    try:
+        portable = export_model(model, tmp, fmt)
+        move_aside(out)
+        os.replace(tmp, out)
+    except BaseException:
+        import shutil
+
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        if made and not os.listdir(parent):
+            os.rmdir(parent)
+        raise
+    x = np.zeros((1, *model.input.shape[1:]), "uint8")
+    p = np.asarray(portable.predict(x, verbose=0))
+    click.echo(f"exported {model_path} -> {out} ({fmt}): input uint8 {tuple(model.input.shape[1:])}, "
+               f"output {p.shape[1]} class probabilities; loads without keras-transfer")
+
+
 def _class_names(model_path, n):
     """Class names from the ``metrics.json`` of the run stage that wrote ``model_path`` (beside it, or above
     its ``checkpoints/``); the class indices when there is none or it does not match the model's ``n``."""
