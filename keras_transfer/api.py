@@ -289,7 +289,8 @@ def finetune(model, target, out=None, *, strategies=("scratch", "linear", "parti
         strategies = strategies.split(",")
     cfg = config_lib.with_model(config_lib.RunConfig(), name)
     cfg = config_lib.merge(cfg, {**sections, "seed": seed,
-                                 "transfer": {**sections.get("transfer", {}), "strategies": list(strategies)}})
+                                 "transfer": {**sections.get("transfer", {}), "strategies": list(strategies)}},
+                           keep_none=True)
     existed = out is not None and os.path.isdir(out) and not os.listdir(out)
     run_dir = new_run_dir(out, "finetune", overwrite)
     written = []

@@ -170,7 +170,7 @@ def _resolve(config_path, o, stage="finetune", **transfer):
         "seed": o.get("seed"),
     }
     if o.get("fraction") is not None and o.get("per_class") is None:
-        cfg = config_lib.merge(cfg, {"data": {"per_class": None}})
+        cfg = config_lib.merge(cfg, {"data": {"per_class": None}}, keep_none=True)
     if o.get("model_name"):
         cfg = config_lib.with_model(cfg, o["model_name"])
     return config_lib.absolute_paths(config_lib.merge(cfg, overrides))
@@ -746,7 +746,9 @@ def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_ru
                        f"[{states[study_lib.pretrain_path(out, name)]}]")
         for r in st.runs:
             c = study_lib.run_config(st, r, out)
-            click.echo(f"  run {r.name}: {r.label or '(base)'}, seed {r.seed}; {c.data.source} -> {c.data.target}, "
+            source = (config_lib.weights_label(config_lib.weights_source(c)) if config_lib.weights_source(c)
+                      else c.data.source if config_lib.needs_pretraining(c) or c.transfer.pretrained else "none")
+            click.echo(f"  run {r.name}: {r.label or '(base)'}, seed {r.seed}; {source} -> {c.data.target}, "
                        f"{c.data.per_class or 'all'} per class, {c.model.name}, {c.finetune.epochs} epochs, "
                        f"{','.join(c.transfer.strategies)}" + (f", from pretrain/{r.pretrain}" if r.pretrain else "")
                        + f" [{states[study_lib.run_path(out, r)]}]")

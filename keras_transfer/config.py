@@ -331,14 +331,17 @@ def _coerce(cls, section, values):
     return out
 
 
-def merge(config, overrides):
-    """Return ``config`` with ``overrides`` applied: ``{"data": {...}, "seed": 1}``; None values skipped."""
+def merge(config, overrides, keep_none=False):
+    """Return ``config`` with ``overrides`` applied: ``{"data": {...}, "seed": 1}``.
+
+    None values are skipped (a command-line option not given), unless ``keep_none``: then they set the key to
+    None, as ``null`` does in a YAML file (``data.per_class: null``, every training image)."""
     top = {}
     for key, value in overrides.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"Section [{key}]: expected a mapping of keys. Received: {value!r}")
-            values = {k: v for k, v in value.items() if v is not None}
+            values = {k: v for k, v in value.items() if v is not None or keep_none}
             values = _coerce(SECTIONS[key], key, values)
             try:
                 top[key] = dataclasses.replace(getattr(config, key), **values)
@@ -374,7 +377,7 @@ def read_yaml_mapping(path, what="YAML config file", holds="sections"):
 def load(path, base=None):
     """Read a YAML config file on top of ``base`` (default: `RunConfig()`)."""
     data = read_yaml_mapping(path)
-    return merge(base or RunConfig(), data)
+    return merge(base or RunConfig(), data, keep_none=True)
 
 
 def with_model(config, name):

@@ -201,12 +201,12 @@ def load_study(path):
     elif isinstance(base, str):
         cfg = config_lib.load(base if os.path.isabs(base) else os.path.join(here, base))
     elif isinstance(base, dict):
-        cfg = config_lib.merge(config_lib.RunConfig(), base)
+        cfg = config_lib.merge(config_lib.RunConfig(), base, keep_none=True)
     else:
         _fail(path, f"base: expected a --config file or a mapping of sections. Received: {base!r}")
     sections = {k: v for k, v in doc.items() if k in config_lib.SECTIONS}
     if sections:
-        cfg = config_lib.merge(cfg, sections)
+        cfg = config_lib.merge(cfg, sections, keep_none=True)
     strategies = doc.get("strategies")
     if strategies is not None:
         if isinstance(strategies, str):
@@ -398,7 +398,7 @@ def execute(task):
 
     d, t0 = task["dir"], time.perf_counter()
     try:
-        cfg = config_lib.merge(config_lib.RunConfig(), task["config"])
+        cfg = config_lib.merge(config_lib.RunConfig(), task["config"], keep_none=True)
         resume = os.path.isfile(rundir.config_path(d))
         os.makedirs(d, exist_ok=True)
         if os.path.exists(rundir.error_path(d)):
