@@ -35,6 +35,7 @@ from keras_transfer import rundir
 from keras_transfer.errors import ConfigError, KTransferError
 from keras_transfer.io import atomic_write_bytes, new_run_dir, remove_created
 from keras_transfer.models import build_classifier, create_backbone, get_spec, register_model
+from keras_transfer.models.blocks import derive_blocks
 from keras_transfer.models.registry import ModelSpec, load_weights_file
 from keras_transfer.transfer import STRATEGIES, parameter_counts
 from keras_transfer.transfer import apply_strategy as _apply_strategy
@@ -43,65 +44,8 @@ __all__ = ["RunConfig", "apply_strategy", "classifier", "derive_blocks", "finetu
            "register_backbone"]
 
 RunConfig = config_lib.RunConfig
-VALUE_RANGES = ("unit", "0-255", "-1-1", "caffe")
-_STATISTICS = ("mean", "variance", "count", "moving_mean", "moving_variance")
+VALUE_RANGES = ("unit", "0-255", "-1-1", "torch", "caffe")
 _OWN = {}  # name -> the user's model, whose weights `finetune` starts from
-
-
-def _block_key(name):
-    """The block a layer name announces: its tokens up to the first with a digit (``block1a_dwconv`` ->
-    ``block1``, ``conv2_block1_1_conv`` -> ``conv2``, ``block_3_expand`` -> ``block_3_``), else its first token
-    (``stem_conv`` -> ``stem``)."""
-    tokens = name.split("_")
-    for i, t in enumerate(tokens):
-        if re.search(r"\d", t):
-            t = re.sub(r"(\d+)[A-Za-z]+$", r"\1", t)  # EfficientNet's sub-blocks (block1a, block1b) are one block
-            key = "_".join(tokens[:i] + [t])
-            return key + "_" if t.isdigit() and i + 1 < len(tokens) else key
-    return tokens[0]
-
-
-def _learns(layer):
-    """Whether a layer has weights a strategy would train (statistics such as BatchNorm's or a
-    Normalization layer's are not)."""
-    return any(v.name not in _STATISTICS for v in layer.weights)
-
-
-def derive_blocks(model):
-    """Block names (layer-name prefixes, input to output) derived from ``model``'s layer names.
-
-    Consecutive layers that announce the same block (`_block_key`), or whose name contains the block before
-    them (MobileNetV2's ``bn_Conv1`` after ``Conv1``), form one block; a run of layers without weights
-    (padding, pooling, activations, the input) joins the block before it. keras.applications' EfficientNet
-    gives ``stem, block1 .. block7, top``; ResNet50 ``conv1 .. conv5``; VGG16 ``block1 .. block5``;
-    MobileNetV2 ``Conv1, expanded, block_1_ .. block_16_, Conv_1``.
-
-    Raises:
-        ConfigError: when a block's layers are not contiguous in the model's layer order, or no layer has
-            weights: name the blocks yourself (``register_backbone(blocks=...)``).
-    """
-    groups = []  # [key, learns, [layer names]]
-    for layer in model.layers:
-        name = layer.name
-        last = groups[-1][0] if groups else None
-        key = last if last and re.search(rf"(^|_){re.escape(last.rstrip('_'))}(_|$)", name) else _block_key(name)
-        if groups and key == last:
-            groups[-1][1] |= _learns(layer)
-            groups[-1][2].append(name)
-        else:
-            groups.append([key, _learns(layer), [name]])
-    blocks = []
-    for key, learns, names in groups:
-        if not learns:
-            continue
-        if key in blocks and key != blocks[-1]:
-            raise ConfigError(f"Could not derive blocks from the layer names of {model.name}: expected each block's "
-                              f"layers together, in order. Received: {key!r} again at {names[0]!r}; pass blocks=")
-        if key not in blocks:
-            blocks.append(key)
-    if not blocks:
-        raise ConfigError(f"Could not derive blocks of {model.name}: expected layers with weights. Received none")
-    return tuple(blocks)
 
 
 def _patterns(blocks, model):
@@ -152,8 +96,8 @@ def register_backbone(name, model, *, blocks=None, value_range="unit", gradcam_l
             block before it), or ``{block name: [prefixes]}``.
         value_range: what the model's input expects, applied inside the classifier: ``unit`` (0..1, normalised
             with the training images' channel mean and sd), ``0-255`` (the model normalises itself, as
-            keras.applications' EfficientNet), ``-1-1`` (MobileNetV2's), ``caffe`` (BGR minus ImageNet's mean:
-            ResNet50's and VGG16's).
+            keras.applications' EfficientNet), ``-1-1`` (MobileNetV2's), ``torch`` (0..1 normalised with ImageNet's
+            channel mean and sd: DenseNet's), ``caffe`` (BGR minus ImageNet's mean: ResNet50's and VGG16's).
         gradcam_layer: str or None. The layer whose feature map Grad-CAM reads (default: the last 4-D output).
 
     Returns:

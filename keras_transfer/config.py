@@ -125,7 +125,9 @@ class ModelConfig:
     head_dropout: float = 0.2
 
     def __post_init__(self):
-        get_spec(self.name)  # an unknown model is refused before any run directory
+        # an unknown model is refused before any run directory; another spelling (EfficientNetB0) is the
+        # registered name (efficientnet_b0)
+        object.__setattr__(self, "name", get_spec(self.name).name)
         check_ranges("model", self, (
             ("input_size", lambda v: v is None or is_number(v, True) and v >= 1, "null or an integer >= 1"),
             ("channels", lambda v: v in (None, 1, 3) and not isinstance(v, bool), "null, 1 (grey) or 3 (RGB)"),
@@ -383,10 +385,10 @@ def load(path, base=None):
 def with_model(config, name):
     """``config`` with backbone ``name`` and, when it is another model than the config's, that model's own
     default input side and channels (the config's were chosen for its own model)."""
-    if name == config.model.name:
-        return config
     spec = get_spec(name)
-    return merge(config, {"model": {"name": name, "input_size": spec.default_size, "channels": spec.channels}})
+    if spec.name == config.model.name:
+        return config
+    return merge(config, {"model": {"name": spec.name, "input_size": spec.default_size, "channels": spec.channels}})
 
 
 def weights_source(cfg):

@@ -86,7 +86,7 @@ def test_blocks_given_as_prefixes_or_a_mapping():
     ({"blocks": ["stage2", "stem"]}, "in order from the input"),
     ({"blocks": ["stem", "nothing"]}, "'nothing' matches none"),
     ({"blocks": "stem"}, "expected None (derived from the layer names)"),
-    ({"value_range": "0-1"}, "value_range: expected one of unit, 0-255, -1-1, caffe"),
+    ({"value_range": "0-1"}, "value_range: expected one of unit, 0-255, -1-1, torch, caffe"),
     ({"name": "resnet"}, "'resnet' is a built-in model"),
     ({"name": "has space"}, "expected a name of letters"),
 ])

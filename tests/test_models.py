@@ -139,3 +139,24 @@ def test_a_frozen_spatial_dropout_stays_frozen_through_save_and_load(tmp_path):
     # A config saved before the fix has no "trainable": the layer loads trainable, as it did then.
     config = {k: v for k, v in drop.get_config().items() if k != "trainable"}
     assert FreezableSpatialDropout2D.from_config(config).trainable is True
+
+
+def test_any_keras_applications_model_by_name_with_derived_blocks_and_its_input_contract():
+    """A keras.applications model the registry does not list (MobileNet v1) works by name: blocks from its layer
+    names, the input contract read from its preprocess_input (-1..1), a classifier that builds and trains only its
+    last block under `partial`; another spelling of a registered model is that model."""
+    from keras_transfer.config import RunConfig, merge
+    from keras_transfer.models import build_classifier, create_backbone, get_spec
+    from keras_transfer.transfer import apply_strategy
+
+    spec = get_spec("mobilenet")
+    assert spec.value_range == "-1-1" and spec.blocks[0] == "conv1" and spec.blocks[-1] == "conv_pw_13"
+    assert spec.gradcam_layer == "conv_pw_13_relu"
+    backbone = create_backbone("mobilenet", 32, 3)
+    model = build_classifier(backbone, "mobilenet", (32, 32, 3), 4, head_hidden=0)
+    assert model.get_layer("pre_scale").offset == -1.0
+    apply_strategy(model, "mobilenet", "partial", train_last_k=1)
+    bb = model.get_layer("backbone")
+    assert bb.get_layer("conv_pw_13").trainable and not bb.get_layer("conv_pw_12").trainable
+    assert get_spec("EfficientNetB0") is get_spec("efficientnet_b0")
+    assert merge(RunConfig(), {"model": {"name": "VGG16"}}).model.name == "vgg16"

@@ -121,6 +121,10 @@ def build_classifier(backbone, spec_name, image_shape, num_classes, *, mean=None
         x = layers.Normalization(mean=mean.tolist(), variance=(std ** 2).tolist(), name="pre_norm")(x)
     elif spec.value_range == "-1-1":
         x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="pre_scale")(x)
+    elif spec.value_range == "torch":  # ImageNet's channel mean and sd on the 0..1 scale
+        x = layers.Rescaling(1.0 / 255.0, name="pre_scale")(x)
+        x = layers.Normalization(mean=[0.485, 0.456, 0.406], variance=[0.229 ** 2, 0.224 ** 2, 0.225 ** 2],
+                                 name="pre_norm")(x)
     elif spec.value_range == "caffe":
         x = ReverseChannels(name="pre_bgr")(x)
         x = layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0, 1.0, 1.0],

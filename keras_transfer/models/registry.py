@@ -11,10 +11,12 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import sys
 import warnings
 
 import keras
+import numpy as np
 
 from keras_transfer.errors import ConfigError
 from keras_transfer.models import fast
@@ -31,7 +33,8 @@ class ModelSpec:
         default_size: int. Default input side.
         min_size: int. Smallest input side the architecture accepts.
         channels: int. Channels of the backbone input (RGB = 3).
-        value_range: str. ``unit`` (0..1 then mean/std normalised) or ``0-255``
+        value_range: str. ``unit`` (0..1 then mean/std normalised), ``-1-1``, ``torch`` (0..1 normalised with
+            ImageNet's channel mean and sd), ``caffe`` (BGR minus ImageNet's mean) or ``0-255``
             (the backbone normalises inside, as keras.applications EfficientNet).
         blocks: tuple of str. Layer-name prefixes of the blocks, input to output.
         gradcam_layer: str. Output of the last spatial layer (Grad-CAM target).
@@ -94,9 +97,72 @@ def list_models():
 
 
 def get_spec(name):
+    """The registered model ``name``; any other keras.applications model by name (`application_spec`)."""
+    if name not in _REGISTRY and isinstance(name, str):  # EfficientNetB0 is efficientnet_b0
+        same = [n for n in _REGISTRY if n.replace("_", "").lower() == name.replace("_", "").lower()]
+        if same:
+            return _REGISTRY[same[0]]
     if name not in _REGISTRY:
-        raise ConfigError(f"Unknown model: expected one of {list_models()}. Received: {name!r}")
+        spec = application_spec(name) if isinstance(name, str) else None
+        if spec is None:
+            raise ConfigError(f"Unknown model: expected one of {list_models()} or a keras.applications model "
+                              f"(e.g. DenseNet121, convnext_tiny). Received: {name!r}")
+        register_model(spec)
     return _REGISTRY[name]
+
+
+def _application_fn(name):
+    """The keras.applications function that ``name`` names, ignoring case and underscores (``densenet121``,
+    ``convnext_tiny``, ``EfficientNetV2B0``), or None."""
+    key = name.replace("_", "").lower()
+    for fn in dir(keras.applications):
+        if fn[:1].isupper() and fn.lower() == key and callable(getattr(keras.applications, fn)):
+            return fn
+    return None
+
+
+_PROBE = np.array([[[[0.0, 127.5, 255.0], [10.0, 20.0, 30.0]]]], "float32")
+VALUE_RANGES = {
+    "0-255": lambda x: x,
+    "-1-1": lambda x: x / 127.5 - 1.0,
+    "torch": lambda x: (x / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),
+    "caffe": lambda x: x[..., ::-1] - np.array([103.939, 116.779, 123.68]),
+}
+
+
+def _value_range_of(fn_name):
+    """The input contract of a keras.applications model, read from what its module's ``preprocess_input`` does
+    to a probe image: ``0-255`` (the model normalises inside), ``-1-1``, ``torch`` (ImageNet mean and sd) or
+    ``caffe``."""
+    module = getattr(keras.applications, getattr(keras.applications, fn_name).__module__.rsplit(".", 1)[-1], None)
+    preprocess = getattr(module, "preprocess_input", None)
+    if preprocess is None:
+        raise ConfigError(f"keras.applications.{fn_name}: expected a preprocess_input beside it. Received: none")
+    out = np.asarray(keras.ops.convert_to_numpy(preprocess(_PROBE.copy())))
+    for value_range, f in VALUE_RANGES.items():
+        if out.shape == _PROBE.shape and np.allclose(out, f(_PROBE), atol=1e-3):
+            return value_range
+    raise ConfigError(f"keras.applications.{fn_name}: expected its preprocess_input to be one of "
+                      f"{', '.join(VALUE_RANGES)}. Received: another transform")
+
+
+def application_spec(name):
+    """A `ModelSpec` for any keras.applications model by name (None when there is none): blocks derived from its
+    layer names (`keras_transfer.models.blocks.derive_blocks`), the input contract read from its
+    ``preprocess_input``, default input 224×224 RGB, Grad-CAM on its last feature map. Weights: ImageNet
+    through Keras' own download, or a local file."""
+    fn_name = _application_fn(name)
+    if fn_name is None:
+        return None
+    from keras_transfer.models.blocks import derive_blocks
+
+    fn = getattr(keras.applications, fn_name)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fn(include_top=False, weights=None, input_shape=(224, 224, 3))
+    maps = [layer.name for layer in model.layers if len(getattr(layer.output, "shape", ())) == 4]
+    return ModelSpec(name, _applications_builder(fn_name, None), 224, 32, 3, _value_range_of(fn_name),
+                     derive_blocks(model), maps[-1], f"keras.applications {fn_name} (blocks from its layer names)")
 
 
 def load_weights_file(model, path):
@@ -173,9 +239,11 @@ def _applications_builder(fn_name, file_name):
             if w == "imagenet":
                 home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
                 cache = os.path.join(home, "models")  # where keras.utils.get_file keeps it
+                named = re.search(r"/([^/\s:]+\.h5)", str(e))  # Keras' error names the URL it fetched
+                name = file_name or (named.group(1) if named else "the file of the URL below")
                 raise ConfigError(
                     f"ImageNet weights for {fn_name} could not be loaded (offline?): place "
-                    f"{file_name} in {cache} or pass --weights PATH. Received: "
+                    f"{name} in {cache} or pass --weights PATH. Received: "
                     f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
             raise ConfigError(f"Could not build {fn_name} with weights={w!r} and input "
                               f"{tuple(input_shape)}. Received: {type(e).__name__}: "
