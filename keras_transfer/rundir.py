@@ -16,7 +16,8 @@ A run (``ktransfer pretrain`` / ``finetune``)::
 A stage::
 
     STAGE/
-      model.keras, metrics.json, history.csv, checkpoints/{last,best}.keras, *.png
+      model.keras, metrics.json, history.csv, *.png
+      checkpoints/{last,best}.keras, checkpoints/rng.npz, checkpoints/plateau.json   (for resume)
 
 A study (``ktransfer study``)::
 
@@ -50,12 +51,24 @@ STUDY_JSON = "study.json"
 STUDY_RUNS = "runs"
 STUDY_PRETRAIN = "pretrain"
 ERROR = "error.txt"
+RNG_STATE = "rng.npz"
+PLATEAU_STATE = "plateau.json"
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 TARGET = "target.npz"
 
 
 def config_path(run_dir):
     return os.path.join(run_dir, CONFIG)
+
+
+def rng_state_path(stage_dir):
+    """The random-generator states of the stage's last checkpoint (`keras_transfer.train.SeedState`)."""
+    return os.path.join(stage_dir, CHECKPOINTS, RNG_STATE)
+
+
+def plateau_state_path(stage_dir):
+    """The plateau schedule's state at the last checkpoint (`keras_transfer.train.ResumablePlateau`)."""
+    return os.path.join(stage_dir, CHECKPOINTS, PLATEAU_STATE)
 
 
 def backbone_weights_path(run_dir):

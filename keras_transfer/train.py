@@ -16,7 +16,7 @@ from keras_transfer.backend import avoid_device_syncs
 from keras_transfer.config import PRECISIONS, SCHEDULES, check_lookahead
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
-from keras_transfer.io import load_model, save_model
+from keras_transfer.io import load_model, read_json, save_model, write_json
 from keras_transfer.models.fast import use_channels_last_kernels
 from keras_transfer.models.graph import use_direct_calls
 
@@ -336,10 +336,10 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     half-written checkpoint. ``last.keras`` holds the optimizer state (for resume).
     """
 
-    def __init__(self, directory, monitor="val_accuracy"):
+    def __init__(self, directory, monitor="val_accuracy", best=-math.inf):
         super().__init__()
         self.directory, self.monitor = directory, monitor
-        self.best = -math.inf
+        self.best = best  # a resumed stage's best so far, so best.keras is not replaced by a worse epoch
 
     def on_epoch_end(self, epoch, logs=None):
         save_model(self.model, os.path.join(self.directory, rundir.LAST))
@@ -347,6 +347,28 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         if value is not None and value > self.best:
             self.best = value
             save_model(self.model, os.path.join(self.directory, rundir.BEST))
+
+
+class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
+    """``keras.callbacks.ReduceLROnPlateau`` whose state (the best value so far, the epochs waited, the cooldown)
+    is written beside the checkpoint each epoch and read back when a stage resumes, so a resumed stage cuts its
+    learning rate at the epoch an uninterrupted one does (Keras' callback starts afresh in every ``fit``). It runs
+    before `AtomicCheckpoint`, so ``last.keras`` holds the rate of the next epoch."""
+
+    def __init__(self, path, restore=False, **kwargs):
+        super().__init__(**kwargs)
+        self.path, self.restore_on_begin = path, restore
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.restore_on_begin and os.path.exists(self.path):
+            state = read_json(self.path)
+            self.best, self.wait, self.cooldown_counter = state["best"], state["wait"], state["cooldown_counter"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        write_json(self.path, {"epoch": int(epoch), "best": float(self.best), "wait": int(self.wait),
+                               "cooldown_counter": int(self.cooldown_counter)})
 
 
 class SeedState(keras.callbacks.Callback):
@@ -476,14 +498,17 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     """
     os.makedirs(stage_dir, exist_ok=True)
     ckpt = os.path.join(stage_dir, rundir.CHECKPOINTS)
-    callbacks = [EpochTimer(), LearningRateLog(), AtomicCheckpoint(ckpt),
-                 SeedState(os.path.join(ckpt, "rng.npz"), initial_epoch > 0),
-                 HistoryLogger(rundir.history_path(stage_dir), append=initial_epoch > 0),
+    resumed = initial_epoch > 0
+    earlier = read_history(rundir.history_path(stage_dir)).get("val_accuracy", [])[:initial_epoch] if resumed else []
+    plateau = [ResumablePlateau(rundir.plateau_state_path(stage_dir), resumed, monitor="val_loss", factor=0.5,
+                                patience=2, min_lr=1e-6)] if cfg.schedule == "plateau" else []
+    callbacks = [EpochTimer(), LearningRateLog(), *plateau,
+                 AtomicCheckpoint(ckpt, best=max((v for v in earlier if v == v), default=-math.inf)),
+                 SeedState(rundir.rng_state_path(stage_dir), resumed),
+                 HistoryLogger(rundir.history_path(stage_dir), append=resumed),
                  *extra_callbacks]
     if cfg.whiten_bias_epochs is not None:
         callbacks.append(FreezeBias.for_model(model, cfg.whiten_bias_epochs))
-    if cfg.schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6))
     if cfg.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=cfg.early_stopping,
                                                        mode="max", restore_best_weights=True))

@@ -49,6 +49,47 @@ def test_resume_reaches_the_same_weights(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "part" / "checkpoints") if f.startswith(".tmp")]
 
 
+@pytest.mark.parametrize("strategy", ["partial", "full"])
+def test_a_stage_resumed_under_the_plateau_schedule_cuts_its_rate_where_an_uninterrupted_one_does(tmp_path, strategy,
+                                                                                                  monkeypatch):
+    """The main job's fine-tuning schedule (plateau) on a partial stage (frozen blocks, BatchNorm in inference mode)
+    and a full one: interrupted after epoch 4 of 7 and resumed, the weights, losses and learning rates equal an
+    uninterrupted stage's (the plateau's waiting count and best value were lost on resume before 2026-12-07). No
+    epoch counts as an improvement after the first here (min_delta), so the rate is cut after epochs 3 and 5, and
+    a resume that forgot the count would cut it later."""
+    from keras_transfer import train
+    from keras_transfer.transfer import apply_strategy
+
+    class Strict(train.ResumablePlateau):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "min_delta": 1e9})
+
+    monkeypatch.setattr(train, "ResumablePlateau", Strict)
+    cfg = TrainConfig(epochs=7, optimizer="adam", learning_rate=0.01, weight_decay=1e-4, schedule="plateau")
+    x, y = tiny_data(32)
+    xv, yv = tiny_data(16, seed=1)
+
+    def run(stage, epochs):
+        keras.utils.set_random_seed(0)
+        model = tiny_model(augment=augmentation_layers("mild", 1, seed=0))
+        apply_strategy(model, "resnet", strategy)
+        compile_model(model, cfg, 4)
+        fit(model, make_input(x, y, 8, True, 0), make_input(xv, yv, 8, False), cfg, stage, epochs=epochs)
+        return model
+
+    whole = run(str(tmp_path / "whole"), 7)
+    run(str(tmp_path / "part"), 4)
+    model, start = resume_state(str(tmp_path / "part"))
+    fit(model, make_input(x, y, 8, True, 0, initial_epoch=start), make_input(xv, yv, 8, False), cfg,
+        str(tmp_path / "part"), initial_epoch=start)
+    for a, b in zip(whole.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    h1, h2 = (read_history(str(tmp_path / d / "history.csv")) for d in ("whole", "part"))
+    np.testing.assert_allclose(h1["learning_rate"], h2["learning_rate"], rtol=1e-6)
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-4)
+    np.testing.assert_allclose(h1["learning_rate"], [0.01] * 3 + [0.005] * 2 + [0.0025] * 2, rtol=1e-6)
+
+
 def test_resuming_a_history_without_a_learning_rate_column_keeps_its_columns(tmp_path):
     stage = tmp_path / "old"
     _run(str(stage), 2)
