@@ -534,7 +534,13 @@ def resume_state(stage_dir):
     if not os.path.exists(last):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
     avoid_device_syncs()
-    model = use_direct_calls(load_model(last))  # fit() restores the RNG states from checkpoints/rng.npz
+    try:
+        model = load_model(last)
+    except Exception as e:  # noqa: BLE001 - a damaged file, whatever Keras or the zip reader raises
+        raise ConfigError(f"Cannot resume: expected a Keras model file at {last} (the stage's last checkpoint; remove "
+                          f"it to restart the stage). Received: a damaged file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    model = use_direct_calls(model)  # fit() restores the RNG states from checkpoints/rng.npz
     use_channels_last_kernels(model)  # torch eager: as compile_model lays them out, optimizer slots too
     history = read_history(rundir.history_path(stage_dir))
     return model, len(history.get("epoch", []))

@@ -90,6 +90,19 @@ def test_a_stage_resumed_under_the_plateau_schedule_cuts_its_rate_where_an_unint
     np.testing.assert_allclose(h1["learning_rate"], [0.01] * 3 + [0.005] * 2 + [0.0025] * 2, rtol=1e-6)
 
 
+def test_a_damaged_last_checkpoint_is_one_line_naming_the_file(tmp_path):
+    stage = str(tmp_path / "stage")
+    _run(stage, 1)
+    last = os.path.join(stage, "checkpoints", "last.keras")
+    data = open(last, "rb").read()
+    with open(last, "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated, as a disk that filled up leaves it
+    expected = r"^Cannot resume: expected a Keras model file at .*last\.keras .*damaged"
+    with pytest.raises(ConfigError, match=expected) as e:
+        resume_state(stage)
+    assert "\n" not in str(e.value)
+
+
 def test_resuming_a_history_without_a_learning_rate_column_keeps_its_columns(tmp_path):
     stage = tmp_path / "old"
     _run(str(stage), 2)
