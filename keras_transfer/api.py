@@ -107,8 +107,13 @@ def register_backbone(name, model, *, blocks=None, value_range="unit", gradcam_l
 
     if not (isinstance(name, str) and re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name)):
         raise ConfigError(f"register_backbone: expected a name of letters, digits, '.', '_', '-'. Received: {name!r}")
-    if name in list_models() and name not in _OWN:
-        raise ConfigError(f"register_backbone: expected a new name; {name!r} is a built-in model")
+    from keras_transfer.models.registry import _application_fn
+
+    norm = name.replace("_", "").lower()
+    if name not in _OWN and (_application_fn(name) or any(
+            n.replace("_", "").lower() == norm and n not in _OWN for n in list_models())):
+        raise ConfigError(f"register_backbone: expected a new name; {name!r} is a built-in or keras.applications "
+                          f"model")
     if not isinstance(model, keras.Model) or not hasattr(model, "input") or isinstance(model.input, (list, dict)):
         raise ConfigError(f"register_backbone: expected a functional keras.Model with one image input. Received: "
                           f"{type(model).__name__}")
@@ -138,9 +143,9 @@ def register_backbone(name, model, *, blocks=None, value_range="unit", gradcam_l
 
     spec = ModelSpec(name, build, size, size, channels, value_range, names, gradcam_layer,
                      f"registered from Python: {model.name}", patterns=patterns)
-    # Each block must hold a layer; the blocks in order from the input.
+    # Given blocks: each must hold a layer, in order from the input (derived ones are checked by derive_blocks).
     order = [spec.block_of(layer.name) for layer in model.layers]
-    firsts = [order.index(b) if b in order else None for b in names]
+    firsts = [order.index(b) if b in order else None for b in names] if blocks is not None else [0]
     if None in firsts:
         raise ConfigError(f"blocks: expected each block to match a layer of {model.name}. Received: "
                           f"{names[firsts.index(None)]!r} matches none")
@@ -161,8 +166,8 @@ def classifier(model, image_shape, num_classes, *, head_hidden=256, head_dropout
     ``image_shape`` in, logits out; resizing, channel adaptation and the backbone's normalisation inside. A
     backbone registered from Python starts from that model's current weights; a built-in one is freshly
     initialised."""
-    name = _spec_name(model)
-    spec = get_spec(name)
+    spec = get_spec(_spec_name(model))
+    name = spec.name
     backbone = create_backbone(name, spec.default_size, spec.channels)
     if name in _OWN:
         backbone.set_weights(_backbone(_OWN[name]).get_weights())
@@ -188,9 +193,13 @@ def _target(target, run_dir):
         raise ConfigError(f"target: expected a dataset name or (x, y[, class_names]). Received: "
                           f"{type(target).__name__}")
     x, y = np.asarray(target[0]), np.asarray(target[1])
-    if x.ndim not in (3, 4) or x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y):
-        raise ConfigError(f"target: expected uint8 images (N, H, W[, C]) and N integer labels. Received: x "
-                          f"{x.dtype} {x.shape}, y {y.dtype} {y.shape}")
+    if (x.ndim not in (3, 4) or x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y)
+            or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0)):
+        raise ConfigError(f"target: expected uint8 images (N, H, W[, C]) and N integer labels >= 0. Received: x "
+                          f"{x.dtype} {x.shape}, y {y.dtype} {y.shape}" + (f" from {y.min()}" if y.size else ""))
+    if len(target) == 3 and len(target[2]) <= int(y.max(initial=0)):
+        raise ConfigError(f"target: expected a class name for every label 0..{int(y.max())}. Received: "
+                          f"{len(target[2])} class names")
     arrays = {"x": x, "y": y}
     if len(target) == 3:
         arrays["class_names"] = np.asarray([str(c) for c in target[2]])
@@ -227,8 +236,8 @@ def finetune(model, target, out=None, *, strategies=("scratch", "linear", "parti
     if unknown:
         raise ConfigError(f"finetune: expected configuration sections data, model, pretrain, finetune, transfer. "
                           f"Received: {sorted(unknown)}")
-    name = _spec_name(model)
-    spec = get_spec(name)
+    spec = get_spec(_spec_name(model))
+    name = spec.name
     if isinstance(strategies, str):
         strategies = strategies.split(",")
     cfg = config_lib.with_model(config_lib.RunConfig(), name)
@@ -248,15 +257,16 @@ def finetune(model, target, out=None, *, strategies=("scratch", "linear", "parti
             update["model"] = {"weights": path, "input_size": spec.default_size, "channels": spec.channels}
         cfg = config_lib.merge(cfg, update)
         config_lib.save(cfg, rundir.config_path(run_dir))
-    except KTransferError:  # bad input: nothing is left behind
-        for path in written:
-            if os.path.exists(path):
-                os.remove(path)
-        if not existed and not os.listdir(run_dir):
-            os.rmdir(run_dir)
-            remove_created(run_dir)
+        return runner.finetune(cfg, run_dir, echo=print if verbose else None, preview=False)
+    except KTransferError:  # bad input (found before any result): nothing is left behind
+        start = {os.path.basename(p) for p in written} | {rundir.CONFIG, rundir.AUGMENTATION}
+        if set(os.listdir(run_dir)) <= start:
+            for name_ in os.listdir(run_dir):
+                os.remove(os.path.join(run_dir, name_))
+            if not existed:
+                os.rmdir(run_dir)
+                remove_created(run_dir)
         raise
-    return runner.finetune(cfg, run_dir, echo=print if verbose else None, preview=False)
 
 
 def _save_weights(model, path):

@@ -638,12 +638,17 @@ def export(target, fmt, strategy, out, overwrite):
         base = target if not os.path.isfile(target) else os.path.dirname(os.path.abspath(target))
         out = os.path.join(base, "export", label + (SUFFIX[fmt] or "_savedmodel"))
     kind = "directory" if fmt == "savedmodel" else "file"
+    if SUFFIX[fmt] and not out.endswith(SUFFIX[fmt]):
+        raise KTransferError(f"--out: expected a path ending in {SUFFIX[fmt]} for --format {fmt}. Received: {out}")
     check_output(out, overwrite, kind)
     model = load_pretrained(model_path)
     parent = os.path.dirname(os.path.abspath(out))
-    made = not os.path.isdir(parent)
+    made, d = [], parent  # the folders made for --out, removed again if the export fails
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
     os.makedirs(parent, exist_ok=True)
-    stem, suffix = (out[:-len(SUFFIX[fmt])], SUFFIX[fmt]) if SUFFIX[fmt] and out.endswith(SUFFIX[fmt]) else (out, "")
+    stem, suffix = (out[:-len(SUFFIX[fmt])], SUFFIX[fmt]) if SUFFIX[fmt] else (out, "")
     tmp = f"{stem}.tmp-{os.getpid()}{suffix}"  # written whole, then put in place: an earlier export is moved aside
     try:
         portable = export_model(model, tmp, fmt)
@@ -656,8 +661,9 @@ def export(target, fmt, strategy, out, overwrite):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
-        if made and not os.listdir(parent):
-            os.rmdir(parent)
+        for folder in made:  # deepest first
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
         raise
     x = np.zeros((1, *model.input.shape[1:]), "uint8")
     p = np.asarray(portable.predict(x, verbose=0))

@@ -141,7 +141,8 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
                 set_trainable_blocks(model, spec_name, blocks)
                 compile_model(model, tcfg, steps, multipliers())  # recompile after every change of trainable
                 fit(model, _train_input(splits, dcfg, seed, max(start, epoch)), val, tcfg, stage_dir,
-                    initial_epoch=max(start, epoch), epochs=end, extra_callbacks=progress)
+                    initial_epoch=max(start, epoch), epochs=end, extra_callbacks=progress,
+                    resume_schedule=start > epoch)  # resumed inside this phase, not begun
             epoch = end
     elif start < tcfg.epochs:
         if not resume or start == 0:

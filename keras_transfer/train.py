@@ -355,15 +355,18 @@ class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
     learning rate at the epoch an uninterrupted one does (Keras' callback starts afresh in every ``fit``). It runs
     before `AtomicCheckpoint`, so ``last.keras`` holds the rate of the next epoch."""
 
-    def __init__(self, path, restore=False, **kwargs):
+    def __init__(self, path, restore=False, epoch=-1, **kwargs):
         super().__init__(**kwargs)
-        self.path, self.restore_on_begin = path, restore
+        self.path, self.restore_on_begin, self.resume_epoch = path, restore, epoch
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         if self.restore_on_begin and os.path.exists(self.path):
             state = read_json(self.path)
-            self.best, self.wait, self.cooldown_counter = state["best"], state["wait"], state["cooldown_counter"]
+            # Written just before the checkpoint: a process killed between the two left a state one epoch ahead
+            # of the checkpoint, which is not taken (the schedule then starts afresh from the checkpoint's rate).
+            if state.get("epoch") == self.resume_epoch:
+                self.best, self.wait, self.cooldown_counter = state["best"], state["wait"], state["cooldown_counter"]
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
@@ -485,7 +488,8 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose=0, extra_callbacks=()):
+def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose=0, extra_callbacks=(),
+        resume_schedule=None):
     """Fit with checkpoints, CSV history and the recipe's callbacks.
 
     Args:
@@ -495,13 +499,17 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
         stage_dir: str. Receives ``history.csv``, ``checkpoints/{last,best}.keras``.
         initial_epoch: int. Epoch to start from (resume or gradual phases).
         epochs: int or None. Epoch to stop at (default ``cfg.epochs``).
+        resume_schedule: bool or None. Whether the plateau schedule takes up the state it saved at epoch
+            ``initial_epoch - 1`` (a stage resumed in the middle); None: when ``initial_epoch > 0``. A gradual
+            phase that begins (not resumes) at a later epoch starts its schedule afresh, as its new optimizer does.
     """
     os.makedirs(stage_dir, exist_ok=True)
     ckpt = os.path.join(stage_dir, rundir.CHECKPOINTS)
     resumed = initial_epoch > 0
     earlier = read_history(rundir.history_path(stage_dir)).get("val_accuracy", [])[:initial_epoch] if resumed else []
-    plateau = [ResumablePlateau(rundir.plateau_state_path(stage_dir), resumed, monitor="val_loss", factor=0.5,
-                                patience=2, min_lr=1e-6)] if cfg.schedule == "plateau" else []
+    restore = resumed if resume_schedule is None else resume_schedule
+    plateau = [ResumablePlateau(rundir.plateau_state_path(stage_dir), restore, initial_epoch - 1, monitor="val_loss",
+                                factor=0.5, patience=2, min_lr=1e-6)] if cfg.schedule == "plateau" else []
     callbacks = [EpochTimer(), LearningRateLog(), *plateau,
                  AtomicCheckpoint(ckpt, best=max((v for v in earlier if v == v), default=-math.inf)),
                  SeedState(rundir.rng_state_path(stage_dir), resumed),
@@ -534,12 +542,21 @@ def resume_state(stage_dir):
     if not os.path.exists(last):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
     avoid_device_syncs()
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(last) as z:  # a .keras file is a zip archive: a truncated one fails here
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        bad = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    if bad:
+        raise ConfigError(f"Cannot resume: expected a Keras model file at {last} (the stage's last checkpoint; remove "
+                          f"it to restart the stage). Received: a damaged file ({bad})")
     try:
         model = load_model(last)
-    except Exception as e:  # noqa: BLE001 - a damaged file, whatever Keras or the zip reader raises
-        raise ConfigError(f"Cannot resume: expected a Keras model file at {last} (the stage's last checkpoint; remove "
-                          f"it to restart the stage). Received: a damaged file ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a checkpoint of another version: say so, do not call it damaged
+        raise ConfigError(f"Cannot resume: expected {last} to load with this version of keras-transfer and Keras. "
+                          f"Received: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
     model = use_direct_calls(model)  # fit() restores the RNG states from checkpoints/rng.npz
     use_channels_last_kernels(model)  # torch eager: as compile_model lays them out, optimizer slots too
     history = read_history(rundir.history_path(stage_dir))

@@ -98,9 +98,11 @@ def test_an_exported_run_loads_and_predicts_without_the_package(tmp_path, finish
     assert os.path.isfile(os.path.join(finished_run, "export", f"{other}.keras"))
 
 
-def test_export_refuses_a_strategy_the_run_does_not_have(finished_run):
+def test_export_refuses_a_strategy_the_run_does_not_have_and_an_out_of_another_kind(finished_run):
     r = invoke("export", finished_run, "--strategy", "gradual")
     assert r.exit_code == 2 and "expected one of the run's strategies" in r.output
+    r = invoke("export", finished_run, "--out", os.path.join(finished_run, "model.h5"))
+    assert r.exit_code == 2 and "expected a path ending in .keras for --format keras. Received:" in r.output
     assert not os.path.exists(os.path.join(finished_run, "export"))
 
 
@@ -140,3 +142,5 @@ def test_a_format_this_backend_cannot_export_is_one_line_and_leaves_nothing(fini
     line = r.output.strip()
     assert "\n" not in line and "Export to onnx" in line and "expected" in line, line
     assert not os.path.exists(os.path.join(finished_run, "export"))
+    r = invoke("export", finished_run, "--format", fmt, "--out", os.path.join(finished_run, "a", "b", "m.onnx"))
+    assert r.exit_code == 2 and not os.path.exists(os.path.join(finished_run, "a"))  # folders made for it go too

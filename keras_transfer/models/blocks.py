@@ -69,8 +69,9 @@ def derive_blocks(model):
     layer to a block ``stem``; a run of layers without weights (padding, pooling, activations, the input) joins
     the block before it. keras.applications' EfficientNet gives ``stem, block1 .. block7, top``; ResNet50
     ``conv1 .. conv5``; VGG16 ``block1 .. block5``; MobileNetV2 ``Conv1, expanded, block_1_ .. block_16_,
-    Conv_1``; DenseNet121 ``conv1 .. conv5`` with its transitions ``pool2 .. pool4``; Xception ``block1 ..
-    block14``; InceptionV3 ``stem, mixed0 .. mixed10``.
+    Conv_1``; DenseNet121 ``conv1 .. conv5`` with its transitions ``pool2 .. pool4`` and its last ``bn``; Xception
+    ``block1 .. block14``; InceptionV3 ``stem, mixed0 .. mixed9`` (``mixed10``, the last concatenation, has no
+    weights and closes ``mixed9``).
 
     Raises:
         ConfigError: when a block's layers are not together in the model's layer order, or no layer has

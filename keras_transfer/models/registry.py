@@ -161,15 +161,20 @@ def application_spec(name):
         warnings.simplefilter("ignore")
         model = fn(include_top=False, weights=None, input_shape=(224, 224, 3))
     maps = [layer.name for layer in model.layers if len(getattr(layer.output, "shape", ())) == 4]
+    try:
+        blocks = derive_blocks(model)
+    except ConfigError as e:  # said for the command line: the Python API takes the blocks by hand
+        raise ConfigError(str(e).replace("; pass blocks=", "; register it from Python with "
+                                         "keras_transfer.register_backbone(..., blocks=[...])")) from None
     return ModelSpec(name, _applications_builder(fn_name, None), 224, 32, 3, _value_range_of(fn_name),
-                     derive_blocks(model), maps[-1], f"keras.applications {fn_name} (blocks from its layer names)")
+                     blocks, maps[-1], f"keras.applications {fn_name} (blocks from its layer names)")
 
 
 def load_weights_file(model, path):
     """``model.load_weights(path)``, or a one-line `ConfigError` saying why the file does not fit the model."""
     if path == "imagenet":
-        raise ConfigError(f"ImageNet weights exist for keras.applications models only (efficientnet_b0, mobilenet_v2, "
-                          f"resnet50, vgg16): expected a weights file for {model.name}. Received: imagenet")
+        raise ConfigError(f"ImageNet weights exist for keras.applications models only (efficientnet_b0, vgg16, "
+                          f"DenseNet121, ...): expected a weights file for {model.name}. Received: imagenet")
     try:
         model.load_weights(path)
     except Exception as e:  # a missing or foreign file, another architecture or width
