@@ -142,7 +142,7 @@ def register_backbone(name, model, *, blocks=None, value_range="unit", gradcam_l
         return backbone
 
     spec = ModelSpec(name, build, size, size, channels, value_range, names, gradcam_layer,
-                     f"registered from Python: {model.name}", patterns=patterns)
+                     f"registered from Python: {model.name}", patterns=patterns, builtin=False)
     # Given blocks: each must hold a layer, in order from the input (derived ones are checked by derive_blocks).
     order = [spec.block_of(layer.name) for layer in model.layers]
     firsts = [order.index(b) if b in order else None for b in names] if blocks is not None else [0]

@@ -807,7 +807,7 @@ def models(size):
 
     from keras_transfer.models import create_backbone, get_spec, list_models
 
-    for name in list_models():
+    for name in list_models(builtin_only=True):
         s = get_spec(name)
         side = size or s.default_size
         n = create_backbone(name, side).count_params()

@@ -45,6 +45,7 @@ class ModelSpec:
             from the data by ``data_init``).
         patterns: dict or None. ``{block: (layer-name prefixes)}`` where a block's layers are not named after
             it (`keras_transfer.api.register_backbone`); None: each block's name is its prefix.
+        builtin: bool. One of this package's own entries (listed by ``ktransfer models``).
     """
 
     name: str
@@ -59,6 +60,7 @@ class ModelSpec:
     data_init: object = None
     fixed_layers: tuple = ()
     patterns: dict = None
+    builtin: bool = True
 
     def block_of(self, layer_name):
         """The block with the longest prefix of ``layer_name``, or ``None``."""
@@ -92,8 +94,10 @@ def register_model(spec):
     return spec
 
 
-def list_models():
-    return sorted(_REGISTRY)
+def list_models(builtin_only=False):
+    """Registered model names; ``builtin_only``: this package's own, without the keras.applications models
+    registered by name or the models registered from Python in this process."""
+    return sorted(n for n, s in _REGISTRY.items() if s.builtin or not builtin_only)
 
 
 def get_spec(name):
@@ -105,7 +109,7 @@ def get_spec(name):
     if name not in _REGISTRY:
         spec = application_spec(name) if isinstance(name, str) else None
         if spec is None:
-            raise ConfigError(f"Unknown model: expected one of {list_models()} or a keras.applications model "
+            raise ConfigError(f"Unknown model: expected one of {list_models(True)} or a keras.applications model "
                               f"(e.g. DenseNet121, convnext_tiny). Received: {name!r}")
         register_model(spec)
     return _REGISTRY[name]
@@ -167,7 +171,7 @@ def application_spec(name):
         raise ConfigError(str(e).replace("; pass blocks=", "; register it from Python with "
                                          "keras_transfer.register_backbone(..., blocks=[...])")) from None
     return ModelSpec(name, _applications_builder(fn_name, None), 224, 32, 3, _value_range_of(fn_name),
-                     blocks, maps[-1], f"keras.applications {fn_name} (blocks from its layer names)")
+                     blocks, maps[-1], f"keras.applications {fn_name} (blocks from its layer names)", builtin=False)
 
 
 def load_weights_file(model, path):
