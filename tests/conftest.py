@@ -18,16 +18,21 @@ def _fresh_keras_state():
     keras.backend.clear_session()
 
 
-@pytest.fixture
-def digits_npz(tmp_path):
-    """A small real dataset (scikit-learn digits, 8x8) as an npz file."""
+def write_digits_npz(folder):
+    """A small real dataset (scikit-learn digits, 8x8) as an npz file in ``folder``; returns its path."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = np.round(d.images * 255 / 16).astype(np.uint8)[..., None]
-    path = tmp_path / "digits.npz"
+    path = folder / "digits.npz"
     np.savez(path, x=x[:400], y=d.target[:400], class_names=np.array([str(i) for i in range(10)]))
     return str(path)
+
+
+@pytest.fixture
+def digits_npz(tmp_path):
+    """A small real dataset (scikit-learn digits, 8x8) as an npz file."""
+    return write_digits_npz(tmp_path)
 
 
 def tiny_model(image_shape=(8, 8, 1), num_classes=10, augment=(), channels=None, widths=(4, 8, 8)):

@@ -17,7 +17,7 @@ from keras_transfer.evaluate import softmax
 from keras_transfer.export import export, foreign_layers, portable_model
 from keras_transfer.methods import BatchSpectralShrinkage
 from keras_transfer.models import build_classifier, create_backbone
-from tests.conftest import python_prints_ok
+from tests.conftest import python_prints_ok, write_digits_npz
 
 TOLERANCE = 1e-5  # probabilities: the same operations, some in another Keras layer (float32 rounding)
 TINY = {"model": {"input_size": 8, "widths": [4, 8, 8], "head_hidden": 8},
@@ -55,8 +55,11 @@ def test_the_portable_model_is_keras_only_and_predicts_the_same(name, size, chan
     assert portable.output.shape[-1] == 5 and portable.input.dtype == "uint8"
 
 
-@pytest.fixture
-def finished_run(tmp_path, digits_npz):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One fine-tuned run for the module's tests (each leaves it as it found it, or adds only its exports)."""
+    tmp_path = tmp_path_factory.mktemp("export")
+    digits_npz = write_digits_npz(tmp_path)
     cfg = {**TINY, "data": {**TINY["data"], "source": f"npz:{digits_npz}", "target": f"npz:{digits_npz}"}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -98,12 +101,17 @@ def test_an_exported_run_loads_and_predicts_without_the_package(tmp_path, finish
     assert os.path.isfile(os.path.join(finished_run, "export", f"{other}.keras"))
 
 
+def tree(path):
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, files in os.walk(path) for f in files)
+
+
 def test_export_refuses_a_strategy_the_run_does_not_have_and_an_out_of_another_kind(finished_run):
+    before = tree(finished_run)
     r = invoke("export", finished_run, "--strategy", "gradual")
     assert r.exit_code == 2 and "expected one of the run's strategies" in r.output
     r = invoke("export", finished_run, "--out", os.path.join(finished_run, "model.h5"))
     assert r.exit_code == 2 and "expected a path ending in .keras for --format keras. Received:" in r.output
-    assert not os.path.exists(os.path.join(finished_run, "export"))
+    assert tree(finished_run) == before
 
 
 def _savedmodel_supported():
@@ -137,10 +145,11 @@ def test_a_format_this_backend_cannot_export_is_one_line_and_leaves_nothing(fini
                     else importlib.util.find_spec("onnxscript") is not None)
     if has_exporter:
         pytest.skip("an ONNX exporter is installed here: the format exports")
+    before = tree(finished_run)
     r = invoke("export", finished_run, "--format", fmt)
     assert r.exit_code == 2, r.output
     line = r.output.strip()
     assert "\n" not in line and "Export to onnx" in line and "expected" in line, line
-    assert not os.path.exists(os.path.join(finished_run, "export"))
     r = invoke("export", finished_run, "--format", fmt, "--out", os.path.join(finished_run, "a", "b", "m.onnx"))
     assert r.exit_code == 2 and not os.path.exists(os.path.join(finished_run, "a"))  # folders made for it go too
+    assert tree(finished_run) == before
