@@ -7,7 +7,7 @@ Everything `keras_transfer` exports is here (``import keras_transfer as kt``)::
     results = kt.finetune("my_mnv2", (x, y), out="runs/mine", strategies=["linear", "partial", "full"],
                           transfer={"train_last_k": 2, "backbone_lr": 0.1})
 
-- `register_backbone` makes any functional Keras model (one image input of a fixed square size; a feature map or
+- `register_backbone` makes a functional Keras model (one image input of a fixed square size; a feature map or
   a feature vector out) a backbone like the built-in ones: its blocks are derived from its layer names
   (`derive_blocks`) or given as layer-name prefixes (a list, input to output, or ``{block: [prefixes]}``).
 - `finetune` runs what ``ktransfer finetune`` runs, from the registered model's own weights (saved into the run
@@ -89,8 +89,8 @@ def register_backbone(name, model, *, blocks=None, value_range="unit", gradcam_l
     Args:
         name: str. Not a built-in model's name; registering a name again replaces the earlier registration.
         model: a functional ``keras.Model`` with one image input of a fixed square size ``(S, S, C)`` and a
-            feature map or feature vector out (keras.applications with ``include_top=False``, a keras-hub
-            image backbone, your own). Its current weights are what `finetune` starts from.
+            feature map or feature vector out (keras.applications with ``include_top=False``, your own). Its
+            current weights are what `finetune` starts from.
         blocks: None (derived from the layer names, `derive_blocks`), a list of layer-name prefixes (input to
             output; a layer belongs to the block with the longest matching prefix, a layer matching none to the
             block before it), or ``{block name: [prefixes]}``.
