@@ -453,7 +453,7 @@ def _spec_name_of(backbone, configured):
         return configured
     from keras_transfer.models import list_models
 
-    for name in list_models():
+    for name in list_models(builtin_only=True) + list_models():  # this package's own models first
         if get_spec(name).matches(backbone):
             return name
     raise ConfigError(f"Cannot tell which registered model the pretrained backbone is. Received "

@@ -16,6 +16,16 @@ from keras_transfer.train import compile_model
 from tests.conftest import python_prints_ok
 
 
+@pytest.fixture(autouse=True)
+def registrations_stay_in_the_test(monkeypatch):
+    """Models registered by a test are forgotten after it, so that other test modules see the package's own."""
+    from keras_transfer import api
+    from keras_transfer.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(api, "_OWN", dict(api._OWN))
+
+
 def user_model(name="mine"):
     """A small functional network of the user's own, named as people name layers."""
     inputs = keras.Input((8, 8, 3))

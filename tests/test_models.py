@@ -141,14 +141,15 @@ def test_a_frozen_spatial_dropout_stays_frozen_through_save_and_load(tmp_path):
     assert FreezableSpatialDropout2D.from_config(config).trainable is True
 
 
-def test_any_keras_applications_model_by_name_with_derived_blocks_and_its_input_contract():
+def test_any_keras_applications_model_by_name_with_derived_blocks_and_its_input_contract(monkeypatch):
     """A keras.applications model the registry does not list (MobileNet v1) works by name: blocks from its layer
     names, the input contract read from its preprocess_input (-1..1), a classifier that builds and trains only its
     last block under `partial`; another spelling of a registered model is that model."""
     from keras_transfer.config import RunConfig, merge
-    from keras_transfer.models import build_classifier, create_backbone, get_spec
+    from keras_transfer.models import build_classifier, create_backbone, get_spec, registry
     from keras_transfer.transfer import apply_strategy
 
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forgotten after the test
     spec = get_spec("mobilenet")
     assert spec.value_range == "-1-1" and spec.blocks[0] == "conv1" and spec.blocks[-1] == "conv_pw_13"
     assert spec.gradcam_layer == "conv_pw_13_relu"
