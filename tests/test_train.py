@@ -88,6 +88,12 @@ def test_a_stage_resumed_under_the_plateau_schedule_cuts_its_rate_where_an_unint
     np.testing.assert_allclose(h1["learning_rate"], h2["learning_rate"], rtol=1e-6)
     np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-4)
     np.testing.assert_allclose(h1["learning_rate"], [0.01] * 3 + [0.005] * 2 + [0.0025] * 2, rtol=1e-6)
+    # best.keras is the same epoch's model, resumed or not (a resume used to forget the best so far)
+    from keras_transfer.io import load_model
+
+    best = [load_model(str(tmp_path / d / "checkpoints" / "best.keras")).get_weights() for d in ("whole", "part")]
+    for a, b in zip(*best):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_a_damaged_last_checkpoint_is_one_line_naming_the_file(tmp_path):
