@@ -745,6 +745,8 @@ def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_ru
             study_lib.check_compatible(st, out)
         states = {d: s for _, _, d, s in study_lib.plan(st, out)}
         click.echo(f"study {st.name} -> {out}")
+        for c in st.listed:
+            click.echo(f"  condition {study_lib.condition_label(c)}")
         for key, values in st.grid.items():
             click.echo(f"  grid {key}: {values}")
         for name, cfg in st.pretrains.items():

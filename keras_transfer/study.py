@@ -10,6 +10,9 @@ A study file (YAML)::
     grid:                           # any configuration key, dotted; every combination is a condition
       data.per_class: [5, 10, 20]
       transfer.train_last_k: [0, 1, 2]
+    conditions:                     # optional: conditions listed one by one (keys that go together), each
+      - {model.name: resnet, model.widths: [8, 16, 32]}    # crossed with every combination of the grid
+      - {model.name: mobilenet_v2, model.input_size: 32}
     reference: {data.per_class: 20} # optional: the condition others are compared with (default: the first)
     pretrained: runs/cifar10/pretrain   # optional: every run fine-tunes this model (as finetune --pretrained)
     share_pretraining: true         # default: conditions that pretrain alike share one pretrain run per seed
@@ -37,7 +40,7 @@ from keras_transfer import rundir
 from keras_transfer.errors import ConfigError, KTransferError, is_number
 from keras_transfer.io import atomic_write_text, read_json
 
-STUDY_KEYS = {"name", "description", "base", "grid", "seeds", "strategies", "reference", "pretrained",
+STUDY_KEYS = {"name", "description", "base", "grid", "conditions", "seeds", "strategies", "reference", "pretrained",
               "share_pretraining"}
 # Keys that only fine-tuning reads (`keras_transfer.runner.pretrain` reads none of them): runs that differ only in
 # these can share one pretraining.
@@ -84,10 +87,16 @@ class Study:
     runs: tuple
     pretrains: dict  # name -> RunConfig of a shared pretrain run
     document: dict  # what study.yaml records
+    listed: tuple = ()  # the conditions listed one by one (``conditions:``), each crossed with the grid
 
     @property
     def conditions(self):
         return list(dict.fromkeys(r.label for r in self.runs))
+
+    @property
+    def keys(self):
+        """Every key a condition sets: those of the listed conditions, then the grid's."""
+        return list(dict.fromkeys([k for c in self.listed for k in c] + list(self.grid)))
 
 
 def _fail(path, msg):
@@ -173,6 +182,24 @@ def condition_label(condition):
     return ", ".join(f"{k}={_value_text(v) if isinstance(v, (list, tuple)) else v}" for k, v in condition.items())
 
 
+def _canonical(condition):
+    return repr(sorted((k, list(v) if isinstance(v, tuple) else v) for k, v in condition.items()))
+
+
+def reference_of(condition, reference, conditions, grid_keys=()):
+    """The condition ``condition`` is compared with: the one that has ``reference``'s values and
+    ``condition``'s values of the other keys; failing that (a listed condition sets keys the reference does not
+    name), the only one with ``reference``'s values and ``condition``'s values of the other ``grid_keys``.
+    None when no condition of ``conditions`` (or more than one) fits."""
+    want = _canonical({**condition, **reference})
+    exact = next((c for c in conditions if _canonical(c) == want), None)
+    if exact is not None:
+        return exact
+    fixed = {**{k: condition.get(k) for k in grid_keys if k not in reference}, **reference}
+    fits = [c for c in conditions if all(_canonical({k: c.get(k)}) == _canonical({k: v}) for k, v in fixed.items())]
+    return fits[0] if len(fits) == 1 else None
+
+
 def _pretrain_key(cfg):
     """What pretraining depends on: the configuration with the fine-tuning-only keys at their defaults."""
     d = config_lib.to_dict(cfg)
@@ -230,17 +257,40 @@ def load_study(path):
     grid = doc.get("grid") or {}
     if not isinstance(grid, dict):
         _fail(path, f"grid: expected a mapping of dotted config keys to lists of values. Received: {grid!r}")
-    for key, values in grid.items():
+
+    def check_varied(key, where):
         check_key(key)
+        if cfg.transfer.pretrained is not None and key.startswith(PRETRAIN_ONLY) and key not in NEW_HEAD:
+            raise ConfigError(f"{where}: {key}: has no effect when every run fine-tunes the model given by "
+                              f"pretrained: expected a key fine-tuning reads (data.target, data.per_class, "
+                              f"data.augment, finetune.*, transfer.*, model.head_hidden, ...). Received: {key}")
+
+    listed = doc.get("conditions")
+    if listed is not None:
+        if not (isinstance(listed, list) and listed and all(isinstance(c, dict) and c for c in listed)):
+            _fail(path, f"conditions: expected a non-empty list of mappings, each of dotted config keys to one "
+                        f"value (e.g. - {{model.name: mobilenet_v2, model.input_size: 32}}). Received: {listed!r}")
+        for i, c in enumerate(listed):
+            for key in c:
+                check_varied(key, f"conditions[{i}]")
+                if key in grid:
+                    raise ConfigError(f"conditions[{i}]: {key}: is also a grid key: expected each key in either "
+                                      f"grid: or conditions:. Received: {key} in both")
+            try:
+                apply_condition(cfg, c)
+            except KTransferError as e:
+                raise ConfigError(f"conditions[{i}]: {str(e).splitlines()[0]}") from None
+        texts = [repr(sorted(c.items())) for c in listed]
+        if len(set(texts)) < len(texts):
+            _fail(path, f"conditions: expected distinct conditions. Received: {listed!r}")
+    listed = [dict(c) for c in listed or []]
+    for key, values in grid.items():
+        check_varied(key, "grid")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid: {key}: expected a non-empty list of values. Received: {values!r}")
         texts = [repr(v) for v in values]
         if len(set(texts)) < len(texts):
             raise ConfigError(f"grid: {key}: expected distinct values. Received: {values!r}")
-        if cfg.transfer.pretrained is not None and key.startswith(PRETRAIN_ONLY) and key not in NEW_HEAD:
-            raise ConfigError(f"grid: {key}: has no effect when every run fine-tunes the model given by pretrained: "
-                              f"expected a key fine-tuning reads (data.target, data.per_class, data.augment, "
-                              f"finetune.*, transfer.*, model.head_hidden, ...). Received: {key}")
         for v in values:  # each value on its own, so the error names the key
             try:
                 apply_condition(cfg, {key: v})
@@ -254,9 +304,10 @@ def load_study(path):
             and len(set(seeds)) == len(seeds)):
         _fail(path, f"seeds: expected a list of distinct integers >= 0. Received: {seeds!r}")
 
-    keys = list(grid)
+    keys = list(dict.fromkeys([k for c in listed for k in c] + list(grid)))
     short = _short_keys(keys)
-    conditions = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    conditions = [{**c, **dict(zip(grid, combo))} for c in listed or [{}]
+                  for combo in itertools.product(*grid.values())]
     reference = doc.get("reference")
     if reference is None:
         reference = dict(conditions[0])
@@ -265,8 +316,12 @@ def load_study(path):
                     f"Received: {reference!r}")
     else:
         for k, v in reference.items():
-            if repr(v) not in [repr(x) for x in grid[k]]:
-                _fail(path, f"reference: {k}: expected one of the grid's values {grid[k]}. Received: {v!r}")
+            values = grid[k] if k in grid else [c[k] for c in listed if k in c]
+            if repr(v) not in [repr(x) for x in values]:
+                _fail(path, f"reference: {k}: expected one of the study's values {values}. Received: {v!r}")
+        if not any(reference_of(c, reference, conditions, grid) for c in conditions):
+            _fail(path, f"reference: expected the values of one condition. Received: {reference!r}, which no "
+                        f"condition has together")
 
     share = doc.get("share_pretraining", True)
     if not isinstance(share, bool):
@@ -287,7 +342,7 @@ def load_study(path):
             if share and config_lib.needs_pretraining(run_cfg):
                 pkey = _pretrain_key(run_cfg)
                 if pkey not in names_of:
-                    pcond = {k: condition[k] for k in pretrain_keys}
+                    pcond = {k: condition[k] for k in pretrain_keys if k in condition}
                     pname = "_".join(filter(None, [condition_name(pcond, short), f"seed-{seed}"]))
                     if pname in pretrains:
                         pname = f"{pname}_{_digest(pkey)}"
@@ -302,10 +357,10 @@ def load_study(path):
                     f"Received: {name!r}")
     document = {"name": name,
                 "description": str(doc.get("description") or ""),
-                "base": config_lib.to_dict(cfg), "grid": grid, "seeds": seeds, "reference": reference,
-                "share_pretraining": share}
+                "base": config_lib.to_dict(cfg), "grid": grid, "conditions": listed, "seeds": seeds,
+                "reference": reference, "share_pretraining": share}
     return Study(os.path.abspath(path), document["name"], document["description"], cfg, grid, tuple(seeds),
-                 reference, tuple(runs), pretrains, document)
+                 reference, tuple(runs), pretrains, document, tuple(listed))
 
 
 def run_config(study, run, study_dir):

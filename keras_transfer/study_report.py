@@ -102,24 +102,27 @@ def summarise(values):
     return {"mean": float(v.mean()), "sd": sd, "ci95": _t95(n) * sd / math.sqrt(n) if n > 1 else None, "n": n}
 
 
-def aggregate(rows, reference):
+def aggregate(rows, reference, grid_keys=()):
     """A group per (condition, strategy), in the study's order: every metric summarised over seeds, and the
     paired differences of accuracy to the same run's scratch (``vs_scratch``), to each raw-pixel baseline of
     the same run (``vs_baseline``) and to the same seed and strategy in the condition's reference
     (``vs_reference``): the condition with the keys of ``reference`` (a ``{grid key: value}``) set to its
-    values, the others kept, so each slice of the grid is compared with its own reference."""
-    from keras_transfer.study import condition_label
+    values, the others kept, so each slice of the grid is compared with its own reference (`study.reference_of`;
+    ``grid_keys``: the study's grid, as opposed to its listed conditions)."""
+    from keras_transfer.study import condition_label, reference_of
 
     groups = {}
     for r in rows:
         groups.setdefault((r["condition"], r["strategy"]), []).append(r)
     by_run = {(r["run"], r["strategy"]): r for r in rows}
     by_seed = {(r["condition"], r["strategy"], r["seed"]): r for r in rows}
+    settings = list({r["condition"]: r["settings"] for r in rows}.values())
     out = []
     for (condition, strategy), rs in groups.items():
         g = {"condition": condition, "strategy": strategy, "kind": rs[0]["kind"], "settings": rs[0]["settings"],
              "n": len(rs), "device_scope": rs[0].get("peak_device_scope")}
-        reference_label = condition_label({**rs[0]["settings"], **reference})
+        ref = reference_of(rs[0]["settings"], reference, settings, grid_keys)
+        reference_label = condition_label(ref) if ref is not None else None
         g["reference"] = reference_label
         for m in METRICS:
             g[m] = summarise([r[m] for r in rs])
@@ -134,7 +137,7 @@ def aggregate(rows, reference):
                 diffs = [r["accuracy"] - by_run[(r["run"], b)]["accuracy"] for r in rs if (r["run"], b) in by_run]
                 if diffs:
                     g.setdefault("vs_baseline", {})[b] = summarise(diffs)
-        if condition != reference_label:
+        if reference_label is not None and condition != reference_label:
             diffs = [r["accuracy"] - by_seed[(reference_label, strategy, r["seed"])]["accuracy"] for r in rs
                      if (reference_label, strategy, r["seed"]) in by_seed]
             if diffs:
@@ -183,7 +186,7 @@ def write_study_report(study, study_dir):
     from keras_transfer.study import condition_label
 
     reference = condition_label(study.reference)
-    groups = aggregate(rows, study.reference)
+    groups = aggregate(rows, study.reference, list(study.grid))
     ranking = sorted([g for g in groups if g["accuracy"]["mean"] is not None],
                      key=lambda g: -g["accuracy"]["mean"])
     figures, figure_errors = [], []
@@ -200,7 +203,7 @@ def write_study_report(study, study_dir):
                title=f"{study.name}: mean ± sd over seeds, per condition")
         for key in numeric_axes(study.grid):
             figure(f"study_{key.replace('.', '_')}.png", plots.study_axis_figure, groups, key,
-                   [k for k in study.grid if k != key], title=f"{study.name}: accuracy against {key}")
+                   [k for k in study.keys if k != key], title=f"{study.name}: accuracy against {key}")
     classes = per_class(rows)
     confusion_figures = {}
     for i, (condition, by_strategy) in enumerate(classes.items()):
@@ -225,6 +228,8 @@ def write_study_report(study, study_dir):
 
 
 def _markdown(study, study_dir, data, groups, ranking, figures, confusion_figures=None):
+    from keras_transfer.study import condition_label
+
     runs = data["runs"]
     failed = [r for r in runs if r["state"] == "failed"]
     waiting = [r for r in runs if r["state"] in ("missing", "partial")]
@@ -237,18 +242,20 @@ def _markdown(study, study_dir, data, groups, ranking, figures, confusion_figure
               + (f", {len(failed)} failed" if failed else "") + (f", {len(waiting)} not run yet" if waiting else "")
               + ".", "",
               "Base configuration: " + ", ".join(
-                  f"{what} {value}" + (" (varied by the grid)" if key in study.grid else "")
+                  f"{what} {value}" + (" (varied by the study)" if key in study.keys else "")
                   for what, key, value in (("source", "data.source", b.data.source),
                                            ("target", "data.target", b.data.target),
                                            ("model", "model.name", b.model.name),
                                            ("strategies", "transfer.strategies", ", ".join(b.transfer.strategies))))
               + (f", pretrained model `{b.transfer.pretrained}`" if b.transfer.pretrained else "")
               + "; classical baselines on raw pixels: " + (", ".join(b.transfer.baselines) or "none") + ".", ""]
-    if study.grid:
+    if study.keys:
         ref = ", ".join(f"{k}={v}" for k, v in study.reference.items())
-        lines += ["Grid: " + "; ".join(f"`{k}` ∈ {v}" for k, v in study.grid.items())
-                  + f". Reference: **{ref}** (each condition is compared with the condition that has these values "
-                  "and its own values of the other keys).", ""]
+        listed = ("Conditions listed: " + "; ".join(condition_label(c) for c in study.listed)
+                  + (", each crossed with the grid. " if study.grid else ". ")) if study.listed else ""
+        grid = ("Grid: " + "; ".join(f"`{k}` ∈ {v}" for k, v in study.grid.items()) + ". ") if study.grid else ""
+        lines += [listed + grid + f"Reference: **{ref}** (each condition is compared with the condition that has "
+                  "these values and its own values of the other keys).", ""]
     if not groups:
         lines += ["No run has finished yet.", ""]
     else:

@@ -125,6 +125,36 @@ def test_a_scratch_only_study_pretrains_nothing_and_sweeps_the_architecture(tmp_
     assert summary["source"] == "none (scratch only)" and "does not measure transfer" in summary["verdict"]
 
 
+def test_listed_conditions_cross_the_grid_and_are_compared_with_the_listed_reference(tmp_path, digits_npz):
+    """Keys that go together (a model and its widths) are listed one by one; each is crossed with the grid, and the
+    paired differences go to the listed reference with the same grid values."""
+    study = write_study(tmp_path, digits_npz, strategies=["scratch", "linear"], seeds=[0, 1],
+                        conditions=[{"model.widths": [4, 8, 8]},
+                                    {"model.widths": [8, 8, 16], "model.head_hidden": 0}],
+                        grid={"data.per_class": [3, 4]},
+                        reference={"model.widths": [4, 8, 8]})
+    out = str(tmp_path / "out")
+    r = invoke("study", study, "--dry-run", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "4 condition(s) x 2 seed(s) = 8 run(s)" in r.output and "4 shared pretrain run(s)" in r.output, r.output
+    r = invoke("study", study, "--out", out)
+    assert r.exit_code == 0, r.output
+    report = read(os.path.join(out, "study.json"))
+    assert report["finished"] == report["total"] == 8
+    deep = {(g["condition"], g["strategy"]): g for g in report["groups"] if g["kind"] == "deep"}
+    # (write_study sorts each mapping's keys: head_hidden before widths)
+    small, big = "model.widths=4-8-8, data.per_class=4", "model.head_hidden=0, model.widths=8-8-16, data.per_class=4"
+    assert deep[(big, "linear")]["reference"] == small and "vs_reference" not in deep[(small, "linear")]
+    def acc(cond, seed):
+        return read(os.path.join(out, "runs", f"{cond}_seed-{seed}", "strategies", "linear", "metrics.json"))
+    names = {small: "widths-4-8-8_per_class-4", big: "head_hidden-0_widths-8-8-16_per_class-4"}
+    assert deep[(big, "linear")]["vs_reference"]["mean"] == pytest.approx(np.mean(
+        [acc(names[big], s)["accuracy"] - acc(names[small], s)["accuracy"] for s in (0, 1)]))
+    assert acc(names[big], 0)["trainable_params"] != acc(names[small], 0)["trainable_params"]
+    assert "Conditions listed: model.widths=4-8-8; model.head_hidden=0, model.widths=8-8-16, each crossed with the " \
+           "grid" in open(os.path.join(out, "study.md")).read()
+
+
 def test_an_interrupted_study_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, digits_npz, monkeypatch):
     study = write_study(tmp_path, digits_npz, seeds=[0], grid={"transfer.train_last_k": [2]},
                         finetune={"epochs": 2})
@@ -271,6 +301,13 @@ def test_a_second_study_on_the_same_directory_is_refused_while_the_first_runs(tm
     ({"grid": {"data.augment": ["mild", "heavy"]}}, "data.augment"),
     ({"grid": {"finetune.jit_compile": ["sometimes"]}}, "jit_compile"),
     ({"name": "../escape"}, "name: expected letters"),
+    ({"conditions": {"model.widths": [4, 8, 8]}}, "conditions: expected a non-empty list of mappings"),
+    ({"conditions": [{"transfer.train_last_k": 0}]}, "conditions[0]: transfer.train_last_k: is also a grid key"),
+    ({"conditions": [{"model.widths": [4, 8, 8]}, {"model.widths": [4, 8, 8]}]}, "expected distinct conditions"),
+    ({"conditions": [{"model.pooling": "max"}]}, "conditions[0]: model.pooling"),
+    ({"conditions": [{"model.widhts": [4]}]}, "model.widhts"),
+    ({"conditions": [{"model.widths": [4, 8, 8]}, {"model.batch_norm": False}],
+      "reference": {"model.widths": [4, 8, 8], "model.batch_norm": False}}, "which no condition has together"),
 ])
 def test_an_invalid_study_is_refused_in_one_line_before_anything_runs(tmp_path, digits_npz, change, expected):
     study, out = write_study(tmp_path, digits_npz, **change), str(tmp_path / "out")
