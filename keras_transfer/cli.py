@@ -131,6 +131,22 @@ def _run_options(fn):
     return fn
 
 
+_devices_option = click.option(
+    "--devices", default="1", show_default=True,
+    help="Train data-parallel on N local devices (or 'all') through keras.distribution.DataParallel (JAX); "
+         "each batch is split across them.")
+
+
+def _devices(value, *batch_sizes):
+    """The device count ``--devices`` asks for, checked against the backend, the machine and the batch sizes."""
+    from keras_transfer import distribute
+
+    n = distribute.resolve_devices(value)
+    for b in batch_sizes:
+        distribute.check_batch_size(b, n)
+    return n
+
+
 def _widths(text):
     try:
         return tuple(int(w) for w in text.split(","))
@@ -226,8 +242,9 @@ def _load_resume_config(run_dir, cfg):
 
 @main.command()
 @_run_options
+@_devices_option
 @_fail_cleanly
-def pretrain(config_path, **o):
+def pretrain(config_path, devices, **o):
     """Pretrain a backbone on the source dataset; writes model.keras, metrics and figures.
 
     Example: `ktransfer pretrain --source cifar10 --model resnet --width 64,128,256
@@ -236,13 +253,14 @@ def pretrain(config_path, **o):
     from keras_transfer import runner
 
     cfg = _resolve(config_path, o, stage="pretrain")
+    devices = _devices(devices, cfg.data.batch_size)
     existed = _empty_dir_given(o)
     run_dir, resume = _prepare_run("pretrain", o)
     if resume:
         cfg = _load_resume_config(run_dir, cfg)
     with _started_run(run_dir, resume, existed):
         config_lib.save(cfg, rundir.config_path(run_dir))
-        runner.pretrain(cfg, run_dir, echo=click.echo, resume=resume)
+        runner.pretrain(cfg, run_dir, echo=click.echo, resume=resume, devices=devices)
     click.echo(f"wrote {run_dir}")
 
 
@@ -267,9 +285,11 @@ def pretrain(config_path, **o):
 @click.option("--bss-eta", type=float, help="bss: weight of the smallest squared singular value of a batch's features.")
 @click.option("--surgical-block", help="surgical: the block that trains: first, middle, last or a block name.")
 @click.option("--preview/--no-preview", default=True, help="Write an augmentation preview figure.")
+@_devices_option
 @_fail_cleanly
 def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, channel_mode, cached_features,
-             backbone_lr, layer_decay, lp_epochs, l2sp_alpha, l2sp_beta, bss_eta, surgical_block, preview, **o):
+             backbone_lr, layer_decay, lp_epochs, l2sp_alpha, l2sp_beta, bss_eta, surgical_block, preview, devices,
+             **o):
     """Pretrain (unless --pretrained or --weights), fine-tune each strategy on the target, write a report.
 
     --weights imagenet (or --source imagenet) or --weights FILE: the backbone starts from those weights
@@ -296,6 +316,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
     if pretrained is not None and not o.get("resume_dir"):
         cfg = runner.with_pretrained(cfg, pretrained, source=config_lib.absolute_dataset(o.get("source")),
                                      model=o.get("model_name"))
+    devices = _devices(devices, cfg.data.batch_size)
     existed = _empty_dir_given(o)
     run_dir, resume = _prepare_run("finetune", o)
     if resume:  # the run's own config.yaml, --pretrained (transfer.pretrained) included
@@ -308,7 +329,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
                                      f"--resume). Received: {pretrained}")
     with _started_run(run_dir, resume, existed):
         config_lib.save(cfg, rundir.config_path(run_dir))
-        results = runner.finetune(cfg, run_dir, echo=click.echo, resume=resume, preview=preview)
+        results = runner.finetune(cfg, run_dir, echo=click.echo, resume=resume, preview=preview, devices=devices)
     click.echo("")
     click.echo(f"{'strategy':12s} {'accuracy':>9s} {'macro-F1':>9s} {'trainable':>10s} {'time (s)':>9s}")
     for s, r in results.items():
@@ -726,8 +747,9 @@ def compare(run_dirs, out, overwrite):
 @click.option("--gpus-per-run", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Ray: GPUs each run asks for.")
 @click.option("--report-only", is_flag=True, help="Write the study report from the runs that exist; train nothing.")
+@_devices_option
 @_fail_cleanly
-def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_run, report_only):
+def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_run, report_only, devices):
     """Run a study: a grid of fine-tuning runs over config keys and seeds, resumably, with one report.
 
     STUDY_FILE is YAML: config sections (as --config) or `base: FILE`, `grid:` of dotted keys to lists of
@@ -739,6 +761,7 @@ def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_ru
     from keras_transfer.study_report import write_study_report
 
     st = study_lib.load_study(study_file)
+    devices = _devices(devices, *{r.config.data.batch_size for r in st.runs})
     out = os.path.abspath(out or os.path.join("runs", st.name))
     if dry_run:
         if os.path.isdir(out):
@@ -767,6 +790,8 @@ def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_ru
         click.echo(study_lib.estimate(st, out))
         if not report_only:
             pre, runs = study_lib.tasks(st, out)
+            for task in pre + runs:
+                task["devices"] = devices
             if executor == "ray":
                 study_lib.run_ray(pre, runs, address, cpus_per_run, gpus_per_run, echo=click.echo)
             else:

@@ -9,7 +9,9 @@ from keras_transfer.config import TTA_MODES
 
 
 def predict_logits(model, x, batch_size=256):
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+    from keras_transfer.distribute import predict
+
+    return np.asarray(predict(model, x, batch_size), dtype=np.float64)
 
 
 def softmax(logits):

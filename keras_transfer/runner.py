@@ -8,7 +8,7 @@ import time
 import keras
 import numpy as np
 
-from keras_transfer import plots, rundir
+from keras_transfer import distribute, plots, rundir
 from keras_transfer.backend import defer_tensorflow_import, enable_compilation_cache
 from keras_transfer.baselines import run_baselines
 from keras_transfer.config import needs_pretraining, weights_label, weights_source
@@ -92,13 +92,16 @@ def _train_input(splits, dcfg, seed, initial_epoch):
     ``dcfg`` says."""
     x_tr, y_tr = splits["train"]
     return make_input(x_tr, y_tr, dcfg.batch_size, True, seed, dcfg.input_path, initial_epoch,
-                      alternate_flips=dcfg.flips == "alternate", drop_last=dcfg.drop_last)
+                      alternate_flips=dcfg.flips == "alternate", drop_last=dcfg.drop_last,
+                      multiple_of=distribute.device_count())
 
 
 def _val_input(splits, batch_size, seed, input_path):
     """The validation input, or None with ``val: 0`` (train on the whole training split)."""
     x_val, y_val = splits["val"]
-    return make_input(x_val, y_val, batch_size, False, seed, input_path) if len(x_val) else None
+    n = distribute.device_count()  # with several devices, at most n - 1 images left out (`distribute`)
+    return (make_input(x_val, y_val, batch_size, False, seed, input_path, multiple_of=n)
+            if len(x_val) >= n and len(x_val) else None)
 
 
 def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy="full", phases=None, resume=False,
@@ -116,7 +119,7 @@ def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy=
     Returns:
         ``(model, wall_seconds)``: a resumed stage's include its epochs before the interruption.
     """
-    steps = steps_per_epoch(len(splits["train"][0]), dcfg.batch_size, dcfg.drop_last)
+    steps = steps_per_epoch(len(splits["train"][0]), dcfg.batch_size, dcfg.drop_last, distribute.device_count())
     val = _val_input(splits, dcfg.batch_size, seed, dcfg.input_path)
     start, earlier = 0, 0.0
     if resume and os.path.exists(rundir.checkpoint_path(stage_dir)):
@@ -165,17 +168,25 @@ def train_cached_linear(model, splits, tcfg, stage_dir, seed, batch_size, train_
     t0 = time.perf_counter()
     extractor = feature_extractor(model)
     if train_features is None:
-        train_features = extractor.predict(splits["train"][0], batch_size=256, verbose=0)
-    feats = {"train": train_features, "val": extractor.predict(splits["val"][0], batch_size=256, verbose=0)}
+        train_features = distribute.predict(extractor, splits["train"][0])
+    feats = {"train": train_features, "val": distribute.predict(extractor, splits["val"][0])}
     head = head_model(model)
-    compile_model(head, tcfg, steps_per_epoch(len(feats["train"]), batch_size))
-    fit(head, make_input(feats["train"], splits["train"][1], batch_size, True, seed, "memory"),
+    n = distribute.device_count()
+    compile_model(head, tcfg, steps_per_epoch(len(feats["train"]), batch_size, multiple_of=n))
+    fit(head, make_input(feats["train"], splits["train"][1], batch_size, True, seed, "memory", multiple_of=n),
         _val_input({"val": (feats["val"], splits["val"][1])}, batch_size, seed, "memory"), tcfg, stage_dir)
     return model, time.perf_counter() - t0
 
 
-def pretrain(cfg, run_dir, echo=None, resume=False):
-    """Pretrain the backbone on ``cfg.data.source``; writes ``run_dir/model.keras``."""
+def pretrain(cfg, run_dir, echo=None, resume=False, devices=1):
+    """Pretrain the backbone on ``cfg.data.source``; writes ``run_dir/model.keras``. ``devices``: train
+    data-parallel on that many local devices (`keras_transfer.distribute`)."""
+    distribute.check_batch_size(cfg.data.batch_size, devices)
+    with distribute.data_parallel(devices):
+        return _pretrain(cfg, run_dir, echo, resume)
+
+
+def _pretrain(cfg, run_dir, echo, resume):
     enable_compilation_cache()
     defer_tensorflow_import()
     set_precision(cfg.pretrain.precision)
@@ -195,7 +206,7 @@ def pretrain(cfg, run_dir, echo=None, resume=False):
     metrics = _evaluate_and_plot(model, ds, splits, run_dir, f"pretrain {ds.name}", history, cfg.data.tta)
     trainable, frozen = parameter_counts(model)
     metrics.update(dataset=ds.name, model=m.name, wall_time=wall, trainable_params=trainable,
-                   non_trainable_params=frozen, backend=keras.config.backend(),
+                   non_trainable_params=frozen, backend=keras.config.backend(), devices=distribute.device_count(),
                    **epoch_timing(history.get("epoch_time", [])), **peak.as_dict())
     save_model(model, rundir.model_path(run_dir))
     write_json(rundir.metrics_path(run_dir), metrics)  # last: with model.keras, the pretraining finished
@@ -298,14 +309,21 @@ def with_pretrained(cfg, path, source=None, model=None):
                                pretrain=pre)
 
 
-def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
+def finetune(cfg, run_dir, echo=None, resume=False, preview=True, devices=1):
     """Pretrain (unless ``cfg.transfer.pretrained`` is set, see `with_pretrained`, or ``model.weights`` names
     weights to start from, see `weights_source`), then fine-tune every strategy and report.
 
     The pretrained model (if given) and then the target are loaded first, once: a bad pretrained
     file or a target that cannot be read stops the run before any pretraining, and the augmentation
-    preview (``preview``, written unless the preset is ``none``) comes from the same arrays.
+    preview (``preview``, written unless the preset is ``none``) comes from the same arrays. ``devices``: train
+    data-parallel on that many local devices (`keras_transfer.distribute`).
     """
+    distribute.check_batch_size(cfg.data.batch_size, devices)
+    with distribute.data_parallel(devices):
+        return _finetune(cfg, run_dir, echo, resume, preview)
+
+
+def _finetune(cfg, run_dir, echo, resume, preview):
     enable_compilation_cache()
     defer_tensorflow_import()
     pretrained = cfg.transfer.pretrained
@@ -330,7 +348,7 @@ def finetune(cfg, run_dir, echo=None, resume=False, preview=True):
             if resume and os.path.exists(rundir.model_path(pre_dir)):
                 source_model = load_pretrained(pre_dir)
             else:
-                source_model, _ = pretrain(cfg, pre_dir, echo, resume=resume)
+                source_model, _ = _pretrain(cfg, pre_dir, echo, resume)
         source_backbone = source_model.get_layer("backbone")
     spec_name = _spec_name_of(source_backbone, m.name)
     set_precision(cfg.finetune.precision)
@@ -375,7 +393,7 @@ def _finetune_strategy(cfg, strategy, source_backbone, spec_name, ds, splits, st
     train_features, feature_pass = None, 0.0
     if strategy in ("linear", "lp-ft"):  # the head trains on the frozen features standardised (feature_statistics)
         t0 = time.perf_counter()
-        train_features = feature_extractor(model).predict(splits["train"][0], batch_size=256, verbose=0)
+        train_features = distribute.predict(feature_extractor(model), splits["train"][0])
         model = _classifier(backbone, spec_name, m, ds, splits["train"][0], cfg.data, cfg.seed,
                             feature_stats=feature_statistics(train_features))
         feature_pass = time.perf_counter() - t0  # counted in the strategy's wall time
@@ -421,7 +439,8 @@ def _finetune_strategy(cfg, strategy, source_backbone, spec_name, ds, splits, st
         extra["backbone_lr"], extra["layer_decay"] = scales
     metrics.update(strategy=strategy, dataset=ds.name, model=spec_name, wall_time=wall + feature_pass,
                    trainable_params=trainable, non_trainable_params=frozen,
-                   backend=keras.config.backend(), epochs=len(history.get("epoch", [])), **extra)
+                   backend=keras.config.backend(), devices=distribute.device_count(),
+                   epochs=len(history.get("epoch", [])), **extra)
     save_model(model, rundir.model_path(stage_dir))
     return metrics
 

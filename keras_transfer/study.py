@@ -443,8 +443,8 @@ def plan(study, study_dir):
 def execute(task):
     """Run one study task in this process: a pretrain run or a fine-tuning run, resumed where it started.
 
-    ``task``: ``{"kind": "pretrain" | "run", "dir": str, "config": dict}`` (plain data, so a Ray worker can
-    take it). Returns ``{"dir", "ok", "error", "seconds"}``; an error is recorded in the run's
+    ``task``: ``{"kind": "pretrain" | "run", "dir": str, "config": dict}`` and optionally ``"devices"`` (plain
+    data, so a Ray worker can take it). Returns ``{"dir", "ok", "error", "seconds"}``; an error is recorded in the run's
     ``error.txt`` as one line, and never raised (``KeyboardInterrupt`` aside).
     """
     import keras
@@ -461,10 +461,11 @@ def execute(task):
         if not resume:
             config_lib.save(cfg, rundir.config_path(d))
         echo = task.get("echo")
+        devices = task.get("devices", 1)
         if task["kind"] == "pretrain":
-            runner.pretrain(cfg, d, echo=echo, resume=resume)
+            runner.pretrain(cfg, d, echo=echo, resume=resume, devices=devices)
         else:
-            runner.finetune(cfg, d, echo=echo, resume=resume)
+            runner.finetune(cfg, d, echo=echo, resume=resume, devices=devices)
         return {"dir": d, "ok": True, "error": None, "seconds": time.perf_counter() - t0}
     except Exception as e:  # fault containment: the study records it and goes on
         line = str(e).splitlines()[0] if str(e) else ""

@@ -17,9 +17,17 @@ from keras_transfer.errors import ConfigError
 IN_MEMORY_LIMIT_BYTES = 2 << 30
 
 
-def steps_per_epoch(n, batch_size, drop_last=False):
-    """Batches in one epoch of ``n`` examples: a ragged last one counts, unless ``drop_last``."""
-    return n // batch_size if drop_last else -(-n // batch_size)
+def steps_per_epoch(n, batch_size, drop_last=False, multiple_of=1):
+    """Batches in one epoch of ``n`` examples: a ragged last one counts, unless ``drop_last`` or it has fewer
+    than ``multiple_of`` images (see `ragged_size`)."""
+    return n // batch_size + (0 if drop_last else int(ragged_size(n, batch_size, multiple_of) > 0))
+
+
+def ragged_size(n, batch_size, multiple_of=1):
+    """The last batch's size when ``n`` examples are served in batches of ``batch_size``, cut to a multiple of
+    ``multiple_of`` (the devices that share each batch, `keras_transfer.distribute`); 0 when there is none."""
+    r = n % batch_size
+    return r - r % multiple_of
 
 
 class ArrayBatches(keras.utils.PyDataset):
@@ -45,16 +53,22 @@ class ArrayBatches(keras.utils.PyDataset):
             flips repeat an orientation half the time). Use it instead of a ``RandomFlip`` layer.
         drop_last: bool. Serve only full batches: the last ``len(x) % batch_size`` images of each
             epoch's order are left out (others each epoch when shuffled).
+        multiple_of: int. Cut the ragged last batch to a multiple of this (the devices that share each
+            batch); the images cut are left out as with ``drop_last``.
     """
 
     def __init__(self, x, y, batch_size, shuffle=True, seed=0, initial_epoch=0, on_device="auto",
-                 alternate_flips=False, drop_last=False):
+                 alternate_flips=False, drop_last=False, multiple_of=1):
         super().__init__(workers=1, use_multiprocessing=False)
         if drop_last and len(x) < batch_size:
             raise ConfigError(f"data.drop_last: expected at least one full batch of {batch_size} images. "
                               f"Received: {len(x)} training images")
         self.x, self.y = x, np.asarray(y, dtype=np.int32)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, bool(drop_last)
+        self.multiple_of = int(multiple_of)
+        if len(x) < self.multiple_of:
+            raise ConfigError(f"expected at least {self.multiple_of} images, one per device that shares each batch. "
+                              f"Received: {len(x)}")
         # Per-image orientation of even epochs; its own stream, so the permutations do not change.
         self.flip_bits = (np.random.default_rng([seed, 0x0F11B]).random(len(x)) < 0.5
                           if alternate_flips else None)
@@ -74,11 +88,17 @@ class ArrayBatches(keras.utils.PyDataset):
         return np.random.default_rng([self.seed, int(epoch)]).permutation(n) if self.shuffle else np.arange(n)
 
     def __len__(self):
-        return steps_per_epoch(len(self.x), self.batch_size, self.drop_last)
+        return steps_per_epoch(len(self.x), self.batch_size, self.drop_last, self.multiple_of)
+
+    def _end(self, i):
+        """Where batch ``i`` ends in the epoch's order."""
+        end = (i + 1) * self.batch_size
+        return end if end <= len(self.x) else i * self.batch_size + ragged_size(len(self.x), self.batch_size,
+                                                                                  self.multiple_of)
 
     def __getitem__(self, i):
-        idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size]) if self.shuffle \
-            else self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = np.sort(self.order[i * self.batch_size:self._end(i)]) if self.shuffle \
+            else self.order[i * self.batch_size:self._end(i)]
         if self.on_device:
             if self._take is None:
                 self._take = backend.device_gather(self.x, self.y)
@@ -118,8 +138,8 @@ class ArrayBatches(keras.utils.PyDataset):
 
         def batches_of(epoch):
             order = tf.numpy_function(self.epoch_order, [epoch], tf.int64, stateful=False)
-            order = tf.ensure_shape(order, [len(self.x)])
-            batches = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size, drop_remainder=self.drop_last)
+            order = tf.ensure_shape(order, [len(self.x)])[:self._end(len(self) - 1)]  # full batches, or cut
+            batches = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
             return batches.map(lambda i: (tf.sort(i) if self.shuffle else i, epoch % 2 == 1))
 
         bits = np.zeros(len(self.x), bool) if self.flip_bits is None else self.flip_bits
@@ -165,8 +185,9 @@ def fit_input(data):
     return data, []
 
 
-def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True, drop_last=False):
-    """A tf.data pipeline over arrays: cache, shuffle, batch, prefetch(AUTOTUNE)."""
+def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True, drop_last=False, multiple_of=1):
+    """A tf.data pipeline over arrays: cache, shuffle, batch (the ragged last batch cut to a multiple of
+    ``multiple_of``), prefetch(AUTOTUNE)."""
     tf = backend.import_tensorflow()
 
     ds = tf.data.Dataset.from_tensor_slices((x, np.asarray(y, dtype=np.int32)))
@@ -174,7 +195,14 @@ def tf_dataset(x, y, batch_size, shuffle=True, seed=0, cache=True, drop_last=Fal
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(min(len(x), 50_000), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size, drop_remainder=drop_last).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_last)
+    if multiple_of > 1 and not drop_last and len(x) % batch_size:
+        def cut(xb, yb):
+            keep = tf.shape(xb)[0] - tf.shape(xb)[0] % multiple_of
+            return xb[:keep], yb[:keep]
+
+        ds = ds.map(cut).filter(lambda xb, yb: tf.shape(xb)[0] > 0)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def choose_input_path(x, requested="auto"):
@@ -191,16 +219,18 @@ def choose_input_path(x, requested="auto"):
 
 
 def make_input(x, y, batch_size, shuffle, seed=0, path="auto", initial_epoch=0, alternate_flips=False,
-               drop_last=False):
+               drop_last=False, multiple_of=1):
     """The object to pass to ``fit``/``evaluate`` for arrays ``(x, y)`` on the chosen path.
 
     ``alternate_flips`` (see `ArrayBatches`) needs the in-memory path. ``drop_last``: only full batches.
+    ``multiple_of``: the ragged last batch cut to a multiple of this (`keras_transfer.distribute`).
     """
     if choose_input_path(x, path) == "tfdata":
         if alternate_flips:
             raise ConfigError(f"data.flips: alternate needs the in-memory input path (data.input_path: memory or "
                               f"auto with at most {IN_MEMORY_LIMIT_BYTES >> 30} GiB of images). Received: "
                               f"input_path {path!r} for {x.nbytes / 2**30:.1f} GiB")
-        return tf_dataset(x, y, batch_size, shuffle=shuffle, seed=seed + initial_epoch, drop_last=drop_last)
+        return tf_dataset(x, y, batch_size, shuffle=shuffle, seed=seed + initial_epoch, drop_last=drop_last,
+                          multiple_of=multiple_of)
     return ArrayBatches(x, y, batch_size, shuffle=shuffle, seed=seed, initial_epoch=initial_epoch,
-                        alternate_flips=alternate_flips, drop_last=drop_last)
+                        alternate_flips=alternate_flips, drop_last=drop_last, multiple_of=multiple_of)

@@ -184,7 +184,9 @@ def backbone_inputs(model, x, batch_size=256):
     backbone = model.get_layer("backbone")
     i = model.layers.index(backbone)
     pre = keras.Model(model.input, model.layers[i - 1].output)
-    return np.asarray(pre.predict(x, batch_size=batch_size, verbose=0))
+    from keras_transfer.distribute import predict
+
+    return np.asarray(predict(pre, x, batch_size))
 
 
 def initialise_from_data(model, spec_name, x, n=5000):
