@@ -882,9 +882,10 @@ def _block_summary(blocks, show=6):
               help="Which side compiles first in each row (the first compilation in a process may pay one-off "
                    "costs, e.g. XLA's GPU autotuning, that the second reuses).")
 @click.option("--out", type=click.Path(), default="benchmarks", show_default=True)
+@_devices_option
 @_fail_cleanly
 def bench(models_, size, strategies, batch_size, steps, precision, augment, jit, repeats, with_timm, compile_cache,
-          probe_epochs, steps_per_execution, compile_first, out):
+          probe_epochs, steps_per_execution, compile_first, out, devices):
     """Training throughput (img/s), step time, compile time, peak memory: ours vs plain Keras.
 
     Writes benchmarks/bench-<backend>-<time>.json and .md with hardware, versions and date.
@@ -892,9 +893,11 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
     import time as _time
 
     from keras_transfer import bench as bench_lib
+    from keras_transfer import distribute
     from keras_transfer.io import atomic_write_text, write_json
     from keras_transfer.models import get_spec
 
+    devices = _devices(devices, batch_size)
     if compile_cache:
         from keras_transfer.backend import enable_compilation_cache
 
@@ -910,10 +913,12 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
     for name in names:
         side = size or (32 if name == "resnet" else get_spec(name).default_size)
         for strategy in strategies.split(","):
-            r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment,
-                                     jit="auto" if jit is None else jit,
-                                     repeats=repeats, compile_first=compile_first,
-                                     steps_per_execution=steps_per_execution)
+            with distribute.data_parallel(devices):  # both sides on the same devices
+                r = bench_lib.bench_case(name, side, strategy, batch_size, steps, precision, augment,
+                                         jit="auto" if jit is None else jit,
+                                         repeats=repeats, compile_first=compile_first,
+                                         steps_per_execution=steps_per_execution)
+            r["devices"] = devices
             rows.append(r)
             click.echo(f"{name} {side} {strategy:8s} ours {r['ours']['img_per_s']:9.1f} img/s  plain "
                        f"{r['plain_keras']['img_per_s']:9.1f} img/s  ratio {r['ratio_ours_over_plain']:.3f}  "
@@ -939,7 +944,7 @@ def bench(models_, size, strategies, batch_size, steps, precision, augment, jit,
         for r in reference:
             click.echo(f"timm efficientnet_b0 {side} {'compiled' if r['compiled'] else 'eager':8s} "
                        f"{r['img_per_s']:9.1f} img/s  compile {r['compile_s']:.1f} s")
-    env = bench_lib.environment()
+    env = {**bench_lib.environment(), "devices": devices}
     stem = os.path.join(out, f"bench-{env['backend']}-{_time.strftime('%Y%m%d-%H%M%S')}")
     write_json(stem + ".json", {"environment": env, "rows": rows, "cached_probe_rows": cached,
                                 "reference_rows": reference})
