@@ -57,17 +57,41 @@ def read_json(path):
         return json.load(f)
 
 
-def save_model(model, path):
-    """``model.save`` to a temp ``.keras`` beside ``path``, then rename."""
+def save_model(model, path, extra=None):
+    """``model.save`` to a temp ``.keras`` beside ``path``, then rename.
+
+    ``extra``: ``{name: bytes or str}`` written into the same archive (under ``ktransfer/``), so they are
+    replaced together with the model or not at all (`read_model_extra`); Keras' loader ignores them.
+    """
+    import zipfile
+
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         model.save(tmp)
+        if extra:
+            with zipfile.ZipFile(tmp, "a") as z:
+                for name, data in extra.items():
+                    z.writestr(f"{EXTRA_DIR}/{name}", data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+EXTRA_DIR = "ktransfer"
+
+
+def read_model_extra(path, name):
+    """The bytes `save_model` wrote as ``extra[name]`` into the ``.keras`` file ``path``, or None."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.read(f"{EXTRA_DIR}/{name}")
+    except (KeyError, OSError, zipfile.BadZipFile):
+        return None
 
 
 def load_model(path):

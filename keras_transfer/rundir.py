@@ -17,7 +17,8 @@ A stage::
 
     STAGE/
       model.keras, metrics.json, history.csv, *.png
-      checkpoints/{last,best}.keras, checkpoints/rng.npz, checkpoints/plateau.json   (for resume)
+      checkpoints/{last,best}.keras   (last.keras also holds the epoch it ends and the random-generator and
+                                       schedule states a resume takes up: `keras_transfer.train.AtomicCheckpoint`)
 
 A study (``ktransfer study``)::
 
@@ -62,12 +63,14 @@ def config_path(run_dir):
 
 
 def rng_state_path(stage_dir):
-    """The random-generator states of the stage's last checkpoint (`keras_transfer.train.SeedState`)."""
+    """The random-generator states of the stage's last checkpoint as checkpoints of versions before 2026-12-07
+    (second half) kept them, read when such a stage resumes (`keras_transfer.train.SeedState`)."""
     return os.path.join(stage_dir, CHECKPOINTS, RNG_STATE)
 
 
 def plateau_state_path(stage_dir):
-    """The plateau schedule's state at the last checkpoint (`keras_transfer.train.ResumablePlateau`)."""
+    """The plateau schedule's state at the last checkpoint as earlier versions kept it, read when such a stage
+    resumes (`keras_transfer.train.ResumablePlateau`)."""
     return os.path.join(stage_dir, CHECKPOINTS, PLATEAU_STATE)
 
 

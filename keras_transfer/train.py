@@ -16,7 +16,7 @@ from keras_transfer.backend import avoid_device_syncs
 from keras_transfer.config import PRECISIONS, SCHEDULES, check_lookahead
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
-from keras_transfer.io import load_model, read_json, save_model, write_json
+from keras_transfer.io import atomic_write_text, load_model, read_json, read_model_extra, save_model
 from keras_transfer.models.fast import use_channels_last_kernels
 from keras_transfer.models.graph import use_direct_calls
 
@@ -329,67 +329,107 @@ class EpochProgress(keras.callbacks.Callback):
         self.echo(f"  {self.label}epoch {epoch + 1}/{self.params['epochs']}: {values}{took}")
 
 
-class AtomicCheckpoint(keras.callbacks.Callback):
-    """Save ``last.keras`` every epoch and ``best.keras`` on a better ``monitor`` value.
+RESUME_STATE = "resume.json"  # in last.keras: {"epoch": the epoch it ends, "plateau": ...}
+RNG_IN_CHECKPOINT = "rng.npz"  # in last.keras: the random-generator states (`SeedState`)
 
-    Each file is written to a temp name and renamed, so a crash never leaves a
-    half-written checkpoint. ``last.keras`` holds the optimizer state (for resume).
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Save ``best.keras`` on a better ``monitor`` value, then ``last.keras`` every epoch.
+
+    Each file is written to a temp name and renamed, so a crash never leaves a half-written checkpoint.
+    ``last.keras`` holds everything a resume needs, in the one file that is replaced at once: the optimizer
+    state, the epoch it ends (`RESUME_STATE`), the random-generator states (`SeedState`) and the plateau
+    schedule's state (``plateau``: a `ResumablePlateau`, which must run before this callback). A process killed
+    at any instant leaves a ``last.keras`` whose parts agree; the history rows after it are cut on resume
+    (`resume_state`). ``best.keras`` is written first, so it never misses an epoch ``last.keras`` has.
     """
 
-    def __init__(self, directory, monitor="val_accuracy", best=-math.inf):
+    def __init__(self, directory, monitor="val_accuracy", best=-math.inf, plateau=None):
         super().__init__()
-        self.directory, self.monitor = directory, monitor
+        self.directory, self.monitor, self.plateau = directory, monitor, plateau
         self.best = best  # a resumed stage's best so far, so best.keras is not replaced by a worse epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model(self.model, os.path.join(self.directory, rundir.LAST))
+        import io
+        import json
+
         value = (logs or {}).get(self.monitor)
         if value is not None and value > self.best:
             self.best = value
             save_model(self.model, os.path.join(self.directory, rundir.BEST))
+        state = {"epoch": int(epoch)}
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.state()
+        buf = io.BytesIO()
+        np.savez(buf, *[keras.ops.convert_to_numpy(s.value) for s in SeedState.states(self.model)])
+        save_model(self.model, os.path.join(self.directory, rundir.LAST),
+                   extra={RESUME_STATE: json.dumps(state), RNG_IN_CHECKPOINT: buf.getvalue()})
+
+
+def checkpoint_state(stage_dir):
+    """What `AtomicCheckpoint` wrote into the stage's ``last.keras`` beside the model (None for a checkpoint
+    of an earlier version, which kept it in side files)."""
+    import json
+
+    data = read_model_extra(rundir.checkpoint_path(stage_dir), RESUME_STATE)
+    return json.loads(data) if data is not None else None
 
 
 class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
     """``keras.callbacks.ReduceLROnPlateau`` whose state (the best value so far, the epochs waited, the cooldown)
-    is written beside the checkpoint each epoch and read back when a stage resumes, so a resumed stage cuts its
-    learning rate at the epoch an uninterrupted one does (Keras' callback starts afresh in every ``fit``). It runs
-    before `AtomicCheckpoint`, so ``last.keras`` holds the rate of the next epoch."""
+    is saved in each ``last.keras`` (`AtomicCheckpoint`, which runs after it, so the checkpoint holds the rate of
+    the next epoch) and read back when a stage resumes, so a resumed stage cuts its learning rate at the epoch an
+    uninterrupted one does (Keras' callback starts afresh in every ``fit``).
 
-    def __init__(self, path, restore=False, epoch=-1, **kwargs):
+    ``stage_dir``: the stage whose checkpoint holds the state; ``restore``: take it up at the beginning (a stage
+    resumed, not a gradual phase begun); ``epoch``: the epoch the checkpoint must end for its state to be taken.
+    """
+
+    def __init__(self, stage_dir, restore=False, epoch=-1, **kwargs):
         super().__init__(**kwargs)
-        self.path, self.restore_on_begin, self.resume_epoch = path, restore, epoch
+        self.stage_dir, self.restore_on_begin, self.resume_epoch = stage_dir, restore, epoch
+
+    def state(self):
+        return {"best": float(self.best), "wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter)}
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        if self.restore_on_begin and os.path.exists(self.path):
-            state = read_json(self.path)
-            # Written just before the checkpoint: a process killed between the two left a state one epoch ahead
-            # of the checkpoint, which is not taken (the schedule then starts afresh from the checkpoint's rate).
-            if state.get("epoch") == self.resume_epoch:
-                self.best, self.wait, self.cooldown_counter = state["best"], state["wait"], state["cooldown_counter"]
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        write_json(self.path, {"epoch": int(epoch), "best": float(self.best), "wait": int(self.wait),
-                               "cooldown_counter": int(self.cooldown_counter)})
+        if not self.restore_on_begin:
+            return
+        saved = checkpoint_state(self.stage_dir)
+        if saved is not None and saved.get("epoch") == self.resume_epoch and "plateau" in saved:
+            state = saved["plateau"]
+        else:  # a checkpoint of an earlier version: the side file, if it was written for the same epoch
+            legacy = rundir.plateau_state_path(self.stage_dir)
+            state = read_json(legacy) if os.path.exists(legacy) else {}
+            if state.get("epoch") != self.resume_epoch:
+                return
+        self.best, self.wait, self.cooldown_counter = state["best"], state["wait"], state["cooldown_counter"]
 
 
 class SeedState(keras.callbacks.Callback):
-    """Saves the random-generator states of the model (dropout, augmentation) each epoch.
+    """Restores the random-generator states of the model (dropout, augmentation) when a stage resumes.
 
-    ``.keras`` files do not hold `keras.random.SeedGenerator` states; restoring them
-    on resume makes a resumed run draw the same masks as an uninterrupted one.
+    ``.keras`` files do not hold `keras.random.SeedGenerator` states: `AtomicCheckpoint` saves them into
+    ``last.keras`` beside the model; restoring them on resume makes a resumed run draw the same masks as an
+    uninterrupted one. ``stage_dir``: the stage whose checkpoint holds them.
     """
 
-    def __init__(self, path, restore=False):
+    def __init__(self, stage_dir, restore=False):
         super().__init__()
-        self.path, self.restore_on_begin = path, restore
+        self.stage_dir, self.restore_on_begin = stage_dir, restore
 
     def on_train_begin(self, logs=None):
         # Restored here, not at load time: Keras' first build of the train step (torch) draws
         # from the generators before training starts.
         if self.restore_on_begin:
-            self.restore(self.model, self.path)
+            data = read_model_extra(rundir.checkpoint_path(self.stage_dir), RNG_IN_CHECKPOINT)
+            if data is None:  # a checkpoint of an earlier version: the side file
+                self.restore(self.model, rundir.rng_state_path(self.stage_dir))
+            else:
+                import io
+
+                self.restore(self.model, io.BytesIO(data))
 
     @staticmethod
     def states(model):
@@ -401,18 +441,10 @@ class SeedState(keras.callbacks.Callback):
                     out.append(sg.state)
         return out
 
-    def on_epoch_end(self, epoch, logs=None):
-        import io
-
-        from keras_transfer.io import atomic_write_bytes
-
-        buf = io.BytesIO()
-        np.savez(buf, *[keras.ops.convert_to_numpy(s.value) for s in self.states(self.model)])
-        atomic_write_bytes(self.path, buf.getvalue())
-
     @classmethod
     def restore(cls, model, path):
-        if not os.path.exists(path):
+        """Assign the states saved in ``path`` (a file, or a file object) to ``model``'s generators."""
+        if isinstance(path, str) and not os.path.exists(path):
             return
         with np.load(path) as f:
             values = [f[f"arr_{i}"] for i in range(len(f.files))]
@@ -508,12 +540,15 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     resumed = initial_epoch > 0
     earlier = read_history(rundir.history_path(stage_dir)).get("val_accuracy", [])[:initial_epoch] if resumed else []
     restore = resumed if resume_schedule is None else resume_schedule
-    plateau = [ResumablePlateau(rundir.plateau_state_path(stage_dir), restore, initial_epoch - 1, monitor="val_loss",
+    plateau = [ResumablePlateau(stage_dir, restore, initial_epoch - 1, monitor="val_loss",
                                 factor=0.5, patience=2, min_lr=1e-6)] if cfg.schedule == "plateau" else []
+    # The history row is written before the checkpoint, so a kill between the two leaves a row too many, which
+    # `resume_state` cuts, never a row missing.
     callbacks = [EpochTimer(), LearningRateLog(), *plateau,
-                 AtomicCheckpoint(ckpt, best=max((v for v in earlier if v == v), default=-math.inf)),
-                 SeedState(rundir.rng_state_path(stage_dir), resumed),
+                 SeedState(stage_dir, resumed),
                  HistoryLogger(rundir.history_path(stage_dir), append=resumed),
+                 AtomicCheckpoint(ckpt, best=max((v for v in earlier if v == v), default=-math.inf),
+                                  plateau=plateau[0] if plateau else None),
                  *extra_callbacks]
     if cfg.whiten_bias_epochs is not None:
         callbacks.append(FreezeBias.for_model(model, cfg.whiten_bias_epochs))
@@ -557,7 +592,24 @@ def resume_state(stage_dir):
     except Exception as e:  # noqa: BLE001 - e.g. a checkpoint of another version: say so, do not call it damaged
         raise ConfigError(f"Cannot resume: expected {last} to load with this version of keras-transfer and Keras. "
                           f"Received: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
-    model = use_direct_calls(model)  # fit() restores the RNG states from checkpoints/rng.npz
+    model = use_direct_calls(model)  # fit() restores the RNG states saved in the checkpoint
     use_channels_last_kernels(model)  # torch eager: as compile_model lays them out, optimizer slots too
-    history = read_history(rundir.history_path(stage_dir))
-    return model, len(history.get("epoch", []))
+    path = rundir.history_path(stage_dir)
+    state = checkpoint_state(stage_dir)
+    if state is None:  # a checkpoint of an earlier version: the history's rows say where it ended
+        return model, len(read_history(path).get("epoch", []))
+    start = state["epoch"] + 1
+    _cut_history(path, start)
+    return model, start
+
+
+def _cut_history(path, rows):
+    """Keep the header and the first ``rows`` rows of a history file: the rows a process killed after writing
+    them and before its checkpoint left (and a last line it did not finish) are not the checkpoint's."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith(("\n", "\r"))]
+    if len(complete) != len(lines) or len(complete) > rows + 1:
+        atomic_write_text(path, "".join(complete[:rows + 1]))

@@ -319,18 +319,18 @@ def test_resume_a_finetune_run(tmp_path, tiny_config):
                "--finetune-epochs", "2", "--no-preview")
     assert r.exit_code == 0, r.output
     linear_before = json.load(open(os.path.join(ft, "strategies", "linear", "metrics.json")))
-    # Simulate an interrupted `full`: drop its results and the record of its last epoch, so the
-    # resumed run must continue it from checkpoints/last.keras at epoch 1.
+    # Simulate a `full` killed after its last checkpoint, before its results: no metrics.json, and a history row
+    # (and half of another) written after the checkpoint, which the resumed run must cut.
     full = os.path.join(ft, "strategies", "full")
     os.remove(os.path.join(full, "metrics.json"))
-    lines = open(os.path.join(full, "history.csv")).read().splitlines()
-    open(os.path.join(full, "history.csv"), "w").write("\n".join(lines[:2]) + "\n")
+    hist_before = open(os.path.join(full, "history.csv")).read()
+    lines = hist_before.splitlines()
+    open(os.path.join(full, "history.csv"), "w").write("\n".join(lines + [lines[-1]]) + "\n" + lines[-1][:7])
     r = invoke("finetune", "--resume", ft)
     assert r.exit_code == 0, r.output
     assert "resuming" in r.output
     assert json.load(open(os.path.join(ft, "strategies", "linear", "metrics.json"))) == linear_before
-    hist = open(os.path.join(full, "history.csv")).read().splitlines()
-    assert len(hist) == 3  # header + epochs 0 and 1
+    assert open(os.path.join(full, "history.csv")).read() == hist_before  # header + epochs 0 and 1
     assert os.path.exists(os.path.join(full, "metrics.json"))
 
 
@@ -571,3 +571,58 @@ def test_finetune_from_imagenet_offline_is_one_line_and_leaves_no_run_directory(
         assert not os.path.exists(ft)
     r = CliRunner().invoke(main, ["finetune", "--source", "imagenet", "--weights", "x.h5"])
     assert r.exit_code == 2 and "--source imagenet starts from ImageNet weights" in r.output
+
+
+KILLED_CHILD = """
+import sys, time
+from keras_transfer import train
+
+write_row = train.HistoryLogger.on_epoch_end
+
+def slow(self, epoch, logs=None):  # a pause after each history row: the kill lands between row and checkpoint
+    write_row(self, epoch, logs)
+    time.sleep(0.4)
+
+train.HistoryLogger.on_epoch_end = slow
+from keras_transfer.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "strategies/partial"])
+def test_a_run_killed_with_sigkill_resumes_to_the_results_of_an_uninterrupted_one(tmp_path, tiny_config, stage):
+    """A real `kill -9` of `ktransfer finetune` in the middle of a stage's epochs (after an epoch's history row,
+    where a kill used to resume one epoch off), then `--resume`: the same test metrics as an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["finetune", "--config", tiny_config, "--strategies", "partial", "--pretrain-epochs", "4",
+            "--finetune-epochs", "4", "--augment", "none", "--no-preview"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert invoke(*args, "--out", whole).exit_code == 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, *args, "--out", killed], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = os.path.join(killed, stage, "history.csv")
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if os.path.exists(history) and len(open(history).read().splitlines()) >= 3:  # header + 2 epochs
+                break
+            time.sleep(0.02)
+        assert child.poll() is None, "the run ended before it could be killed"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert not os.path.exists(os.path.join(killed, "summary.json"))
+    r = invoke("finetune", "--resume", killed)
+    assert r.exit_code == 0 and "resuming" in r.output, r.output
+    for d in ("pretrain", "strategies/partial"):
+        a, b = (json.load(open(os.path.join(run, d, "metrics.json"))) for run in (whole, killed))
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6), d
+        assert b["macro"]["f1"] == pytest.approx(a["macro"]["f1"], abs=1e-6), d
+        assert len(open(os.path.join(killed, d, "history.csv")).read().splitlines()) == 5  # header + 4 epochs
