@@ -435,13 +435,13 @@ def test_a_bare_pretrained_model_file_keeps_its_own_input_contract(tmp_path, tin
 def test_model_flag_brings_its_own_input_size_and_channels(tmp_path, tiny_config):
     """The embedded default (and a config file) size the input for its own model (the residual CNN at
     28x28 grey); --model efficientnet_b0 used to stop on "needs inputs of at least 32x32. Received: 28"."""
-    from keras_transfer.cli import _resolve
+    from keras_transfer.cli import resolve_config
 
-    cfg = _resolve(None, {"model_name": "efficientnet_b0"})
+    cfg = resolve_config(None, {"model_name": "efficientnet_b0"})
     assert (cfg.model.name, cfg.model.input_size, cfg.model.channels) == ("efficientnet_b0", 224, 3)
-    cfg = _resolve(tiny_config, {"model_name": "airbench", "input_size": 16})
+    cfg = resolve_config(tiny_config, {"model_name": "airbench", "input_size": 16})
     assert (cfg.model.input_size, cfg.model.channels) == (16, 3)  # a flag still wins
-    cfg = _resolve(tiny_config, {"model_name": "resnet"})  # the config's own model: its sizes stay
+    cfg = resolve_config(tiny_config, {"model_name": "resnet"})  # the config's own model: its sizes stay
     assert (cfg.model.input_size, cfg.model.channels) == (8, 1)
     r = CliRunner().invoke(main, ["pretrain", "--model", "efficientnet_b0", "--input-size", "16",
                                   "--out", str(tmp_path / "o")])
