@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from keras_transfer import backend  # noqa: E402
 from keras_transfer.bench import ours_and_plain, synthetic_images  # noqa: E402
 from keras_transfer.models import fast  # noqa: E402
-from keras_transfer.train import set_precision  # noqa: E402
+from keras_transfer.optim import set_precision  # noqa: E402
 
 VARIANTS = ("keras", "onepass", "shifted")
 

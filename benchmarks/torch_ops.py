@@ -32,7 +32,7 @@ import keras  # noqa: E402
 from keras_transfer import backend  # noqa: E402
 from keras_transfer.bench import ours_and_plain, synthetic_images, timm_available  # noqa: E402
 from keras_transfer.data.pipeline import ArrayBatches  # noqa: E402
-from keras_transfer.train import SparseSmoothedCrossentropy, set_precision  # noqa: E402
+from keras_transfer.optim import SparseSmoothedCrossentropy, set_precision  # noqa: E402
 
 
 def per_step(run, steps):

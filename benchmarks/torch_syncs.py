@@ -22,7 +22,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 from keras_transfer import backend  # noqa: E402
 from keras_transfer.bench import ours_and_plain, synthetic_images  # noqa: E402
 from keras_transfer.data.pipeline import ArrayBatches  # noqa: E402
-from keras_transfer.train import set_precision  # noqa: E402
+from keras_transfer.optim import set_precision  # noqa: E402
 
 CASES = ("resnet:32:strong:8", "resnet:32:translate:8", "efficientnet_b0:32:mild:8", "efficientnet_b0:32:none:8",
          "airbench:32:translate:8")

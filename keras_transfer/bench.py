@@ -23,7 +23,8 @@ from keras_transfer.config import TrainConfig
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import ArrayBatches, fit_input
 from keras_transfer.models import build_classifier, create_backbone
-from keras_transfer.train import SparseSmoothedCrossentropy, compile_model, set_precision
+from keras_transfer.optim import SparseSmoothedCrossentropy, set_precision
+from keras_transfer.train import compile_model
 from keras_transfer.transfer import apply_strategy, parameter_counts
 
 

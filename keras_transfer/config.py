@@ -19,7 +19,7 @@ from keras_transfer.models import get_spec
 from keras_transfer.transfer import TransferConfig, check_train_last_k
 
 TTA_MODES = ("none", "flip", "flip_translate")
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # keras_transfer.train.OPTIMIZERS
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")  # keras_transfer.optim.OPTIMIZERS
 SCHEDULES = ("cosine", "triangle", "plateau", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 POOLINGS = ("avg", "flatten")
@@ -191,14 +191,14 @@ class TrainConfig:
             (Keras optimizers' ``use_ema``), updated every step with this momentum; the model ends
             training with the averaged weights.
         ema_overwrite_every: int or None. With ``ema_momentum``: every this many steps, overwrite
-            the weights with their average (`keras_transfer.train.AverageOverwrite`: Keras' rule, by a
+            the weights with their average (`keras_transfer.optim.AverageOverwrite`: Keras' rule, by a
             select that costs torch no host-device synchronisation).
-        lookahead_every: int. Above 0: airbench94's Lookahead (`keras_transfer.train.Lookahead`):
+        lookahead_every: int. Above 0: airbench94's Lookahead (`keras_transfer.optim.Lookahead`):
             every this many steps pull the weights back to an average whose factor ramps up as
             ``lookahead_decay ** lookahead_every * (step / total steps) ** lookahead_power``.
         lookahead_decay, lookahead_power: float. airbench94: 0.95 and 3.
         whiten_bias_epochs: int or None. airbench only: epochs its whitening bias trains before it
-            is held fixed (`keras_transfer.train.FreezeBias`; airbench94: 3). None: it always trains.
+            is held fixed (`keras_transfer.callbacks.FreezeBias`; airbench94: 3). None: it always trains.
     """
 
     epochs: int = 4
@@ -281,7 +281,7 @@ def check_steps_per_execution(spe):
 
 
 def check_lookahead(every, decay):
-    """Raise a `ConfigError` unless ``every >= 1`` and ``0 < decay < 1`` (see `keras_transfer.train.Lookahead`)."""
+    """Raise a `ConfigError` unless ``every >= 1`` and ``0 < decay < 1`` (see `keras_transfer.optim.Lookahead`)."""
     if int(every) < 1 or not 0.0 < decay < 1.0:
         raise ConfigError(f"Lookahead: expected every >= 1, 0 < decay < 1. Received: every={every!r}, "
                           f"decay={decay!r}")

@@ -108,7 +108,7 @@ def load_model(path):
     import keras_transfer.models.classifier  # noqa: F401
     import keras_transfer.models.fast  # noqa: F401
     import keras_transfer.models.resnet  # noqa: F401
-    import keras_transfer.train  # noqa: F401
+    import keras_transfer.optim  # noqa: F401  (the loss)
 
     return keras.saving.load_model(path)
 

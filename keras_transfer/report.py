@@ -239,7 +239,7 @@ def transfer_verdict(results):
 
 
 def _history(run_dir, strategy):
-    from keras_transfer.train import read_history
+    from keras_transfer.callbacks import read_history
 
     return read_history(rundir.history_path(rundir.strategy_dir(run_dir, strategy)))
 

@@ -18,7 +18,7 @@ A stage::
     STAGE/
       model.keras, metrics.json, history.csv, *.png
       checkpoints/{last,best}.keras   (last.keras also holds the epoch it ends and the random-generator and
-                                       schedule states a resume takes up: `keras_transfer.train.AtomicCheckpoint`)
+                                       schedule states a resume takes up: `keras_transfer.callbacks.AtomicCheckpoint`)
 
 A study (``ktransfer study``)::
 
@@ -64,13 +64,13 @@ def config_path(run_dir):
 
 def rng_state_path(stage_dir):
     """The random-generator states of the stage's last checkpoint as checkpoints of versions before 2026-12-07
-    (second half) kept them, read when such a stage resumes (`keras_transfer.train.SeedState`)."""
+    (second half) kept them, read when such a stage resumes (`keras_transfer.callbacks.SeedState`)."""
     return os.path.join(stage_dir, CHECKPOINTS, RNG_STATE)
 
 
 def plateau_state_path(stage_dir):
     """The plateau schedule's state at the last checkpoint as earlier versions kept it, read when such a stage
-    resumes (`keras_transfer.train.ResumablePlateau`)."""
+    resumes (`keras_transfer.callbacks.ResumablePlateau`)."""
     return os.path.join(stage_dir, CHECKPOINTS, PLATEAU_STATE)
 
 

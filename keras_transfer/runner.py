@@ -11,6 +11,7 @@ import numpy as np
 from keras_transfer import distribute, plots, rundir
 from keras_transfer.backend import defer_tensorflow_import, enable_compilation_cache
 from keras_transfer.baselines import run_baselines
+from keras_transfer.callbacks import EpochProgress, read_history
 from keras_transfer.config import needs_pretraining, weights_label, weights_source
 from keras_transfer.data import load_dataset, train_val_test
 from keras_transfer.data.augment import augmentation_layers
@@ -29,7 +30,8 @@ from keras_transfer.models import (
     get_spec,
     initialise_from_data,
 )
-from keras_transfer.train import EpochProgress, compile_model, fit, read_history, resume_state, set_precision
+from keras_transfer.optim import set_precision
+from keras_transfer.train import compile_model, fit, resume_state
 from keras_transfer.transfer import (
     apply_strategy,
     feature_extractor,

@@ -25,8 +25,8 @@ def _last(history, key):
 def run_rows(study, study_dir):
     """``(rows, runs)``: a row per finished run and strategy (classical baselines included, ``kind``
     ``baseline``), and every run's state and error."""
+    from keras_transfer.callbacks import read_history
     from keras_transfer.study import plan, read_error, run_path
-    from keras_transfer.train import read_history
 
     states = {d: s for _, _, d, s in plan(study, study_dir)}
     rows, runs = [], []

@@ -182,7 +182,7 @@ def block_lr_factors(spec_name, backbone_lr=1.0, layer_decay=1.0):
 
 def learning_rate_multipliers(model, spec_name, backbone_lr=1.0, layer_decay=1.0):
     """Learning-rate multipliers of the backbone's trainable weights, ``{variable path: multiplier}``
-    (`keras_transfer.train.LRMultipliers`): each block's weights get its `block_lr_factors`; weights outside the
+    (`keras_transfer.optim.LRMultipliers`): each block's weights get its `block_lr_factors`; weights outside the
     backbone (the head) are left out, so train at the optimizer's rate. Frozen weights are left out too:
     call after `set_trainable_blocks`, before compiling. Empty when both factors are 1."""
     if backbone_lr == 1 and layer_decay == 1:

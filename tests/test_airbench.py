@@ -67,7 +67,7 @@ def test_partial_dirac_starts_as_identity_on_the_first_filters():
 
 
 def test_triangle_schedule_goes_up_then_down_linearly():
-    from keras_transfer.train import TriangularSchedule, learning_rate
+    from keras_transfer.optim import TriangularSchedule, learning_rate
 
     cfg = config_lib.TrainConfig(epochs=10, learning_rate=1.5, schedule="triangle", warmup_epochs=2.3,
                                  start_factor=0.2, end_factor=0.07)

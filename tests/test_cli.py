@@ -575,15 +575,15 @@ def test_finetune_from_imagenet_offline_is_one_line_and_leaves_no_run_directory(
 
 KILLED_CHILD = """
 import sys, time
-from keras_transfer import train
+from keras_transfer import callbacks
 
-write_row = train.HistoryLogger.on_epoch_end
+write_row = callbacks.HistoryLogger.on_epoch_end
 
 def slow(self, epoch, logs=None):  # a pause after each history row: the kill lands between row and checkpoint
     write_row(self, epoch, logs)
     time.sleep(0.4)
 
-train.HistoryLogger.on_epoch_end = slow
+callbacks.HistoryLogger.on_epoch_end = slow
 from keras_transfer.cli import main
 main(sys.argv[1:])
 """

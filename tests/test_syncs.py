@@ -151,7 +151,7 @@ def _fit_then_count(name, augment, widths, recipe, counter, monkeypatch):
 
 
 def test_weight_average_overwrite_reads_nothing_back_where_keras_option_does(counter, monkeypatch):
-    """``ema_overwrite_every`` (`train.AverageOverwrite`) overwrites by a select; Keras' own
+    """``ema_overwrite_every`` (`optim.AverageOverwrite`) overwrites by a select; Keras' own
     ``ema_overwrite_frequency`` through ``ops.cond``, which reads its predicate every step on torch."""
     _fit_then_count("resnet", "none", (8, 16, 16), "ema", counter, monkeypatch)
     assert counter.copies == [] and counter.reads == []

@@ -5,11 +5,13 @@ import keras
 import numpy as np
 import pytest
 
+from keras_transfer.callbacks import EpochProgress, read_history
 from keras_transfer.config import TrainConfig
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import make_input
 from keras_transfer.errors import ConfigError
-from keras_transfer.train import EpochProgress, compile_model, fit, learning_rate, read_history, resume_state
+from keras_transfer.optim import learning_rate
+from keras_transfer.train import compile_model, fit, resume_state
 from tests.conftest import tiny_data, tiny_model
 
 CFG = TrainConfig(epochs=3, optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
@@ -226,7 +228,7 @@ def test_auto_jit_is_keras_default():
 
 
 def test_precision_policy_and_optimizers():
-    from keras_transfer.train import make_optimizer, set_precision
+    from keras_transfer.optim import make_optimizer, set_precision
 
     set_precision("mixed_bfloat16")
     model = tiny_model()
@@ -242,7 +244,7 @@ def test_precision_policy_and_optimizers():
 
 def test_ema_ends_training_on_the_averaged_weights_and_saves(tmp_path):
     from keras_transfer.io import load_model, save_model
-    from keras_transfer.train import make_optimizer
+    from keras_transfer.optim import make_optimizer
 
     x, y = tiny_data(32)
 
@@ -277,7 +279,7 @@ def _dense_model():
 
 def test_lookahead_pulls_back_on_airbench94s_ramp():
     """Keras' fit with `Lookahead` against plain SGD steps plus the pull-backs done by hand."""
-    from keras_transfer.train import LookaheadSGD, make_optimizer
+    from keras_transfer.optim import LookaheadSGD, make_optimizer
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 6)).astype("float32"), rng.integers(0, 3, 40)
@@ -320,7 +322,7 @@ def test_average_overwrite_matches_keras_ema_overwrite(tmp_path, name):
     trains to the weights and averages of Keras' ``ema_overwrite_frequency`` (an ``ops.cond``), and saves
     and loads."""
     from keras_transfer.io import load_model, save_model
-    from keras_transfer.train import AverageOverwrite, make_optimizer
+    from keras_transfer.optim import AverageOverwrite, make_optimizer
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(56, 6)).astype("float32"), rng.integers(0, 3, 56)
@@ -375,7 +377,7 @@ def test_lr_multipliers_give_a_group_the_steps_of_a_smaller_learning_rate(name):
     """Weights at factor f (`LRMultipliers`) follow the trajectory of the same optimizer at f times the
     rate, with momentum or Adam's moments, decoupled weight decay and the schedule; the other weights
     take the steps they would take without multipliers."""
-    from keras_transfer.train import make_optimizer
+    from keras_transfer.optim import make_optimizer
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 6)).astype("float32"), rng.integers(0, 3, 40)
@@ -435,7 +437,7 @@ def test_lr_multipliers_are_saved_with_the_optimizer_and_resume_the_same_run(tmp
 
 def test_the_optimizer_names_the_config_accepts_are_the_ones_train_builds():
     from keras_transfer.config import OPTIMIZER_NAMES
-    from keras_transfer.train import OPTIMIZERS
+    from keras_transfer.optim import OPTIMIZERS
 
     assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES
 

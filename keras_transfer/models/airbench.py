@@ -1,7 +1,7 @@
 """A fast CIFAR-10 network after airbench94 (Keller Jordan, 2024), as a Keras functional model.
 
     whiten: 2x2 conv, 24 filters, frozen, set from the eigenvectors of training patches
-            (`init_whitening`), + a bias (freezable: `train.FreezeBias`) -> GELU
+            (`init_whitening`), + a bias (freezable: `callbacks.FreezeBias`) -> GELU
     group1..3: conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU   (64 / 256 / 256)
     pool:   global max pool -> x 1/9 (at 32x32 the final map is 3x3: airbench's MaxPool2d(3))
 
@@ -11,7 +11,7 @@ their value per step (Keras ``momentum=0.6``; airbench's ``BatchNorm(momentum=0.
 ``bn_bias_lr`` (airbench: 64) times faster than the other weights under SGD, which Keras optimizers,
 having no parameter groups, cannot do otherwise. Convolutions start from a partial identity
 (airbench's dirac init). Lookahead and multi-crop test-time augmentation are recipe options
-(`keras_transfer.train.Lookahead`, ``tta: flip_translate``); see `experiments/cifar10_fast.yaml`.
+(`keras_transfer.optim.Lookahead`, ``tta: flip_translate``); see `experiments/cifar10_fast.yaml`.
 """
 
 from __future__ import annotations
