@@ -94,7 +94,7 @@ SCRIPT = textwrap.dedent("""
     assert len(keras.distribution.list_devices()) == 2, keras.distribution.list_devices()
     CFG = TrainConfig(epochs=2, optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
                       schedule="cosine", warmup_epochs=0)
-    x, y = tiny_data(36)  # 36 = 4 batches of 8 and a ragged one of 4
+    x, y = tiny_data(20)  # 20 = 2 batches of 8 and a ragged one of 4
     xv, yv = tiny_data(15, seed=1)  # odd: one image is left out of validation on 2 devices
 
     def data(n, start=0):
@@ -123,8 +123,9 @@ SCRIPT = textwrap.dedent("""
         result[strategy] = max(float(np.abs(a - b).max()) for a, b in zip(w1, w2))
         result[strategy + "_predict"] = float(np.abs(p1 - p2).max())
         result[strategy + "_rows"] = len(p2)
-        # Interrupted after epoch 1 on one device count, resumed on the other.
-        for a, b in ((1, 2), (2, 1)):
+        # Interrupted after epoch 1 on one device count, resumed on the other (frozen BatchNorm: the case with
+        # most state; one device's resume is tested in test_train).
+        for a, b in ((1, 2), (2, 1)) if strategy == "partial" else ():
             train(a, strategy, f"{out}/{strategy}-{a}to{b}", 1)
             wr, _ = train(b, strategy, None, 2, resume_from=f"{out}/{strategy}-{a}to{b}")
             result[f"{strategy}_resume_{a}to{b}"] = max(float(np.abs(u - v).max()) for u, v in zip(w1, wr))
@@ -159,12 +160,13 @@ def test_two_devices_train_the_same_weights_as_one_and_resume_across_device_coun
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads(lines[0][len("RESULT "):])
+    print("1 device against 2:", r)
     # The same global batches on 1 and 2 devices: the same weights to float32 round-off (XLA reduces the
     # batch's sums in another order on 2 devices), BatchNorm trained and frozen alike.
     for strategy in ("full", "partial"):
-        assert r[strategy] < 1e-4, r
-        assert r[strategy + "_predict"] < 1e-4 and r[strategy + "_rows"] == 13, r
-        assert r[f"{strategy}_resume_1to2"] < 1e-4 and r[f"{strategy}_resume_2to1"] < 1e-4, r
+        assert r[strategy] < 1e-5, r
+        assert r[strategy + "_predict"] < 1e-5 and r[strategy + "_rows"] == 13, r
+    assert r["partial_resume_1to2"] < 1e-5 and r["partial_resume_2to1"] < 1e-5, r
     # The command line: every stage records its device count, and test metrics cover every test image.
     assert r["cli"]["devices"] == r["cli_pretrain"]["devices"] == 2, r
     assert n_test % 2 == 1 and r["cli"]["n"] == r["cli_pretrain"]["n"] == n_test, (n_test, r)
