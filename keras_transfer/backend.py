@@ -465,7 +465,10 @@ def import_tensorflow():
     import sys
 
     first = "tensorflow" not in sys.modules
-    import tensorflow as tf
+    from keras_transfer.logs import native_logs_quieted
+
+    with native_logs_quieted():
+        import tensorflow as tf
 
     if first and keras.config.backend() != "tensorflow":
         from keras.src.utils.rng_utils import get_random_seed

@@ -173,6 +173,19 @@ def move_aside(path):
 
 
 _CREATED = {}  # run directory -> the folders new_run_dir created for it, deepest first
+_MOVED = {}  # run directory -> where new_run_dir moved the earlier result it held (--overwrite)
+
+
+def restore_moved(out):
+    """Put back the earlier result `new_run_dir` moved aside for ``out`` (``out`` must be empty): a run that stopped
+    at a bad input before writing a result leaves the earlier one where it was. Returns whether it did."""
+    aside = _MOVED.pop(os.path.abspath(out), None)
+    if aside is None or not os.path.isdir(aside) or (os.path.isdir(out) and os.listdir(out)):
+        return False
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(aside, out)
+    return True
 
 
 def remove_created(out):
@@ -202,7 +215,7 @@ def new_run_dir(out, kind, overwrite=False):
             out = os.path.join("runs", f"{kind}-{stamp}-{n}")
     check_output(out, overwrite)
     if os.path.isdir(out) and os.listdir(out):
-        move_aside(out)
+        _MOVED[os.path.abspath(out)] = move_aside(out)
     created, d = [], os.path.abspath(out)
     while not os.path.exists(d):
         created.append(d)

@@ -238,3 +238,8 @@ def test_overwrite_moves_an_earlier_result_aside_only_after_validation(ws, tmp_p
     r = CliRunner().invoke(main, ["evaluate", str(work / "nothing"), "--out", str(work / "ev"), "--overwrite"])
     assert r.exit_code == 2 and snapshot(work) == before
     assert json.load(open(work / "ev" / "comparison.json"))["groups"]
+    # finetune --overwrite of a finished run with a target that cannot be read: the run stays where it was
+    for target in ("npz:" + str(work / "missing.npz"), "npz:" + str(ws / "negative.npz")):
+        r = CliRunner().invoke(main, ["finetune", "--config", str(ws / "tiny.yaml"), "--target", target,
+                                      "--out", str(work / "run"), "--overwrite"])
+        assert r.exit_code == 2 and snapshot(work) == before, (target, r.output)

@@ -70,7 +70,10 @@ class _OneLineUsageErrors(click.Group):
 @click.group(cls=_OneLineUsageErrors,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="keras-transfer")
-def main():
+@click.option("--verbose", is_flag=True,
+              help="Show TensorFlow's own C++ log lines (hidden by default; also KTRANSFER_VERBOSE=1). "
+                   "Give it first: ktransfer --verbose COMMAND.")
+def main(verbose):
     """Transfer learning for image classification on Keras 3 (TensorFlow, JAX or PyTorch).
 
     The backend is chosen by KERAS_BACKEND, e.g. `KERAS_BACKEND=jax ktransfer finetune`.
@@ -214,17 +217,19 @@ _START_FILES = {rundir.CONFIG, rundir.AUGMENTATION}
 
 @contextlib.contextmanager
 def started_run(run_dir, resume, existed):
-    """Inside, a `KTransferError` (a corrupted image, a class-count mismatch) that stops a new run before
-    it wrote any result removes what it wrote, and the run directory unless it ``existed`` (empty), so
-    the same command runs once the input is fixed. Resumed runs, and runs with results, are left as
-    they are."""
+    """Inside, a `KTransferError` (a corrupted image, a class-count mismatch, a target that cannot be read) that
+    stops a new run before it wrote any result removes what it wrote, and the run directory unless it ``existed``
+    (empty), so the same command runs once the input is fixed; an earlier result that ``--overwrite`` moved aside
+    is put back. Resumed runs, and runs with results, are left as they are."""
     try:
         yield
     except KTransferError:
         if not resume and os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= _START_FILES:
+            from keras_transfer.io import restore_moved
+
             for name in os.listdir(run_dir):
                 os.remove(os.path.join(run_dir, name))
-            if not existed:
+            if not restore_moved(run_dir) and not existed:
                 from keras_transfer.io import remove_created
 
                 os.rmdir(run_dir)
