@@ -394,8 +394,8 @@ def _first(row, side):
 def markdown_table(env, rows, reference_rows=(), cached_rows=()):
     lines = [f"Measured {env['date']} on {env['backend']} ({'; '.join(env['backend_info'])}), Keras "
              f"{env['keras']}, {env['cpu_count']} CPU cores, {env['machine']}"
-             + (f"; data-parallel on {env['devices']} devices (keras.distribution.DataParallel)"
-                if env.get("devices", 1) > 1 else "") + ".", "",
+             + (f"; the training rows data-parallel on {env['devices']} devices (keras.distribution.DataParallel), "
+                f"the cached-probe rows on one" if env.get("devices", 1) > 1 else "") + ".", "",
              "Throughput excludes compilation: batch / median step time, input wait included; "
              + ("steps timed one by one (whole-epoch rates in the JSON)." if all(
                  r["ours"].get("timing", "per step") == "per step" for r in rows) else

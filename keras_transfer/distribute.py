@@ -10,6 +10,11 @@ batch is made divisible. A training epoch's ragged last batch is cut to a multip
 change from epoch to epoch, as with ``data.drop_last``); the validation split is served the same way (at most
 N - 1 images of it left out of the validation metrics); predictions (test metrics, cached features) pad the last
 batch and drop the padding, so test metrics cover every image.
+
+A stage resumes on another device count (a checkpoint holds plain arrays). Where the cut of the ragged batch
+differs between the two counts, the epochs have another number of steps than the schedule was compiled for, so
+the resumed run's learning rates drift from an uninterrupted one's; with a training set the device counts divide,
+they are the same (tested: 1 -> 2 and 2 -> 1 devices).
 """
 
 from __future__ import annotations
@@ -67,7 +72,11 @@ def data_parallel(n):
     if n == 1:
         yield
         return
-    dist = keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:n])
+    available = keras.distribution.list_devices()
+    if len(available) < n:  # `resolve_devices` checks this for the command line; a Ray worker may see fewer
+        raise ConfigError(f"--devices {n}: expected at most the {len(available)} local device(s) this process sees. "
+                          f"Received: {n}")
+    dist = keras.distribution.DataParallel(devices=available[:n])
     with dist.scope():
         yield
 

@@ -265,7 +265,7 @@ def load_study(path):
                               f"pretrained: expected a key fine-tuning reads (data.target, data.per_class, "
                               f"data.augment, finetune.*, transfer.*, model.head_hidden, ...). Received: {key}")
 
-    listed = doc.get("conditions")
+    listed = doc.get("conditions") or None  # [] (as study.yaml records a study without them): none
     if listed is not None:
         if not (isinstance(listed, list) and listed and all(isinstance(c, dict) and c for c in listed)):
             _fail(path, f"conditions: expected a non-empty list of mappings, each of dotted config keys to one "

@@ -102,13 +102,14 @@ def summarise(values):
     return {"mean": float(v.mean()), "sd": sd, "ci95": _t95(n) * sd / math.sqrt(n) if n > 1 else None, "n": n}
 
 
-def aggregate(rows, reference, grid_keys=()):
+def aggregate(rows, reference, grid_keys=(), conditions=None):
     """A group per (condition, strategy), in the study's order: every metric summarised over seeds, and the
     paired differences of accuracy to the same run's scratch (``vs_scratch``), to each raw-pixel baseline of
     the same run (``vs_baseline``) and to the same seed and strategy in the condition's reference
     (``vs_reference``): the condition with the keys of ``reference`` (a ``{grid key: value}``) set to its
     values, the others kept, so each slice of the grid is compared with its own reference (`study.reference_of`;
-    ``grid_keys``: the study's grid, as opposed to its listed conditions)."""
+    ``grid_keys``: the study's grid, as opposed to its listed conditions; ``conditions``: every condition's settings,
+    finished or not, so the reference a condition is compared with does not depend on which runs have finished)."""
     from keras_transfer.study import condition_label, reference_of
 
     groups = {}
@@ -116,7 +117,7 @@ def aggregate(rows, reference, grid_keys=()):
         groups.setdefault((r["condition"], r["strategy"]), []).append(r)
     by_run = {(r["run"], r["strategy"]): r for r in rows}
     by_seed = {(r["condition"], r["strategy"], r["seed"]): r for r in rows}
-    settings = list({r["condition"]: r["settings"] for r in rows}.values())
+    settings = conditions if conditions is not None else list({r["condition"]: r["settings"] for r in rows}.values())
     out = []
     for (condition, strategy), rs in groups.items():
         g = {"condition": condition, "strategy": strategy, "kind": rs[0]["kind"], "settings": rs[0]["settings"],
@@ -186,7 +187,8 @@ def write_study_report(study, study_dir):
     from keras_transfer.study import condition_label
 
     reference = condition_label(study.reference)
-    groups = aggregate(rows, study.reference, list(study.grid))
+    groups = aggregate(rows, study.reference, list(study.grid),
+                       list({r.label: r.condition for r in study.runs}.values()))
     ranking = sorted([g for g in groups if g["accuracy"]["mean"] is not None],
                      key=lambda g: -g["accuracy"]["mean"])
     figures, figure_errors = [], []

@@ -21,19 +21,23 @@ def test_native_log_lines_are_held_back_and_the_others_written(capfd, monkeypatc
         os.write(2, b"W0000 00:00:1758131437.322781 3722519 computation_placer.cc:177] computation placer\n")
         os.write(2, b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow\n")
         os.write(2, b"Error: a line of our own\n")
+        os.write(2, b"F0000 00:00:1758131437.297298 3722519 cpu.cc:1] fatal: kept\n")
         print("to stdout", flush=True)
+        os.write(2, b"no newline at the end")
     out, err = capfd.readouterr()
-    assert err == "Error: a line of our own\n" and out == "to stdout\n"
+    assert err == ("Error: a line of our own\nF0000 00:00:1758131437.297298 3722519 cpu.cc:1] fatal: kept\n"
+                   "no newline at the end") and out == "to stdout\n"
     monkeypatch.setenv("KTRANSFER_VERBOSE", "1")
     with native_logs_quieted():
         os.write(2, ONEDNN.encode())
     assert capfd.readouterr().err == ONEDNN
 
 
-def test_the_pattern_takes_absl_lines_only():
-    assert NATIVE_LOG_LINE.match(ONEDNN)
-    assert not NATIVE_LOG_LINE.match("Error: data.batch_size: expected an integer >= 1. Received: 0")
-    assert not NATIVE_LOG_LINE.match("I0000 is not a log line")
+def test_the_pattern_takes_absl_info_and_warning_lines_only():
+    assert NATIVE_LOG_LINE.match(ONEDNN.encode())
+    assert not NATIVE_LOG_LINE.match(b"E0000 00:00:1758131437.297298 3722519 cuda_dnn.cc:8579] Unable to register")
+    assert not NATIVE_LOG_LINE.match(b"Error: data.batch_size: expected an integer >= 1. Received: 0")
+    assert not NATIVE_LOG_LINE.match(b"I0000 is not a log line")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
