@@ -13,7 +13,7 @@ import numpy as np
 
 from keras_transfer import rundir
 from keras_transfer.errors import ConfigError
-from keras_transfer.io import read_json, read_model_extra, save_model
+from keras_transfer.io import load_model, read_json, read_model_extra, save_model
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -81,9 +81,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     (`resume_state`). ``best.keras`` is written first, so it never misses an epoch ``last.keras`` has.
     """
 
-    def __init__(self, directory, monitor="val_accuracy", best=-math.inf, plateau=None):
+    def __init__(self, directory, monitor="val_accuracy", best=-math.inf, plateau=None, early_stopping=None):
         super().__init__()
-        self.directory, self.monitor, self.plateau = directory, monitor, plateau
+        self.directory, self.monitor, self.plateau, self.early_stopping = directory, monitor, plateau, early_stopping
         self.best = best  # a resumed stage's best so far, so best.keras is not replaced by a worse epoch
 
     def on_epoch_end(self, epoch, logs=None):
@@ -97,6 +97,8 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         state = {"epoch": int(epoch)}
         if self.plateau is not None:
             state["plateau"] = self.plateau.state()
+        if self.early_stopping is not None:
+            state["early_stopping"] = self.early_stopping.state()
         buf = io.BytesIO()
         np.savez(buf, *[keras.ops.convert_to_numpy(s.value) for s in SeedState.states(self.model)])
         save_model(self.model, os.path.join(self.directory, rundir.LAST),
@@ -142,6 +144,31 @@ class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
             if state.get("epoch") != self.resume_epoch:
                 return
         self.best, self.wait, self.cooldown_counter = state["best"], state["wait"], state["cooldown_counter"]
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """``keras.callbacks.EarlyStopping`` on ``val_accuracy`` (restoring the best weights) whose state (the epochs
+    waited, the best value and epoch) is saved in each ``last.keras`` (`AtomicCheckpoint`, which runs after it) and
+    taken up when a stage resumes, the best weights read back from ``best.keras`` (the same epoch's: both keep the
+    first epoch of the highest ``val_accuracy``), so a resumed stage stops where an uninterrupted one does."""
+
+    def __init__(self, stage_dir, restore=False, epoch=-1, patience=1):
+        super().__init__("val_accuracy", patience=patience, mode="max", restore_best_weights=True)
+        self.stage_dir, self.restore_on_begin, self.resume_epoch = stage_dir, restore, epoch
+
+    def state(self):
+        return {"wait": int(self.wait), "best": None if self.best is None else float(self.best),
+                "best_epoch": int(self.best_epoch)}
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        saved = checkpoint_state(self.stage_dir) if self.restore_on_begin else None
+        if saved is None or saved.get("epoch") != self.resume_epoch or "early_stopping" not in saved:
+            return
+        self.wait, self.best, self.best_epoch = (saved["early_stopping"][k] for k in ("wait", "best", "best_epoch"))
+        best = rundir.checkpoint_path(self.stage_dir, "best")
+        if self.best is not None and os.path.exists(best):
+            self.best_weights = load_model(best).get_weights()
 
 
 class SeedState(keras.callbacks.Callback):

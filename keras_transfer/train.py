@@ -16,6 +16,7 @@ from keras_transfer.callbacks import (
     FreezeBias,
     HistoryLogger,
     LearningRateLog,
+    ResumableEarlyStopping,
     ResumablePlateau,
     SeedState,
     checkpoint_state,
@@ -74,19 +75,19 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
     restore = resumed if resume_schedule is None else resume_schedule
     plateau = [ResumablePlateau(stage_dir, restore, initial_epoch - 1, monitor="val_loss",
                                 factor=0.5, patience=2, min_lr=1e-6)] if cfg.schedule == "plateau" else []
+    stopping = [ResumableEarlyStopping(stage_dir, restore, initial_epoch - 1, patience=cfg.early_stopping)
+                ] if cfg.early_stopping else []
     # The history row is written before the checkpoint, so a kill between the two leaves a row too many, which
-    # `resume_state` cuts, never a row missing.
-    callbacks = [EpochTimer(), LearningRateLog(), *plateau,
+    # `resume_state` cuts, never a row missing. The schedule's and early stopping's states go into the checkpoint.
+    callbacks = [EpochTimer(), LearningRateLog(), *plateau, *stopping,
                  SeedState(stage_dir, resumed),
                  HistoryLogger(rundir.history_path(stage_dir), append=resumed),
                  AtomicCheckpoint(ckpt, best=max((v for v in earlier if v == v), default=-math.inf),
-                                  plateau=plateau[0] if plateau else None),
+                                  plateau=plateau[0] if plateau else None,
+                                  early_stopping=stopping[0] if stopping else None),
                  *extra_callbacks]
     if cfg.whiten_bias_epochs is not None:
         callbacks.append(FreezeBias.for_model(model, cfg.whiten_bias_epochs))
-    if cfg.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=cfg.early_stopping,
-                                                       mode="max", restore_best_weights=True))
     # CSVLogger must see epoch_time and learning_rate: EpochTimer and LearningRateLog, which run first, add them.
     # shuffle=False: the input (ArrayBatches, tf.data) shuffles itself, seeded per epoch; Keras' own
     # batch-order shuffle on torch would draw from torch's global RNG and break resume equality.

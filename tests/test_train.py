@@ -550,3 +550,30 @@ def test_slow_epochs_echo_one_progress_line_and_fast_ones_stay_quiet(tmp_path):
         assert line.startswith(f"  full     epoch {e + 1}/2: loss {h['loss'][e]:.4f}, accuracy {h['accuracy'][e]:.4f}, "
                                f"val_loss {h['val_loss'][e]:.4f}, val_accuracy {h['val_accuracy'][e]:.4f} ("), line
         assert line.endswith(" s)")
+
+
+def test_a_stage_resumed_under_early_stopping_stops_and_restores_where_an_uninterrupted_one_does(tmp_path):
+    """Early stopping's waiting count, best value and best weights survive a resume: interrupted after epoch 3 and
+    resumed, the stage stops at the same epoch with the same (best) weights as an uninterrupted one."""
+    cfg = TrainConfig(epochs=12, optimizer="adam", learning_rate=0.05, schedule="constant", early_stopping=2)
+    x, y = tiny_data(32)
+    xv, yv = tiny_data(16, seed=1)
+
+    def run(stage, epochs):
+        keras.utils.set_random_seed(0)
+        model = tiny_model()
+        compile_model(model, dataclasses.replace(cfg, epochs=epochs), 4)
+        fit(model, make_input(x, y, 8, True, 0), make_input(xv, yv, 8, False), cfg, stage, epochs=epochs)
+        return model
+
+    whole = run(str(tmp_path / "whole"), 12)
+    stopped = len(read_history(str(tmp_path / "whole" / "history.csv"))["epoch"])
+    assert 3 < stopped < 12, stopped  # it stops early, after the interruption below
+    run(str(tmp_path / "part"), 3)
+    model, start = resume_state(str(tmp_path / "part"))
+    assert start == 3
+    fit(model, make_input(x, y, 8, True, 0, initial_epoch=start), make_input(xv, yv, 8, False), cfg,
+        str(tmp_path / "part"), initial_epoch=start)
+    assert len(read_history(str(tmp_path / "part" / "history.csv"))["epoch"]) == stopped
+    for a, b in zip(whole.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
