@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import pytest
 
 from keras_transfer.logs import NATIVE_LOG_LINE, native_logs_quieted
@@ -40,7 +41,8 @@ def test_the_pattern_takes_absl_info_and_warning_lines_only():
     assert not NATIVE_LOG_LINE.match(b"I0000 is not a log line")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None or keras.config.backend() != "tensorflow",
+                    reason="runs ktransfer on TensorFlow in a subprocess: once, in the TensorFlow test run")
 def test_ktransfer_on_tensorflow_prints_no_tensorflow_notices_unless_verbose(tmp_path):
     def run(*args):
         env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KTRANSFER_VERBOSE")}

@@ -16,9 +16,10 @@ TINY = {"model": {"input_size": 8, "widths": [4, 8, 8], "head_hidden": 8},
         "data": {"batch_size": 32, "per_class": 3, "augment": "none"}}
 
 
-# The study's own logic (grid, listed conditions, fault containment, validation of a changed file) does not depend
-# on the backend; each backend's training, resume and reports are tested through the tiny study and the
-# interrupted one below and in test_cli / test_train. These tests run once, on JAX (CI's tox runs every backend).
+# The study's own logic (grid, listed conditions, the report read back from the runs, fault containment, validation
+# of a changed file) does not depend on the backend; each backend runs a whole study in the interrupted-study test
+# below (training, resume, report), and its runs' training in test_cli / test_train. These tests run once, on JAX
+# (CI's tox runs every backend).
 study_logic_only = pytest.mark.skipif(keras.config.backend() != "jax",
                                       reason="the study's orchestration is backend-independent: tested on JAX")
 
@@ -52,6 +53,7 @@ def assert_same_groups(a, b, metrics=("accuracy", "macro_f1", "trainable_params"
                 assert gb[m]["mean"] == pytest.approx(ga[m]["mean"], abs=1e-6), (ga["condition"], ga["strategy"], m)
 
 
+@study_logic_only
 def test_a_tiny_study_writes_ordinary_runs_and_a_report_read_back_from_them(tmp_path, digits_npz):
     study, out = write_study(tmp_path, digits_npz), str(tmp_path / "out")
     r = invoke("study", study, "--dry-run", "--out", out)
