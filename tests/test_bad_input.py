@@ -101,7 +101,7 @@ CASES = [
     ("finetune --config {ws}/tiny.yaml --seed -1", "seed"),
     ("finetune --config {ws}/tiny.yaml --devices 0", "--devices: expected a number of devices >= 1 or 'all'"),
     ("finetune --config {ws}/tiny.yaml --devices two", "Received: 'two'"),
-    ("pretrain --config {ws}/tiny.yaml --devices 4096", "--devices 4096: "),  # more than JAX sees; other backends
+    ("pretrain --config {ws}/tiny.yaml --devices 4096", "--devices 4096: "),  # JAX: too many; TF, torch: not JAX
     ("study {ws}/tiny.yaml --devices -2", "--devices: expected"),
     ("finetune --config {ws}/tiny.yaml --seed 99999999999999999999", "2**32"),
     ("finetune --config {ws}/tiny.yaml --width 16,abc", "--width"),
