@@ -75,15 +75,16 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     Each file is written to a temp name and renamed, so a crash never leaves a half-written checkpoint.
     ``last.keras`` holds everything a resume needs, in the one file that is replaced at once: the optimizer
-    state, the epoch it ends (`RESUME_STATE`), the random-generator states (`SeedState`) and the plateau
-    schedule's state (``plateau``: a `ResumablePlateau`, which must run before this callback). A process killed
+    state, the epoch it ends (`RESUME_STATE`), the random-generator states (`SeedState`) and the state of each
+    callback in ``resumable`` (`ResumablePlateau`, `ResumableEarlyStopping`: each runs before this callback and
+    takes its state up again with `taken_up`). A process killed
     at any instant leaves a ``last.keras`` whose parts agree; the history rows after it are cut on resume
     (`resume_state`). ``best.keras`` is written first, so it never misses an epoch ``last.keras`` has.
     """
 
-    def __init__(self, directory, monitor="val_accuracy", best=-math.inf, plateau=None, early_stopping=None):
+    def __init__(self, directory, monitor="val_accuracy", best=-math.inf, resumable=()):
         super().__init__()
-        self.directory, self.monitor, self.plateau, self.early_stopping = directory, monitor, plateau, early_stopping
+        self.directory, self.monitor, self.resumable = directory, monitor, tuple(resumable)
         self.best = best  # a resumed stage's best so far, so best.keras is not replaced by a worse epoch
 
     def on_epoch_end(self, epoch, logs=None):
@@ -94,11 +95,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         if value is not None and value > self.best:
             self.best = value
             save_model(self.model, os.path.join(self.directory, rundir.BEST))
-        state = {"epoch": int(epoch)}
-        if self.plateau is not None:
-            state["plateau"] = self.plateau.state()
-        if self.early_stopping is not None:
-            state["early_stopping"] = self.early_stopping.state()
+        state = {"epoch": int(epoch), **{c.STATE_KEY: c.state() for c in self.resumable}}
         buf = io.BytesIO()
         np.savez(buf, *[keras.ops.convert_to_numpy(s.value) for s in SeedState.states(self.model)])
         save_model(self.model, os.path.join(self.directory, rundir.LAST),
@@ -114,6 +111,12 @@ def checkpoint_state(stage_dir):
     return json.loads(data) if data is not None else None
 
 
+def taken_up(stage_dir, epoch, key):
+    """The state ``key`` that the stage's ``last.keras`` holds when that checkpoint ends ``epoch``, else None."""
+    saved = checkpoint_state(stage_dir)
+    return saved.get(key) if saved is not None and saved.get("epoch") == epoch else None
+
+
 class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
     """``keras.callbacks.ReduceLROnPlateau`` whose state (the best value so far, the epochs waited, the cooldown)
     is saved in each ``last.keras`` (`AtomicCheckpoint`, which runs after it, so the checkpoint holds the rate of
@@ -123,6 +126,8 @@ class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
     ``stage_dir``: the stage whose checkpoint holds the state; ``restore``: take it up at the beginning (a stage
     resumed, not a gradual phase begun); ``epoch``: the epoch the checkpoint must end for its state to be taken.
     """
+
+    STATE_KEY = "plateau"
 
     def __init__(self, stage_dir, restore=False, epoch=-1, **kwargs):
         super().__init__(**kwargs)
@@ -135,10 +140,8 @@ class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
         super().on_train_begin(logs)
         if not self.restore_on_begin:
             return
-        saved = checkpoint_state(self.stage_dir)
-        if saved is not None and saved.get("epoch") == self.resume_epoch and "plateau" in saved:
-            state = saved["plateau"]
-        else:  # a checkpoint of an earlier version: the side file, if it was written for the same epoch
+        state = taken_up(self.stage_dir, self.resume_epoch, self.STATE_KEY)
+        if state is None:  # a checkpoint of an earlier version: the side file, if it was written for the same epoch
             legacy = rundir.plateau_state_path(self.stage_dir)
             state = read_json(legacy) if os.path.exists(legacy) else {}
             if state.get("epoch") != self.resume_epoch:
@@ -152,6 +155,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     taken up when a stage resumes, the best weights read back from ``best.keras`` (the same epoch's: both keep the
     first epoch of the highest ``val_accuracy``), so a resumed stage stops where an uninterrupted one does."""
 
+    STATE_KEY = "early_stopping"
+
     def __init__(self, stage_dir, restore=False, epoch=-1, patience=1):
         super().__init__("val_accuracy", patience=patience, mode="max", restore_best_weights=True)
         self.stage_dir, self.restore_on_begin, self.resume_epoch = stage_dir, restore, epoch
@@ -162,10 +167,10 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        saved = checkpoint_state(self.stage_dir) if self.restore_on_begin else None
-        if saved is None or saved.get("epoch") != self.resume_epoch or "early_stopping" not in saved:
+        state = taken_up(self.stage_dir, self.resume_epoch, self.STATE_KEY) if self.restore_on_begin else None
+        if state is None:
             return
-        self.wait, self.best, self.best_epoch = (saved["early_stopping"][k] for k in ("wait", "best", "best_epoch"))
+        self.wait, self.best, self.best_epoch = (state[k] for k in ("wait", "best", "best_epoch"))
         best = rundir.checkpoint_path(self.stage_dir, "best")
         if self.best is not None and os.path.exists(best):
             self.best_weights = load_model(best).get_weights()

@@ -53,16 +53,16 @@ def backend_error():
 def main():
     # TensorFlow's C++ notices (CPU features, oneDNN, large allocations) would bury the package's own lines:
     # quiet unless the user asks (TF_CPP_MIN_LOG_LEVEL=0).
+    from keras_transfer.logs import native_logs_quieted, verbose
+
     if "--verbose" in sys.argv[1:2]:  # ktransfer --verbose COMMAND: TensorFlow's own log lines too
         os.environ["KTRANSFER_VERBOSE"] = "1"
-    if os.environ.get("KTRANSFER_VERBOSE", "").strip().lower() not in ("1", "true", "on", "yes"):
+    if not verbose():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     error = backend_error()
     if error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(2)
-    from keras_transfer.logs import native_logs_quieted
-
     with native_logs_quieted():  # the TensorFlow backend loads TensorFlow here, with Keras
         from keras_transfer.cli import main as cli_main
 

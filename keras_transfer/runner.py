@@ -103,7 +103,7 @@ def _val_input(splits, batch_size, seed, input_path):
     x_val, y_val = splits["val"]
     n = distribute.device_count()  # with several devices, at most n - 1 images left out (`distribute`)
     return (make_input(x_val, y_val, batch_size, False, seed, input_path, multiple_of=n)
-            if len(x_val) >= n and len(x_val) else None)
+            if len(x_val) >= n else None)
 
 
 def train_stage(model, spec_name, splits, tcfg, dcfg, stage_dir, seed, strategy="full", phases=None, resume=False,

@@ -280,7 +280,7 @@ def load_study(path):
                 apply_condition(cfg, c)
             except KTransferError as e:
                 raise ConfigError(f"conditions[{i}]: {str(e).splitlines()[0]}") from None
-        texts = [repr(sorted(c.items())) for c in listed]
+        texts = [_canonical(c) for c in listed]
         if len(set(texts)) < len(texts):
             _fail(path, f"conditions: expected distinct conditions. Received: {listed!r}")
     listed = [dict(c) for c in listed or []]

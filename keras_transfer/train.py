@@ -83,8 +83,7 @@ def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose
                  SeedState(stage_dir, resumed),
                  HistoryLogger(rundir.history_path(stage_dir), append=resumed),
                  AtomicCheckpoint(ckpt, best=max((v for v in earlier if v == v), default=-math.inf),
-                                  plateau=plateau[0] if plateau else None,
-                                  early_stopping=stopping[0] if stopping else None),
+                                  resumable=plateau + stopping),
                  *extra_callbacks]
     if cfg.whiten_bias_epochs is not None:
         callbacks.append(FreezeBias.for_model(model, cfg.whiten_bias_epochs))

@@ -62,20 +62,17 @@ def _model_and_dataset(target, dataset, data_dir):
     their ``checkpoints/``).
     """
     if os.path.isfile(target):
-        run_dir, key = _run_of_model_file(target)
+        model_path, (run_dir, key) = target, _run_of_model_file(target)
         run_data = _run_data_config(run_dir) if run_dir else {}
-        if dataset is None:
-            if not run_data.get(key):
-                raise KTransferError(f"A .keras file outside a run directory needs --dataset. Received: {target} "
-                                     f"alone")
-            dataset = run_data[key]
-        return target, dataset, data_dir or run_data.get("data_dir")
-    model_path, key = _run_model(target)
-    run_data = _run_data_config(target)
+        missing = f"A .keras file outside a run directory needs --dataset. Received: {target} alone"
+    else:
+        model_path, key = _run_model(target)
+        run_data = _run_data_config(target)
+        missing = (f"Expected a run directory with config.yaml (or --dataset). Received: {target} without "
+                   f"data.{key} in config.yaml")
     if dataset is None:
         if not run_data.get(key):
-            raise KTransferError(f"Expected a run directory with config.yaml (or --dataset). Received: {target} "
-                                 f"without data.{key} in config.yaml")
+            raise KTransferError(missing)
         dataset = run_data[key]
     return model_path, dataset, data_dir or run_data.get("data_dir")
 
