@@ -5,13 +5,12 @@ On torch, Keras computes BatchNormalization from elementwise ops (moments, then 
 multiply / add, and the same again backwards), and its convolution copies each channels-last input
 twice (to contiguous NCHW, then back to channels_last memory). This script builds keras.applications
 EfficientNetB0 four ways: Keras' layers (`keras`); every BatchNormalization swapped for the package's
-(`keras_transfer.models.fast.BatchNormalization`: torch's fused ``native_batch_norm``) (`bn`, the
-package until 2026-11-23); all of the package's fast layers (`fast`: what `create_backbone` builds;
-`backend.conv2d` hands torch the channels-last view as it is); and the fast layers called directly
-(`direct`: `models.graph.use_direct_calls`, which `compile_model` installs, skips Keras' per-layer
-``__call__``). It checks that they give the same outputs and times a training epoch of each,
-alternating. Tiny inputs (``--size 32 --batch 2``) time the host-side work per step, which bounds an
-eager step on a GPU.
+(`keras_transfer.accel.layers`: torch's fused ``native_batch_norm``) (`bn`, the package until
+2026-11-23); all of the package's fast layer calls (`fast`: `accel.layers.fast_calls`; `accel.kernels.conv2d`
+hands torch the channels-last view as it is); and the fast layers called directly (`direct`:
+`accel.graph.use_direct_calls`; `accel.apply`, from `compile_model`, installs both). It checks that they
+give the same outputs and times a training epoch of each, alternating. Tiny inputs (``--size 32 --batch 2``)
+time the host-side work per step, which bounds an eager step on a GPU.
 
     KERAS_BACKEND=torch python benchmarks/torch_fast_layers.py --batch 16 --steps 5 --repeats 3
 """
@@ -25,9 +24,9 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_transfer.models import fast  # noqa: E402
-from keras_transfer.models.fast import BatchNormalization as FusedBatchNormalization  # noqa: E402
-from keras_transfer.models.graph import use_direct_calls  # noqa: E402
+from keras_transfer import internals  # noqa: E402
+from keras_transfer.accel.graph import use_direct_calls  # noqa: E402
+from keras_transfer.accel.layers import fast_calls, give_fast_call  # noqa: E402
 
 VARIANTS = ("keras", "bn", "fast", "direct")
 
@@ -36,11 +35,13 @@ def build(variant, size):
     keras.utils.set_random_seed(0)
     base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(size, size, 3),
                                              pooling="avg")
-    if variant in ("fast", "direct"):
-        base = fast.use_fast_layers(base)
-    elif variant == "bn":
-        base = fast.use_fast_layers(base, {keras.layers.BatchNormalization: FusedBatchNormalization})
     model = keras.Model(base.input, keras.layers.Dense(10)(base.output))
+    if variant in ("fast", "direct"):
+        fast_calls(model)
+    elif variant == "bn":
+        for layer in internals.flatten_layers(model):
+            if type(layer) is keras.layers.BatchNormalization:
+                give_fast_call(layer)
     if variant == "direct":
         use_direct_calls(model)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -60,8 +61,10 @@ def single_layer_check():
         x64 = x.astype("float64")
         ref = (x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-3)
         errors = []
-        for cls in (keras.layers.BatchNormalization, FusedBatchNormalization):
-            layer = cls(axis=3)
+        for fused in (False, True):
+            layer = keras.layers.BatchNormalization(axis=3)
+            if fused:
+                give_fast_call(layer)
             layer.build(x.shape)
             errors.append(np.abs(keras.ops.convert_to_numpy(layer(x, training=True)) - ref).max())
         print(f"one layer, training, channel mean {offset:5.1f}: max error vs float64: keras {errors[0]:.1e}, "

@@ -1,9 +1,9 @@
 """How many torch operators a training step dispatches: Keras' layers, the package, timm.
 
 On a GPU an eager torch step is a stream of kernel launches prepared by the host; each operator that is
-not a view (`keras_transfer.backend.op_counter`) is at least one launch and its share of host work, so
+not a view (`keras_transfer.accel.diagnostics.op_counter`) is at least one launch and its share of host work, so
 the count is what an eager step costs the host besides Python. A CPU is enough to count them: the
-operators do not depend on the device. The bytes each operator reads and writes (`backend.op_counter`)
+operators do not depend on the device. The bytes each operator reads and writes (`diagnostics.op_counter`)
 are the device's memory traffic for the step's memory-bound kernels (elementwise ops, casts,
 normalisation); at 224x224 they grow with the batch, and the growth per image is what a large-batch
 step costs the device beyond the convolutions' arithmetic. Per step means the difference between a fit
@@ -14,7 +14,7 @@ of ``2 n`` and one of ``n`` steps, over ``n`` (per-epoch work cancels out).
     KERAS_BACKEND=torch python benchmarks/torch_ops.py --precision mixed_bfloat16 --size 224 --batch 16
 
 Rows: ``keras`` is keras.applications EfficientNetB0 with Keras' own layers compiled with Adam, numpy
-arrays through ``fit``, Keras' own code (`backend.stock_keras`); ``package`` is the bench's "ours"
+arrays through ``fit``, Keras' own code (`syncs.stock_keras`); ``package`` is the bench's "ours"
 (`compile_model`: the fast layers, direct calls, kernels laid out for torch; batches gathered on the
 device); ``timm`` is timm's ``efficientnet_b0`` (where timm imports) with
 ``torch.optim.Adam(foreach=True)``, as it runs on a GPU by default (on a CPU torch picks one op per
@@ -29,7 +29,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
 
-from keras_transfer import backend  # noqa: E402
+from keras_transfer.accel import diagnostics, syncs  # noqa: E402
 from keras_transfer.bench import ours_and_plain, synthetic_images, timm_available  # noqa: E402
 from keras_transfer.data.pipeline import ArrayBatches  # noqa: E402
 from keras_transfer.optim import SparseSmoothedCrossentropy, set_precision  # noqa: E402
@@ -39,7 +39,7 @@ def per_step(run, steps):
     """Operators and MiB read + written per step of ``run(n)`` (n steps), by operator name: two dicts."""
     found = []
     for n in (steps, 2 * steps):
-        with backend.op_counter() as c:
+        with diagnostics.op_counter() as c:
             run(n)
         found.append(c)
     ops, mib = ({k: (b[k] - a[k]) / steps / scale for k in b if b[k] != a[k]}
@@ -94,7 +94,7 @@ def main():
     stock = keras_layers_model(a.size)
 
     def fit_stock(n):
-        with backend.stock_keras():
+        with syncs.stock_keras():
             stock.fit(x, y, batch_size=a.batch, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)
 
     fit_stock(1)

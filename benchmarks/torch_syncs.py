@@ -1,7 +1,7 @@
 """How often a Keras training step on torch makes the host wait for the GPU: plain Keras against the package.
 
 Counts, per training step on the main thread, the two torch calls that synchronise host and device
-(`keras_transfer.backend.SyncCounter`): tensors made from host data directly on the device (Keras'
+(`keras_transfer.accel.diagnostics.SyncCounter`): tensors made from host data directly on the device (Keras'
 ``convert_to_tensor`` of a Python number, a seed increment, a batch of numpy arrays) and device values
 read back by Python (a random op's seed). A CPU is enough to count them, nothing waits there. Per step
 means the difference between a fit of ``2 n`` and one of ``n`` steps, over ``n``: what each epoch does
@@ -11,7 +11,7 @@ once (iterator set-up, reading the epoch's logs) cancels out.
     KERAS_BACKEND=torch python benchmarks/torch_syncs.py --cases efficientnet_b0:224:none:8 --precision mixed_bfloat16
 
 Plain Keras: the same model, ``compile(Adam)``, numpy arrays through ``fit``, Keras' own code
-(`backend.stock_keras`). The package: `compile_model`, `ArrayBatches` gathering batches on the device.
+(`syncs.stock_keras`). The package: `compile_model`, `ArrayBatches` gathering batches on the device.
 """
 
 import argparse
@@ -19,7 +19,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from keras_transfer import backend  # noqa: E402
+from keras_transfer.accel import diagnostics, syncs  # noqa: E402
 from keras_transfer.bench import ours_and_plain, synthetic_images  # noqa: E402
 from keras_transfer.data.pipeline import ArrayBatches  # noqa: E402
 from keras_transfer.optim import set_precision  # noqa: E402
@@ -46,13 +46,13 @@ def count_case(name, size, augment, batch, steps, precision):
     data = ArrayBatches(x, y, batch, on_device=True)
 
     def fit_plain(n):
-        with backend.stock_keras():
+        with syncs.stock_keras():
             plain.fit(x, y, batch_size=batch, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)
 
     def fit_ours(n):
         ours.fit(data, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)
 
-    with backend.SyncCounter() as counter:
+    with diagnostics.SyncCounter() as counter:
         fit_plain(1)  # first epochs build the optimizers and read each seed generator's state once
         fit_ours(1)
         return per_step(fit_plain, steps, counter), per_step(fit_ours, steps, counter)
@@ -64,7 +64,7 @@ def main():
     p.add_argument("--precision", default="float32")
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args()
-    assert backend.avoid_device_syncs(), "the torch backend is needed (and KTRANSFER_SYNC_FREE not off)"
+    assert syncs.avoid_device_syncs(), "the torch backend is needed"
     set_precision(a.precision)
     print("| model | size | augmentation | batch | precision | plain Keras: copies / reads per step "
           "| package: copies / reads per step |\n|---|---:|---|---:|---|---:|---:|")

@@ -5,7 +5,7 @@ The Python API (`keras_transfer.api`): `register_backbone`, `derive_blocks`, `cl
 ``ktransfer`` command does) does not import Keras before the backend is checked.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["RunConfig", "apply_strategy", "classifier", "derive_blocks", "finetune", "parameter_counts",
            "register_backbone"]

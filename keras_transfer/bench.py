@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from keras_transfer import backend
+from keras_transfer.accel import syncs
 from keras_transfer.config import TrainConfig
 from keras_transfer.data.augment import augmentation_layers
 from keras_transfer.data.pipeline import ArrayBatches, fit_input
@@ -102,7 +103,7 @@ class _Timed:
     """One model and its input, compiled on an epoch of 2 executions, then timed epoch by epoch.
 
     ``data`` holds at least ``steps + 2 * model.steps_per_execution`` batches. ``stock``: run Keras' own
-    code, without the package's torch patches (`backend.stock_keras`), as plain Keras does.
+    code, without the package's torch patches (`accel.syncs.stock_keras`), as plain Keras does.
     ``per_step``: time each step (`_StepTimer`); the default, on a CPU only, since on an accelerator the
     timer's per-step synchronisation would slow the steps it times. Otherwise the step time is an
     epoch's time over its steps (the epoch ends in one synchronisation, when Keras reads its logs)."""
@@ -120,7 +121,7 @@ class _Timed:
 
     def _run(self, n, callbacks=()):
         kw = {"epochs": 1, "steps_per_epoch": n, "verbose": 0, "callbacks": list(callbacks), "shuffle": False}
-        with backend.stock_keras() if self.stock else contextlib.nullcontext():
+        with syncs.stock_keras() if self.stock else contextlib.nullcontext():
             if self.arrays:
                 return self.model.fit(*self.data, batch_size=self.batch, **kw)
             return self.model.fit(self.data, **kw)

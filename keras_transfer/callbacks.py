@@ -11,7 +11,7 @@ import time
 import keras
 import numpy as np
 
-from keras_transfer import rundir
+from keras_transfer import internals, rundir
 from keras_transfer.errors import ConfigError
 from keras_transfer.io import load_model, read_json, read_model_extra, save_model
 
@@ -203,8 +203,8 @@ class SeedState(keras.callbacks.Callback):
     @staticmethod
     def states(model):
         seen, out = set(), []
-        for layer in model._flatten_layers(include_self=True, recursive=True):
-            for sg in getattr(layer, "_seed_generators", []):
+        for layer in internals.flatten_layers(model):
+            for sg in internals.seed_generators(layer):
                 if id(sg) not in seen:
                     seen.add(id(sg))
                     out.append(sg.state)

@@ -2,8 +2,8 @@
 
 `portable_model` rebuilds a classifier from Keras' own layers only: raw uint8 images in, class probabilities out,
 the preprocessing inside. This package's layers are replaced by Keras layers that compute the same function at
-inference (the weights moved across): the torch fast-path layers (`keras_transfer.models.fast`) by the Keras
-classes they subclass; airbench's `Bias` (``x + b``) by a 1×1 ``DepthwiseConv2D`` with unit kernel and bias
+inference (the weights moved across): subclasses of Keras layers by the Keras
+classes they extend; airbench's `Bias` (``x + b``) by a 1×1 ``DepthwiseConv2D`` with unit kernel and bias
 ``b``; `ChannelAdapter` (grey → RGB, or RGB → grey) and `ReverseChannels` (RGB → BGR) by a 1×1 ``Conv2D``
 without bias whose kernel repeats, averages or permutes the channels; the identities at inference (this package's
 augmentation layers, `FreezableSpatialDropout2D`, `BatchSpectralShrinkage`) by ``Identity``. Initializers,

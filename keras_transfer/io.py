@@ -106,7 +106,7 @@ def load_model(path):
     import keras_transfer.methods  # noqa: F401
     import keras_transfer.models.airbench  # noqa: F401
     import keras_transfer.models.classifier  # noqa: F401
-    import keras_transfer.models.fast  # noqa: F401
+    import keras_transfer.models.legacy  # noqa: F401  (names saved by versions before 0.2)
     import keras_transfer.models.resnet  # noqa: F401
     import keras_transfer.optim  # noqa: F401  (the loss)
 

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from keras_transfer import internals
 from keras_transfer.errors import ConfigError
 
 VARIABLE_LEVEL = ("bitfit", "norm-only")  # strategies that freeze single variables, not layers
@@ -114,8 +115,8 @@ def _separate_shifts(backbone):
 
 
 def _backbone_layers(backbone):
-    for layer in backbone._flatten_layers(include_self=False):  # nested blocks too (keras.applications)
-        if not layer._layers:  # leaf layers own their variables
+    for layer in internals.flatten_layers(backbone, include_self=False):  # nested blocks too (keras.applications)
+        if internals.is_leaf(layer):  # leaf layers own their variables
             yield layer
 
 

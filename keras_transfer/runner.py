@@ -8,8 +8,8 @@ import time
 import keras
 import numpy as np
 
-from keras_transfer import distribute, plots, rundir
-from keras_transfer.backend import defer_tensorflow_import, enable_compilation_cache
+from keras_transfer import accel, distribute, plots, rundir
+from keras_transfer.backend import enable_compilation_cache
 from keras_transfer.baselines import run_baselines
 from keras_transfer.callbacks import EpochProgress, read_history
 from keras_transfer.config import needs_pretraining, weights_label, weights_source
@@ -190,7 +190,7 @@ def pretrain(cfg, run_dir, echo=None, resume=False, devices=1):
 
 def _pretrain(cfg, run_dir, echo, resume):
     enable_compilation_cache()
-    defer_tensorflow_import()
+    accel.install()  # where it is on: TensorFlow imported only when tf.data needs it
     set_precision(cfg.pretrain.precision)
     keras.utils.set_random_seed(cfg.seed)
     ds, splits = _splits(cfg.data.source, cfg.data, cfg.seed, low_data=False)
@@ -327,7 +327,7 @@ def finetune(cfg, run_dir, echo=None, resume=False, preview=True, devices=1):
 
 def _finetune(cfg, run_dir, echo, resume, preview):
     enable_compilation_cache()
-    defer_tensorflow_import()
+    accel.install()  # where it is on: TensorFlow imported only when tf.data needs it
     pretrained = cfg.transfer.pretrained
     source_model = load_pretrained(pretrained) if pretrained is not None else None
     ds, splits = _splits(cfg.data.target, cfg.data, cfg.seed, low_data=True)

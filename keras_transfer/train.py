@@ -8,8 +8,7 @@ import os
 
 import keras
 
-from keras_transfer import rundir
-from keras_transfer.backend import avoid_device_syncs
+from keras_transfer import accel, rundir
 from keras_transfer.callbacks import (
     AtomicCheckpoint,
     EpochTimer,
@@ -25,8 +24,6 @@ from keras_transfer.callbacks import (
 from keras_transfer.data.pipeline import fit_input
 from keras_transfer.errors import ConfigError
 from keras_transfer.io import atomic_write_text, load_model
-from keras_transfer.models.fast import use_channels_last_kernels
-from keras_transfer.models.graph import use_direct_calls
 from keras_transfer.optim import (
     SparseSmoothedCrossentropy,
     make_optimizer,
@@ -37,11 +34,10 @@ def compile_model(model, cfg, steps_per_epoch, lr_multipliers=None):
     """Compile (or recompile, after a change of ``trainable``) with the recipe ``cfg``; ``lr_multipliers``:
     ``{variable path: factor}`` for weights that train at another rate (`LRMultipliers`)."""
     # "auto" is Keras' own rule: XLA on JAX, on TensorFlow only with an accelerator (on a CPU, XLA ran
-    # EfficientNetB0 7-10x and the residual CNN 1.1-1.5x slower than TF's own kernels; see
-    # benchmarks/), never torch.compile on torch (minutes per model; slower than eager on a GPU).
+    # EfficientNetB0 7-10x and the residual CNN 1.1-1.5x slower than TF's own kernels;
+    # benchmarks/results/cpu2-efficientnet_b0-224-b16.md), never torch.compile on torch (minutes per
+    # model; slower than eager on a GPU).
     jit = cfg.jit_compile if cfg.jit_compile == "auto" else bool(cfg.jit_compile)
-    use_direct_calls(model)  # torch: eager steps skip Keras' per-layer __call__ (models/graph.py)
-    avoid_device_syncs()  # torch: numbers and seeds without host-device synchronisation (backend.py)
     model.compile(
         optimizer=make_optimizer(cfg, steps_per_epoch, lr_multipliers),
         loss=SparseSmoothedCrossentropy(cfg.label_smoothing),
@@ -49,8 +45,7 @@ def compile_model(model, cfg, steps_per_epoch, lr_multipliers=None):
         jit_compile=jit,
         steps_per_execution=cfg.steps_per_execution,
     )
-    use_channels_last_kernels(model)  # torch eager: kernels in the order the convolutions read them (backend.py)
-    return model
+    return accel.apply(model)  # the torch fast path, where it is on (keras_transfer.accel)
 
 
 def fit(model, train, val, cfg, stage_dir, initial_epoch=0, epochs=None, verbose=0, extra_callbacks=(),
@@ -108,7 +103,7 @@ def resume_state(stage_dir):
     last = rundir.checkpoint_path(stage_dir)
     if not os.path.exists(last):
         raise ConfigError(f"Cannot resume: expected {last}. Received: no checkpoint in {stage_dir}")
-    avoid_device_syncs()
+    accel.install()
     import zipfile
 
     try:
@@ -124,8 +119,7 @@ def resume_state(stage_dir):
     except Exception as e:  # noqa: BLE001 - e.g. a checkpoint of another version: say so, do not call it damaged
         raise ConfigError(f"Cannot resume: expected {last} to load with this version of keras-transfer and Keras. "
                           f"Received: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
-    model = use_direct_calls(model)  # fit() restores the RNG states saved in the checkpoint
-    use_channels_last_kernels(model)  # torch eager: as compile_model lays them out, optimizer slots too
+    accel.apply(model)  # as compile_model does (optimizer slots re-laid too); fit() restores the RNG states
     path = rundir.history_path(stage_dir)
     state = checkpoint_state(stage_dir)
     if state is None:  # a checkpoint of an earlier version: the history's rows say where it ended

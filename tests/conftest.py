@@ -9,6 +9,13 @@ SHARED_DATA = os.environ.get("KTRANSFER_SHARED_DATA") or os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
+def pytest_configure(config):
+    """The torch fast path on, as the ``ktransfer`` command has it by default (`keras_transfer.accel`)."""
+    from keras_transfer import accel
+
+    accel.enable()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     import keras

@@ -1,11 +1,12 @@
-"""Direct layer calls (models/graph.py): the same outputs, gradients and statistics as Keras' calls."""
+"""Direct layer calls (keras_transfer/accel/graph.py): the same outputs, gradients and statistics as Keras' calls."""
 
 import keras
 import numpy as np
 import pytest
 
+from keras_transfer.accel.graph import use_direct_calls
+from keras_transfer.accel.layers import fast_calls
 from keras_transfer.models import build_classifier, create_backbone
-from keras_transfer.models.graph import use_direct_calls
 
 pytestmark = pytest.mark.skipif(keras.config.backend() != "torch",
                                 reason="direct calls are torch-only; JAX and TensorFlow trace the forward pass once")
@@ -18,9 +19,12 @@ def _classifier(name, size, **options):
 
 
 def _pair(name, size, **options):
-    """Two identical classifiers (same weights, same random-number streams); the second calls directly."""
+    """Two identical classifiers (same weights, same random-number streams), both with the fast layer calls
+    training gives them (`accel.layers`); the second calls its layers directly."""
     keras_model, direct = _classifier(name, size, **options), _classifier(name, size, **options)
     direct.set_weights(keras_model.get_weights())
+    for model in (keras_model, direct):
+        fast_calls(model)
     return keras_model, use_direct_calls(direct)
 
 
@@ -145,17 +149,19 @@ def test_batch_statistics_of_a_forward_pass_move_together_by_keras_rule():
     layer called twice in one pass (its first update goes first), and an error in the pass drops the queue."""
     import torch
 
-    from keras_transfer import backend
-    from keras_transfer.models import fast
+    from keras_transfer.accel import diagnostics, kernels
+    from keras_transfer.accel.layers import has_fast_call
 
     inputs = keras.Input((6, 6, 3))
-    shared = fast.BatchNormalization(momentum=0.7, name="shared")
-    x = shared(fast.Conv2D(3, 3, padding="same", name="c1")(inputs))
-    x = fast.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn2")(fast.Conv2D(4, 3, padding="same")(x))
-    x = shared(fast.Conv2D(3, 1, name="c3")(x))  # the same layer again: 3 channels
-    outputs = fast.BatchNormalization(momentum=0.9, name="bn3")(x)
+    shared = keras.layers.BatchNormalization(momentum=0.7, name="shared")
+    x = shared(keras.layers.Conv2D(3, 3, padding="same", name="c1")(inputs))
+    x = keras.layers.Conv2D(4, 3, padding="same")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn2")(x)
+    x = shared(keras.layers.Conv2D(3, 1, name="c3")(x))  # the same layer again: 3 channels
+    outputs = keras.layers.BatchNormalization(momentum=0.9, name="bn3")(x)
     keras_model = keras.Model(inputs, outputs)
     direct = keras.Model(inputs, outputs)  # the same layers: compare statistics by re-running from a copy
+    fast_calls(direct)  # (Keras' path below calls the fast BatchNorm too: it moves its statistics at once)
     use_direct_calls(direct)
     xb = keras.ops.convert_to_tensor(np.random.default_rng(0).normal(size=(4, 6, 6, 3)).astype("float32") * 3 + 1)
 
@@ -164,7 +170,7 @@ def test_batch_statistics_of_a_forward_pass_move_together_by_keras_rule():
     after_keras = [w.numpy().copy() for w in keras_model.non_trainable_weights]
     for w, v in zip(direct.non_trainable_weights, start):
         w.assign(v)
-    with backend.op_counter() as ops:
+    with diagnostics.op_counter() as ops:
         y_direct = _numpy(direct(xb, training=True))
     np.testing.assert_array_equal(y_direct, y_keras)
     for w, v in zip(direct.non_trainable_weights, after_keras, strict=True):
@@ -176,19 +182,21 @@ def test_batch_statistics_of_a_forward_pass_move_together_by_keras_rule():
 
     # a whole network: one _foreach_lerp_ where each layer had two lerp_
     model = _classifier("efficientnet_b0", 32)
+    fast_calls(model)
     use_direct_calls(model)
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("uint8")
-    with backend.op_counter() as ops:
+    with diagnostics.op_counter() as ops:
         with torch.no_grad():
             model(x, training=True)
-    bn = sum(isinstance(layer, fast.BatchNormalization) for layer in model._flatten_layers())
+    bn = sum(isinstance(layer, keras.layers.BatchNormalization) and has_fast_call(layer)
+             for layer in model._flatten_layers())
     assert bn > 40 and ops.counts["native_batch_norm"] == bn
     found = [ops.counts[k] for k in ("_foreach_lerp_", "_foreach_pow", "lerp_", "pow")]
     assert found == [1, 1, 0, 0], ops.counts
 
     before = [_numpy(w).copy() for w in model.non_trainable_weights]
     with pytest.raises(RuntimeError, match="stop"):
-        with backend.batched_statistics():
+        with kernels.batched_statistics():
             model(x, training=True)
             raise RuntimeError("stop")
     for w, v in zip(model.non_trainable_weights, before, strict=True):

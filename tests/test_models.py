@@ -104,7 +104,7 @@ def test_networks_train_under_jit_compile(name, size, options):
     breaks plus a second batch size make Dynamo retrace with symbolic sizes, which broke Inductor on
     the fast layers' channels-last views; airbench's BatchNorm-bias scale was a numpy scalar, which
     Dynamo traced as an array and failed on (`experiments/cifar10_fast.yaml` crashed on torch)."""
-    from keras_transfer.models.graph import use_direct_calls
+    from keras_transfer.accel.graph import use_direct_calls
 
     keras.utils.set_random_seed(0)
     backbone = create_backbone(name, size, 3, widths=(4, 8, 8), **options)

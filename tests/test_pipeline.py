@@ -101,7 +101,7 @@ def test_in_memory_training_never_imports_tensorflow(tmp_path):
         "m.fit(make_input(x, y, 8, True), epochs=1, verbose=0)\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
         # Keras itself imports TensorFlow, when installed, to seed it and to serialise any layer config
-        "from keras_transfer.backend import defer_tensorflow_import\n"
+        "from keras_transfer.accel.syncs import defer_tensorflow_import\n"
         "assert defer_tensorflow_import()\n"
         "keras.utils.set_random_seed(1)\n"
         "m.save('m.keras')\n"
@@ -119,7 +119,8 @@ def test_tensorflow_imported_late_gets_the_keras_seed_and_is_seen_by_keras(tmp_p
         "import sys, keras\n"
         "from keras.src.utils import module_utils\n"
         "from keras_transfer import backend\n"
-        "backend.defer_tensorflow_import()\n"
+        "from keras_transfer.accel.syncs import defer_tensorflow_import\n"
+        "defer_tensorflow_import()\n"
         "keras.utils.set_random_seed(7)\n"
         "assert 'tensorflow' not in sys.modules and not module_utils.tensorflow.available\n"
         "tf = backend.import_tensorflow()  # as the tf.data pipeline does\n"

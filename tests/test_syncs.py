@@ -1,4 +1,4 @@
-"""`backend.avoid_device_syncs`: Keras' torch numbers and seeds without host-device synchronisation.
+"""`accel.syncs.avoid_device_syncs`: Keras' torch numbers and seeds without host-device synchronisation.
 
 On a CPU nothing synchronises, so the tests count the operations that do on a GPU: tensors made from
 host data directly on the compute device (``torch.as_tensor(data, device=...)``, a blocking copy) and
@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_transfer import backend
+from keras_transfer.accel import diagnostics, syncs
 
 pytestmark = pytest.mark.skipif(keras.config.backend() != "torch",
                                 reason="the patched conversions are Keras' torch backend's")
@@ -17,12 +17,12 @@ pytestmark = pytest.mark.skipif(keras.config.backend() != "torch",
 
 @pytest.fixture(autouse=True)
 def _patched():
-    assert backend.avoid_device_syncs()
+    assert syncs.avoid_device_syncs()
 
 
 @pytest.fixture
 def counter():
-    with backend.SyncCounter() as c:
+    with diagnostics.SyncCounter() as c:
         yield c
 
 
@@ -61,7 +61,7 @@ def test_numbers_are_made_on_the_device_without_host_data(counter):
         keras.ops.cast(0.999, "float32")
     assert counter.copies == []
     counter.reset()
-    with backend.stock_keras(), counter.counting():
+    with syncs.stock_keras(), counter.counting():
         keras.ops.clip(keras.ops.multiply(x, 0.9), 0, 255)
     assert len(counter.copies) == 3  # what Keras' own path copies: 0.9, 0 and 255
 
@@ -81,7 +81,7 @@ def test_seeded_random_ops_draw_keras_seeds(counter):
     with counter.counting():
         ours = [draws(seeds[0]) for _ in range(3)]
     assert counter.reads.count("tolist") == 0 and "__int__" not in counter.reads
-    with backend.stock_keras():
+    with syncs.stock_keras():
         draws(seeds[1])
         keras_ = [draws(seeds[1]) for _ in range(3)]
     for a, b in zip(sum(ours, []), sum(keras_, []), strict=True):
@@ -92,7 +92,7 @@ def test_seeded_random_ops_draw_keras_seeds(counter):
     for s in seeds:
         s.state.assign(np.array([11, 5], dtype="int32"))
     ours = draws(seeds[0])
-    with backend.stock_keras():
+    with syncs.stock_keras():
         keras_ = draws(seeds[1])
     for a, b in zip(ours, keras_, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -165,6 +165,6 @@ def test_weight_average_overwrite_reads_nothing_back_where_keras_option_does(cou
 def test_a_training_step_copies_no_number_and_reads_nothing_back(name, augment, widths, recipe, counter, monkeypatch):
     _fit_then_count(name, augment, widths, recipe, counter, monkeypatch)
     assert counter.copies == [] and counter.reads == []
-    with backend.stock_keras():  # Keras' own path does both, every step: the count can fail
+    with syncs.stock_keras():  # Keras' own path does both, every step: the count can fail
         _fit_then_count(name, augment, widths, recipe, counter, monkeypatch)
     assert len(counter.copies) > 2 and counter.reads

@@ -212,7 +212,7 @@ def test_saved_model_loads_in_a_fresh_process(tmp_path, name):
 
 def test_auto_jit_is_keras_default():
     """``jit_compile: auto`` follows Keras: XLA on JAX, on TF only with an accelerator (XLA on a CPU ran
-    EfficientNetB0 7-10x slower, see benchmarks/README.md), eager torch."""
+    EfficientNetB0 7-10x slower, benchmarks/results/cpu2-efficientnet_b0-224-b16.md), eager torch."""
     ours = compile_model(tiny_model(), TrainConfig(epochs=1), 2)
     plain = tiny_model()
     plain.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -441,94 +441,6 @@ def test_the_optimizer_names_the_config_accepts_are_the_ones_train_builds():
 
     assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES
 
-
-def _conv_net():
-    from keras_transfer.models import fast
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 3))
-    x = fast.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
-    x = fast.BatchNormalization()(x)
-    x = fast.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2)(x)
-    x = fast.Conv2D(5, 1, groups=1)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(3)(x))
-
-
-@pytest.mark.parametrize("lookahead", [0, 2])
-def test_kernels_laid_out_for_torch_train_bit_identically_with_fewer_ops(monkeypatch, lookahead):
-    """On torch, `compile_model` stores convolution kernels in the order torch's channels-last
-    convolution reads them (`backend.channels_last_kernels`): the same Keras shapes and values, the
-    optimizer's slots (Adam moments, Lookahead averages) in the same strides, a training step without the
-    kernel and gradient copies, and bit-identical weights after training."""
-    if keras.config.backend() != "torch":
-        pytest.skip("a torch memory layout; elsewhere compile_model leaves the variables alone")
-    from keras_transfer import backend, train
-
-    cfg = TrainConfig(epochs=1, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, lookahead_every=lookahead)
-    x = np.random.default_rng(0).normal(size=(12, 8, 8, 3)).astype("float32")
-    y = np.arange(12) % 3
-    models, counts = [], []
-    for relay in (False, True):
-        model = _conv_net()
-        before = model.get_weights()
-        if not relay:
-            monkeypatch.setattr(train, "use_channels_last_kernels", lambda m: 0)
-        compile_model(model, cfg, 3)
-        monkeypatch.undo()
-        for a, b in zip(before, model.get_weights()):
-            np.testing.assert_array_equal(a, b)
-        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)  # builds the optimizer
-        with backend.op_counter() as ops:
-            model.fit(x[:4], y[:4], batch_size=4, epochs=1, verbose=0)
-        models.append(model)
-        counts.append(ops.counts)
-    keras_layout, laid = models
-    kernels = [layer.kernel for layer in laid.layers if hasattr(layer, "kernel") and len(layer.kernel.shape) == 4]
-    assert len(kernels) == 3
-    for k in kernels:
-        assert not k.value.is_contiguous()  # (h, w, in, out) stored as torch reads it
-        assert any(p is k.value for p in laid.parameters())  # torch's module lists the new tensors
-        slots = [v for v in laid.optimizer.variables if tuple(v.shape) == tuple(k.shape)]
-        assert len(slots) == 2 + (lookahead > 0) and all(s.value.stride() == k.value.stride() for s in slots)
-    # The kernel copy forward and the gradient's copy back (allocation + copy), per convolution:
-    for op in ("clone", "new_empty_strided"):
-        assert counts[0][op] - counts[1][op] >= 3, (op, counts)
-    for a, b in zip(keras_layout.get_weights(), laid.get_weights()):
-        np.testing.assert_array_equal(a, b)
-    x_new = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
-    np.testing.assert_array_equal(keras_layout.predict(x_new, verbose=0), laid.predict(x_new, verbose=0))
-
-
-def test_resumed_model_gets_the_torch_kernel_layout_and_trains_on_identically(tmp_path, monkeypatch):
-    """`resume_state` lays the kernels out as `compile_model` does, and the optimizer slots the loader
-    already built with them; the resumed run trains to the same weights as one resumed with Keras'
-    layout."""
-    if keras.config.backend() != "torch":
-        pytest.skip("a torch memory layout")
-    from keras_transfer import train
-
-    cfg = dataclasses.replace(CFG, optimizer="adam", epochs=2)
-    x, y = tiny_data(16)
-    keras.utils.set_random_seed(0)
-    model = compile_model(tiny_model(), cfg, 2)
-    fit(model, make_input(x, y, 8, True, 0), None, cfg, str(tmp_path), epochs=1)
-    resumed = []
-    for relay in (True, False):
-        if not relay:
-            monkeypatch.setattr(train, "use_channels_last_kernels", lambda m: 0)
-        model, start = resume_state(str(tmp_path))
-        monkeypatch.undo()
-        kernels = [w for w in model.trainable_weights if len(w.shape) == 4]
-        assert kernels and all(k.value.is_contiguous() != relay for k in kernels)
-        for k in kernels:
-            slots = [v for v in model.optimizer.variables if tuple(v.shape) == tuple(k.shape)
-                     and v.name.startswith(k.path.replace("/", "_") + "_")]
-            assert len(slots) == 2 and all(s.value.stride() == k.value.stride() for s in slots)
-        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-        resumed.append(model.get_weights())
-    for a, b in zip(*resumed):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_slow_epochs_echo_one_progress_line_and_fast_ones_stay_quiet(tmp_path):

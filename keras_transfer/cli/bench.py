@@ -48,14 +48,15 @@ from keras_transfer.errors import KTransferError
 @click.option("--compile-first", type=click.Choice(["ours", "plain"]), default="ours", show_default=True,
               help="Which side compiles first in each row (the first compilation in a process may pay one-off "
                    "costs, e.g. XLA's GPU autotuning, that the second reuses).")
-@click.option("--out", type=click.Path(), default="benchmarks", show_default=True)
+@click.option("--out", type=click.Path(), default=os.path.join("runs", "bench"), show_default=True)
 @devices_option
 @fail_cleanly
 def bench(models_, size, strategies, batch_size, steps, precision, augment, jit, repeats, with_timm, compile_cache,
           probe_epochs, steps_per_execution, compile_first, out, devices):
     """Training throughput (img/s), step time, compile time, peak memory: ours vs plain Keras.
 
-    Writes benchmarks/bench-<backend>-<time>.json and .md with hardware, versions and date.
+    Writes <out>/bench-<backend>-<time>.json and .md with hardware, versions and date (benchmarks/results/
+    keeps one current table per configuration, with its command).
     """
     import time as _time
 

@@ -78,6 +78,9 @@ def info():
 
     for line in backend_info():
         click.echo(line)
+    from keras_transfer import accel
+
+    click.echo(f"torch fast path: {accel.describe()}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import sys
 
 import click
 
+from keras_transfer import accel, rundir
 from keras_transfer import config as config_lib
-from keras_transfer import rundir
-from keras_transfer.backend import avoid_device_syncs, defer_tensorflow_import, quiet_tensorflow_retracing
+from keras_transfer.backend import quiet_tensorflow_retracing
 from keras_transfer.data.augment import PRESETS
 from keras_transfer.errors import KTransferError
 
@@ -39,7 +39,7 @@ def keep_freed_host_memory():
     memory in again, zero-filled, on every step. PyTorch's CPU guide suggests jemalloc or tcmalloc for
     this; ``mallopt`` with large mmap and trim thresholds gets the same reuse from glibc itself (the
     residual CNN's frozen-backbone step at batch 128 on torch: 480-541 -> 761-840 img/s,
-    benchmarks/README.md "Host memory reuse"). The price: the process keeps its peak heap until it
+    ``git show 9246364:benchmarks/README.md``, "Host memory reuse"). The price: the process keeps its peak heap until it
     exits. Returns True where it was applied (Linux with glibc).
     """
     if os.environ.get("KTRANSFER_MALLOC_TUNING", "on").lower() in ("off", "0", "false") or sys.platform != "linux":
@@ -79,8 +79,11 @@ def main(verbose):
     The backend is chosen by KERAS_BACKEND, e.g. `KERAS_BACKEND=jax ktransfer finetune`.
     """
     keep_freed_host_memory()  # KTRANSFER_MALLOC_TUNING=off keeps glibc's defaults
-    avoid_device_syncs()  # torch only; KTRANSFER_SYNC_FREE=off keeps Keras' own conversions
-    defer_tensorflow_import()  # JAX and torch: TensorFlow only when the tf.data pipeline runs
+    try:  # the torch fast path (keras_transfer.accel): on with a tested Keras, KTRANSFER_ACCEL=off turns it off
+        accel.configure(accel.mode_from_environment())
+    except KTransferError as e:
+        click.echo(f"Error: {str(e).splitlines()[0]}", err=True)
+        sys.exit(2)
     quiet_tensorflow_retracing()  # a new model per strategy is traced once: not TensorFlow's misuse case
 
 

@@ -22,8 +22,6 @@ import keras
 import numpy as np
 from keras import layers
 
-from keras_transfer.models import fast
-
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
 class Bias(layers.Layer):
@@ -124,16 +122,16 @@ def airbench_cnn(input_shape=(32, 32, 3), widths=(64, 256, 256), bn_bias_lr=64.0
     """
     c = input_shape[-1]
     inputs = keras.Input(input_shape, name="backbone_input")
-    x = fast.Conv2D(2 * 4 * c, 2, padding="valid", use_bias=False, trainable=False, name="whiten_conv")(inputs)
+    x = layers.Conv2D(2 * 4 * c, 2, padding="valid", use_bias=False, trainable=False, name="whiten_conv")(inputs)
     x = Bias(freezable=True, name="whiten_bias")(x)
     x = layers.Activation("gelu", name="whiten_gelu")(x)
     for i, w in enumerate(widths, start=1):
         for j in (1, 2):
-            x = fast.Conv2D(w, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
+            x = layers.Conv2D(w, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
                             name=f"group{i}_conv{j}")(x)
             if j == 1:
-                x = fast.MaxPooling2D(2, name=f"group{i}_pool")(x)
-            x = fast.BatchNormalization(momentum=0.6, epsilon=1e-12, center=False, scale=False,
+                x = layers.MaxPooling2D(2, name=f"group{i}_pool")(x)
+            x = layers.BatchNormalization(momentum=0.6, epsilon=1e-12, center=False, scale=False,
                                         name=f"group{i}_bn{j}")(x)
             x = Bias(bn_bias_lr, name=f"group{i}_bn{j}_bias")(x)
             x = layers.Activation("gelu", name=f"group{i}_gelu{j}")(x)

@@ -19,8 +19,6 @@ import keras
 import numpy as np
 
 from keras_transfer.errors import ConfigError
-from keras_transfer.models import fast
-from keras_transfer.models.fast import use_fast_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +255,7 @@ def _applications_builder(fn_name, file_name):
             raise ConfigError(f"Could not build {fn_name} with weights={w!r} and input "
                               f"{tuple(input_shape)}. Received: {type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]}") from e
-        base = use_fast_layers(base)
-        x = fast.GlobalAveragePooling2D(name="pool")(base.output)
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
         return keras.Model(base.input, x, name="backbone")
     return build
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from keras_transfer.models import fast
-
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
 class FreezableSpatialDropout2D(layers.SpatialDropout2D):
@@ -36,10 +34,10 @@ class FreezableSpatialDropout2D(layers.SpatialDropout2D):
 
 
 def _conv_bn(x, filters, kernel, stride, batch_norm, name):
-    x = fast.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batch_norm,
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batch_norm,
                     kernel_initializer="he_normal", name=f"{name}_conv")(x)
     if batch_norm:
-        x = fast.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return x
 
 
@@ -82,7 +80,7 @@ def residual_cnn(input_shape=(32, 32, 3), widths=(64, 128, 256), blocks_per_stag
             stride = 2 if (s > 1 and b == 1) else 1
             x = residual_block(x, w, stride, batch_norm, dropout, name=f"stage{s}_block{b}")
     if pooling == "avg":
-        x = fast.GlobalAveragePooling2D(name="pool")(x)
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
     elif pooling == "flatten":
         x = layers.Flatten(name="pool")(x)
     else:
