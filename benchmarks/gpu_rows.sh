@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU rows of benchmarks/README.md in one command on the `device` machine (see "GPU rows" there:
-# Keras wheels in .whl/, the CIFAR-10 archive in .data/cifar10/, carry [".whl", ".data", ".gpu"] or
-# this file's folder). Usage: [SEEDS=0,1,2] bash benchmarks/gpu_rows.sh PART...  with PART among
+# The H100 rows of benchmarks/results/ in one command on the `device` machine (set-up: "How to rerun" in
+# benchmarks/README.md: Keras wheels in .whl/, the CIFAR-10 archive in .data/cifar10/, carry [".whl", ".data",
+# ".gpu"] or this file's folder). Usage: [SEEDS=0,1,2] bash benchmarks/gpu_rows.sh PART...  with PART among
 #   torch     EfficientNetB0, torch backend, bf16, batch 256, against timm eager and compiled
-#   torchoff  the same with KTRANSFER_SYNC_FREE=off (Keras' own conversions), no timm
+#   torchoff  the same with KTRANSFER_ACCEL=off (the whole torch fast path off: Keras' own code), no timm
 #   jax       EfficientNetB0, JAX, bf16, batch 256
 #   jaxplain  the same with plain Keras compiled first (does the first compilation pay for both?)
 #   jaxbn     benchmarks/jax_batch_norm.py: one-pass batch statistics against Keras' two (XLA bytes, step time)
@@ -18,7 +18,7 @@ for part in "$@"; do
   case $part in
     torch) KERAS_BACKEND=torch kt bench --model efficientnet_b0 --strategies full --precision mixed_bfloat16 \
              --batch-size 256 --steps 20 --repeats 3 --timm --out $OUT ;;
-    torchoff) KTRANSFER_SYNC_FREE=off KERAS_BACKEND=torch kt bench --model efficientnet_b0 --strategies full \
+    torchoff) KTRANSFER_ACCEL=off KERAS_BACKEND=torch kt bench --model efficientnet_b0 --strategies full \
              --precision mixed_bfloat16 --batch-size 256 --steps 20 --repeats 3 --no-timm --out $OUT ;;
     jax) KERAS_BACKEND=jax kt bench --model efficientnet_b0 --strategies full --precision mixed_bfloat16 \
              --batch-size 256 --steps 30 --repeats 3 --no-timm --out $OUT ;;
