@@ -334,9 +334,10 @@ def bench_cached_probe(cfg, pretrained, out_dir, seeds=(0,), echo=None):
     import dataclasses
     import os
 
+    from keras_transfer import pretrained as pretrained_lib
     from keras_transfer import runner
 
-    cfg = runner.with_pretrained(probe_config(cfg), pretrained)
+    cfg = pretrained_lib.with_pretrained(probe_config(cfg), pretrained)
     rows = []
     for seed in seeds:
         for cached in (False, True):

@@ -63,7 +63,7 @@ def _pretraining(cfg, run_dir):
     if cfg.transfer.pretrained is None:
         pre = rundir.metrics_path(rundir.pretrain_dir(run_dir))
         return cfg.data.source, read_json(pre) if os.path.exists(pre) else None
-    from keras_transfer.runner import pretrained_provenance
+    from keras_transfer.pretrained import pretrained_provenance
 
     prov = pretrained_provenance(cfg.transfer.pretrained)
     metrics = prov["metrics"]

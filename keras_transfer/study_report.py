@@ -26,7 +26,8 @@ def run_rows(study, study_dir):
     """``(rows, runs)``: a row per finished run and strategy (classical baselines included, ``kind``
     ``baseline``), and every run's state and error."""
     from keras_transfer.callbacks import read_history
-    from keras_transfer.study import plan, read_error, run_path
+    from keras_transfer.study import plan, run_path
+    from keras_transfer.study_run import read_error
 
     states = {d: s for _, _, d, s in plan(study, study_dir)}
     rows, runs = [], []

@@ -58,5 +58,6 @@ def python_prints_ok(code, backend, cwd):
     """Runs ``code`` in a fresh interpreter (so that ``sys.modules`` starts empty) on ``backend``."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": root}, timeout=300)
+                         env={**os.environ, "KERAS_BACKEND": backend,
+                              "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -29,8 +29,11 @@ def test_a_keras_it_was_not_tested_with_keeps_it_off_and_says_so_once(monkeypatc
     assert accel.enable() is False and accel.enabled() is False
     assert accel.enable() is False
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "tested with Keras 3.15.1, this is Keras 3.99.0" in err[0], err
-    assert "KTRANSFER_ACCEL=on" in err[0]
+    if keras.config.backend() == "torch":
+        assert len(err) == 1 and "tested with Keras 3.15.1, this is Keras 3.99.0" in err[0], err
+        assert "KTRANSFER_ACCEL=on" in err[0]
+    else:  # there it only defers TensorFlow's import: nothing to say
+        assert err == []
     if not internals.missing(prefix="accel"):  # 3.99.0, really this Keras, has every symbol it needs
         assert accel.enable(force=True) is True
 
@@ -39,7 +42,8 @@ def test_forced_on_a_keras_without_its_symbols_stays_off(monkeypatch, capsys, re
     rows = (*internals.INTERNALS, internals.Internal("<layer>", "_gone", None, "accel.test"))
     monkeypatch.setattr(internals, "INTERNALS", rows)
     assert accel.enable(force=True) is False
-    assert "lacks 1 private symbol(s) it needs (<layer>._gone)" in capsys.readouterr().err
+    said = "lacks 1 private symbol(s) it needs (<layer>._gone)" in capsys.readouterr().err
+    assert said == (keras.config.backend() == "torch")
 
 
 @pytest.mark.parametrize("value,mode", [(None, "auto"), ("", "auto"), ("ON", "on"), ("off", "off"), ("0", "off"),

@@ -45,7 +45,7 @@ def test_compilation_cache_is_written_once_and_reused_by_the_next_process(tmp_pa
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # An earlier in-process `ktransfer` command may have pointed TF_XLA_FLAGS at its own cache folder.
     env = {**{k: v for k, v in os.environ.items() if k not in ("TF_XLA_FLAGS", "KTRANSFER_COMPILE_CACHE")},
-           "PYTHONPATH": root}
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     def run():
         out = subprocess.run([sys.executable, "-c", _COMPILE_TWICE, str(tmp_path)], capture_output=True,

@@ -2,6 +2,7 @@ import json
 import os
 
 import keras
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -14,8 +15,10 @@ JIT = keras.config.backend() != "torch"  # torch.compile costs minutes per model
 def test_bench_case_measures_ours_and_plain_keras_on_the_same_model():
     r = bench.bench_case("resnet", 16, "linear", batch=8, steps=2, widths=(4, 8, 8), jit=JIT, repeats=2)
     for side in ("ours", "plain_keras"):
-        assert r[side]["img_per_s"] > 0 and r[side]["step_ms"] > 0 and r[side]["compile_s"] > 0
-        assert len(r[side]["epoch_img_per_s_runs"]) == 2
+        # the headline is the batch over the median step time (ms), the epoch rate the median of the epochs'
+        assert r[side]["img_per_s"] == pytest.approx(8 * 1000 / r[side]["step_ms"])
+        assert r[side]["epoch_img_per_s"] == pytest.approx(float(np.median(r[side]["epoch_img_per_s_runs"])))
+        assert r[side]["compile_s"] > 0 and len(r[side]["epoch_img_per_s_runs"]) == 2
     assert r["ratio_ours_over_plain"] == pytest.approx(r["ours"]["img_per_s"] / r["plain_keras"]["img_per_s"])
     # linear probe: only the head trains (3 -> ... -> 8 hidden -> 10 logits on 8 pooled features)
     assert r["trainable_params"] == (8 * 256 + 256) + (256 * 10 + 10)
@@ -31,7 +34,7 @@ def test_bench_times_steps_per_execution_on_both_sides():
                          steps_per_execution=2)
     assert r["steps_per_execution"] == 2
     for side in ("ours", "plain_keras"):
-        assert r[side]["img_per_s"] > 0 and r[side]["step_ms"] > 0
+        assert r[side]["img_per_s"] == pytest.approx(8 * 1000 / r[side]["step_ms"])
     with pytest.raises(ValueError, match="expected a divisor of steps=4. Received: 3"):
         bench.bench_case("resnet", 16, "linear", batch=8, steps=4, widths=(4, 8, 8), steps_per_execution=3)
 
@@ -75,7 +78,10 @@ def test_torch_reference_rows_time_a_plain_torch_module():
                                    torch.nn.Flatten(), torch.nn.Linear(4, 10))
 
     r = bench.bench_torch_module(tiny, 16, batch=4, steps=2, repeats=2)
-    assert r["img_per_s"] > 0 and len(r["epoch_img_per_s_runs"]) == 2 and r["step_ms"] > 0
+    assert len(r["epoch_img_per_s_runs"]) == 2 and r["img_per_s"] == pytest.approx(
+        float(np.median(r["epoch_img_per_s_runs"])))
+    # each timed run's rate and step time describe the same run: batch 4 per step
+    assert r["step_ms"] == pytest.approx(float(np.median([4 * 1000 / x for x in r["epoch_img_per_s_runs"]])))
     assert r["memory_kind"] in ("device", "host RSS")
 
 

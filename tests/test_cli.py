@@ -343,11 +343,23 @@ def test_host_memory_reuse_is_set_on_glibc_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("KTRANSFER_MALLOC_TUNING", "off")
     assert keep_freed_host_memory() is False
     monkeypatch.delenv("KTRANSFER_MALLOC_TUNING")
-    try:
-        glibc = sys.platform == "linux" and bool(ctypes.CDLL("libc.so.6").gnu_get_libc_version())
-    except (OSError, AttributeError):
-        glibc = False
-    assert keep_freed_host_memory() is glibc
+    calls = []
+
+    class FakeLibc:  # records what is asked of glibc's mallopt, and says it took it
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert keep_freed_host_memory() is True
+    assert calls == [(-3, 1 << 30), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, then M_TRIM_THRESHOLD, both 1 GiB
+
+    def not_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", not_glibc)
+    assert keep_freed_host_memory() is False
 
 
 def test_finetune_records_the_pretrained_model_and_where_it_came_from(tmp_path, tiny_config, digits_npz):
@@ -355,7 +367,7 @@ def test_finetune_records_the_pretrained_model_and_where_it_came_from(tmp_path, 
     so the report names them and --resume continues from the same model instead of pretraining anew;
     a --source that contradicts the pretrained run is refused in one line."""
     from keras_transfer import config as config_lib
-    from keras_transfer.runner import with_pretrained
+    from keras_transfer.pretrained import with_pretrained
 
     pre = str(tmp_path / "pre")
     assert invoke("pretrain", "--config", tiny_config, "--out", pre).exit_code == 0

@@ -279,7 +279,7 @@ def test_a_second_study_on_the_same_directory_is_refused_while_the_first_runs(tm
     import subprocess
     import sys
 
-    from keras_transfer.study import lock
+    from keras_transfer.study_run import lock
 
     out = tmp_path / "out"
     out.mkdir()

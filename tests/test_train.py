@@ -201,7 +201,7 @@ def test_saved_model_loads_in_a_fresh_process(tmp_path, name):
     model.save(path)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "p.npy", model.predict(x, verbose=0))
-    code = ("import sys, numpy as np; from keras_transfer.runner import load_pretrained; "
+    code = ("import sys, numpy as np; from keras_transfer.pretrained import load_pretrained; "
             "d = sys.argv[1]; m = load_pretrained(d + '/m.keras'); "
             "np.testing.assert_allclose(m.predict(np.load(d + '/x.npy'), verbose=0), np.load(d + '/p.npy'), "
             "rtol=1e-5, atol=1e-5)")

@@ -35,7 +35,8 @@ _STATE = {"mode": "off", "on": None, "said": set()}  # on: None until `install` 
 
 
 def _say_once(line):
-    if line not in _STATE["said"]:
+    """``line`` on stderr, once per process, on torch (elsewhere the fast path only defers TensorFlow's import)."""
+    if line not in _STATE["said"] and keras.config.backend() == "torch":
         _STATE["said"].add(line)
         print(f"keras-transfer: {line}", file=sys.stderr)
 

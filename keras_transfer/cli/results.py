@@ -31,7 +31,7 @@ def evaluate(target, dataset, data_dir, split, tta, out, overwrite):
     from keras_transfer import plots
     from keras_transfer.evaluate import evaluate_model, format_table
     from keras_transfer.io import check_output, new_run_dir, write_json
-    from keras_transfer.runner import load_pretrained
+    from keras_transfer.pretrained import load_pretrained
 
     check_output(out, overwrite)
     model_path, dataset, data_dir = _model_and_dataset(target, dataset, data_dir)
@@ -173,7 +173,7 @@ def gradcam(target, dataset, data_dir, layer, num_images, out, strategies, overw
     from keras_transfer.evaluate import predict_logits, softmax
     from keras_transfer.gradcam import grad_cam
     from keras_transfer.io import check_output, move_aside
-    from keras_transfer.runner import load_pretrained
+    from keras_transfer.pretrained import load_pretrained
 
     check_output(out, overwrite, "file")
     if strategies:
@@ -203,7 +203,7 @@ def _gradcam_compare(run_dir, strategies, dataset, data_dir, layer, num_images, 
     from keras_transfer.evaluate import predict_logits, softmax
     from keras_transfer.gradcam import grad_cam
     from keras_transfer.io import check_output, move_aside
-    from keras_transfer.runner import load_pretrained
+    from keras_transfer.pretrained import load_pretrained
 
     have = rundir.strategy_names(run_dir) if os.path.isdir(run_dir) else []
     missing = [s for s in strategies if not os.path.isfile(rundir.model_path(rundir.strategy_dir(run_dir, s)))]
@@ -252,7 +252,7 @@ def predict(target, images, top_k, tta, out, overwrite):
     from keras_transfer.data.formats import decode_image, image_files
     from keras_transfer.evaluate import softmax, tta_logits
     from keras_transfer.io import check_output, move_aside
-    from keras_transfer.runner import load_pretrained
+    from keras_transfer.pretrained import load_pretrained
 
     check_output(out, overwrite, "file")
     model_path = target if os.path.isfile(target) else _run_model(target)[0]
@@ -303,7 +303,7 @@ def export(target, fmt, strategy, out, overwrite):
     from keras_transfer.export import SUFFIX
     from keras_transfer.export import export as export_model
     from keras_transfer.io import check_output, move_aside
-    from keras_transfer.runner import load_pretrained
+    from keras_transfer.pretrained import load_pretrained
 
     if os.path.isfile(target):
         if strategy:

