@@ -92,16 +92,20 @@ INTERNALS = (
 
 
 def _probes():
-    """The instances whose attributes rows name as ``<probe>``."""
-    layer = keras.layers.Dense(2)
-    inputs = keras.Input((3,))
-    functional = keras.Model(inputs, layer(inputs))
+    """The instances whose attributes rows name as ``<probe>``. Built without side effects on a run: every one
+    named (Keras' automatic names count up per process, and a run's layers would be named otherwise) and
+    initialised without drawing a random number (an unseeded initializer draws its seed from Python's
+    ``random``, and the run's weights would differ for the same seed)."""
+    layer = keras.layers.Dense(2, kernel_initializer="zeros", name="ktransfer_probe_dense")
+    inputs = keras.Input((3,), name="ktransfer_probe_input")
+    functional = keras.Model(inputs, layer(inputs), name="ktransfer_probe_model")
     node = functional._nodes_by_depth[0][0] if hasattr(functional, "_nodes_by_depth") else None
-    optimizer = keras.optimizers.SGD(use_ema=True)
+    optimizer = keras.optimizers.SGD(use_ema=True, name="ktransfer_probe_sgd")
     optimizer.build(functional.trainable_variables)
     probes = {"layer": layer, "functional": functional, "node": node,
               "arguments": getattr(node, "arguments", None), "ema_optimizer": optimizer,
-              "seed_generator": keras.random.SeedGenerator(0), "variable": keras.Variable(1.0)}
+              "seed_generator": keras.random.SeedGenerator(0, name="ktransfer_probe_seed"),
+              "variable": keras.Variable(1.0, name="ktransfer_probe_variable")}
     if keras.config.backend() == "torch":
         import torch
 

@@ -11,8 +11,8 @@ import traceback
 
 import yaml
 
+from keras_transfer import accel, rundir
 from keras_transfer import config as config_lib
-from keras_transfer import rundir
 from keras_transfer.errors import ConfigError, KTransferError
 from keras_transfer.io import atomic_write_text, read_json
 from keras_transfer.study import check_compatible, plan, pretrain_path, run_config, run_path
@@ -21,7 +21,8 @@ from keras_transfer.study import check_compatible, plan, pretrain_path, run_conf
 def execute(task):
     """Run one study task in this process: a pretrain run or a fine-tuning run, resumed where it started.
 
-    ``task``: ``{"kind": "pretrain" | "run", "dir": str, "config": dict}`` and optionally ``"devices"`` (plain
+    ``task``: ``{"kind": "pretrain" | "run", "dir": str, "config": dict}`` and optionally ``"devices"`` and
+    ``"accel"`` (the torch fast path's mode, `keras_transfer.accel.MODES`, for a Ray worker) (plain
     data, so a Ray worker can take it). Returns ``{"dir", "ok", "error", "seconds"}``; an error is recorded in the run's
     ``error.txt`` as one line, and never raised (``KeyboardInterrupt`` aside).
     """
@@ -30,6 +31,8 @@ def execute(task):
     from keras_transfer import runner
 
     d, t0 = task["dir"], time.perf_counter()
+    if task.get("accel", accel.mode()) != accel.mode():  # a Ray worker: the fast path as the command has it
+        accel.configure(task["accel"])
     try:
         cfg = config_lib.merge(config_lib.RunConfig(), task["config"], keep_none=True)
         resume = os.path.isfile(rundir.config_path(d))
@@ -66,11 +69,12 @@ def tasks(study, study_dir):
     """The pretrain tasks, then the run tasks, of what is not finished yet."""
     states = {d: state for _, _, d, state in plan(study, study_dir)}
     needed = {r.pretrain for r in study.runs if states[run_path(study_dir, r)] != "finished"}
-    pre = [{"kind": "pretrain", "dir": pretrain_path(study_dir, n), "config": config_lib.to_dict(c)}
+    pre = [{"kind": "pretrain", "dir": pretrain_path(study_dir, n), "config": config_lib.to_dict(c),
+            "accel": accel.mode()}
            for n, c in study.pretrains.items() if states[pretrain_path(study_dir, n)] != "finished" and n in needed]
     runs = [{"kind": "run", "dir": run_path(study_dir, r),
              "config": config_lib.to_dict(run_config(study, r, study_dir)),
-             "pretrain": pretrain_path(study_dir, r.pretrain) if r.pretrain else None}
+             "pretrain": pretrain_path(study_dir, r.pretrain) if r.pretrain else None, "accel": accel.mode()}
             for r in study.runs if states[run_path(study_dir, r)] != "finished"]
     return pre, runs
 

@@ -225,7 +225,10 @@ def feature_extractor(model):
     """The classifier up to the backbone's output: preprocessing + backbone, for cached features."""
     import keras
 
-    return keras.Model(model.input, features_tensor(model), name="feature_extractor")
+    from keras_transfer import accel
+
+    # the torch fast path for the feature pass too (the backbone's layers are ``model``'s: they keep it)
+    return accel.apply(keras.Model(model.input, features_tensor(model), name="feature_extractor"))
 
 
 def feature_statistics(features):

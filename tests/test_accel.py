@@ -19,8 +19,9 @@ from tests.conftest import python_prints_ok, tiny_data, tiny_model
 
 
 @pytest.fixture
-def restore_mode():
+def restore_mode(monkeypatch):
     yield
+    monkeypatch.undo()  # Keras' version and the table as they are, before deciding again
     accel.enable()  # as conftest leaves it
 
 
@@ -99,6 +100,7 @@ def test_apply_gives_the_fast_path_on_torch_only_and_trains_as_keras_does(tmp_pa
     x, y = tiny_data(16)
     plain, fast = _trained(False, x, y), _trained(True, x, y)
     assert not any(has_fast_call(layer) for layer in internals.flatten_layers(plain))
+    assert accel.enabled() == (keras.__version__ in accel.TESTED_KERAS)
     torch = keras.config.backend() == "torch" and accel.enabled()  # (off with a Keras it was not tested with)
     calls = [has_fast_call(layer) for layer in internals.flatten_layers(fast)
              if type(layer) in (keras.layers.Conv2D, keras.layers.BatchNormalization)]

@@ -63,3 +63,29 @@ def test_global_seed_is_the_one_keras_was_given():
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="Keras' torch device")
 def test_torch_device_is_where_keras_computes():
     assert str(internals.torch_device()) == str(keras.ops.convert_to_tensor(0.0).device)
+
+
+def _auto_names():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    return [model.name, model.layers[0].name, model.layers[1].name, keras.Variable(0.0).name,
+            keras.optimizers.SGD().name, keras.random.SeedGenerator().name]
+
+
+def test_the_check_leaves_random_states_and_automatic_names_as_they_were():
+    """`accel.install` runs the check once per process, possibly inside a run: it must not move Python's or
+    NumPy's random state (an unseeded initializer draws from Python's) nor Keras' automatic names."""
+    import random
+
+    import numpy as np
+
+    keras.backend.clear_session()
+    expected = [_auto_names(), _auto_names()]
+    keras.backend.clear_session()
+    first = _auto_names()
+    random.seed(3)
+    np.random.seed(3)
+    state, np_state = random.getstate(), np.random.get_state()[1].copy()
+    internals.missing()
+    assert random.getstate() == state and np.array_equal(np.random.get_state()[1], np_state)
+    assert [first, _auto_names()] == expected

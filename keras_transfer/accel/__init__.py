@@ -56,9 +56,11 @@ def configure(mode):
     if mode not in MODES:
         raise ConfigError(f"accel mode: expected one of {', '.join(MODES)}. Received: {mode!r}")
     _STATE["mode"], _STATE["on"] = mode, None
-    from keras_transfer.accel import syncs
 
-    syncs.follow_keras(mode == "off")  # turning it off afterwards: the process-wide patches run Keras' code
+
+def mode():
+    """The mode this process was configured with (`MODES`; ``off`` until `configure` or `enable`)."""
+    return _STATE["mode"]
 
 
 def enable(force=False):
@@ -77,6 +79,7 @@ def enable(force=False):
 def disable():
     """Turn it off: models built afterwards run Keras' own code, and so do Keras' numbers and seeds."""
     configure("off")
+    install()
 
 
 def enabled():
@@ -104,6 +107,9 @@ def install():
         except syncs.NoLongerMatches as e:
             _say_once(f"the torch fast path is off: {e}")
             on = False
+    from keras_transfer.accel import syncs
+
+    syncs.follow_keras(not on)  # patches installed by an earlier decision run Keras' code while it is off
     _STATE["on"] = on
     return on
 
@@ -116,7 +122,10 @@ def _usable(mode):
         return False
     from keras_transfer import internals
 
-    gone = internals.missing(prefix="accel")
+    try:
+        gone = internals.missing(prefix="accel")
+    except Exception as e:  # noqa: BLE001 - a probe Keras no longer builds: off, and say why
+        gone = [f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"]
     if gone:
         _say_once(f"the torch fast path is off: Keras {version} lacks {len(gone)} private symbol(s) it needs "
                   f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})")
@@ -128,7 +137,7 @@ def describe():
     """One line: the mode and whether the fast path is on, for ``ktransfer info``."""
     on = install()
     where = "" if keras.config.backend() == "torch" else " (it acts on torch only)"
-    return f"{'on' if on else 'off'}{where}; {ENV}={_STATE['mode']}, Keras {keras.__version__}, tested with " \
+    return f"{'on' if on else 'off'}{where}; {ENV}={mode()}, Keras {keras.__version__}, tested with " \
            f"{', '.join(TESTED_KERAS)}"
 
 

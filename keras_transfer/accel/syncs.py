@@ -105,14 +105,13 @@ def avoid_device_syncs():
 
     original = core.convert_to_tensor
     scalar = _scalar_to_tensor(original, core)
-    replaced = 0
-    for name, module in list(sys.modules.items()):
-        if name.startswith("keras") and getattr(module, "convert_to_tensor", None) is original:
-            module.convert_to_tensor = scalar
-            replaced += 1
-    if not replaced or not callable(getattr(random, "torch_seed_generator", None)):
+    modules = [module for name, module in list(sys.modules.items())
+               if name.startswith("keras") and getattr(module, "convert_to_tensor", None) is original]
+    if core not in modules or not callable(getattr(random, "torch_seed_generator", None)):  # checked before patching
         raise NoLongerMatches("keras.src.backend.torch: expected core.convert_to_tensor and "
-                              "random.torch_seed_generator to patch. Received: neither found as expected")
+                              "random.torch_seed_generator to patch. Received: not found as expected")
+    for module in modules:
+        module.convert_to_tensor = scalar
     random.torch_seed_generator = _host_seeded_generator(random.torch_seed_generator, core)
     _SYNC_FREE["installed"] = True
     return True
