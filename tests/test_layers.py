@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_transfer import internals
 from keras_transfer.accel import diagnostics, kernels
 from keras_transfer.accel.layers import FAST_CALLS, fast_calls, give_fast_call, has_fast_call
 from keras_transfer.models import create_backbone
@@ -161,7 +162,7 @@ def test_applications_backbones_train_through_the_fast_layers():
     for name, classes in expected.items():
         bb = create_backbone(name, 32, 3)
         assert not any(has_fast_call(layer) for layer in bb.layers)  # built as Keras' own layers
-        assert fast_calls(bb) == sum(type(layer) in FAST_CALLS for layer in bb._flatten_layers())
+        assert fast_calls(bb) == sum(type(layer) in FAST_CALLS for layer in internals.flatten_layers(bb))
         for keras_cls in classes:
             found = [layer for layer in bb.layers if type(layer) is keras_cls]
             assert found and all(has_fast_call(layer) for layer in found), (name, keras_cls)

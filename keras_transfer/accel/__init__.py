@@ -95,20 +95,16 @@ def install():
     """
     if _STATE["on"] is not None:
         return _STATE["on"]
-    mode, on = _STATE["mode"], False
-    if mode != "off":
-        on = _usable(mode)
-    if on:
-        from keras_transfer.accel import syncs
+    from keras_transfer.accel import syncs
 
+    on = _STATE["mode"] != "off" and _usable(_STATE["mode"])
+    if on:
         try:
             syncs.defer_tensorflow_import()
             syncs.avoid_device_syncs()
         except syncs.NoLongerMatches as e:
             _say_once(f"the torch fast path is off: {e}")
             on = False
-    from keras_transfer.accel import syncs
-
     syncs.follow_keras(not on)  # patches installed by an earlier decision run Keras' code while it is off
     _STATE["on"] = on
     return on

@@ -56,28 +56,22 @@ def _convolution(depthwise):
     return call
 
 
-def _max_pool(self, inputs):
-    if self.data_format == "channels_last":
-        y = kernels.max_pool2d(inputs, self.pool_size, self.strides, self.padding)
-        if y is not None:
-            return y
-    return type(self).call(self, inputs)
+def _channels_last(kernel):
+    """A layer's fast ``call`` that gives a channels-last batch to ``kernel(layer, inputs)``, and takes Keras'
+    own ``call`` for any other layout or where ``kernel`` returns None."""
+    def call(self, inputs):
+        if self.data_format == "channels_last":
+            y = kernel(self, inputs)
+            if y is not None:
+                return y
+        return type(self).call(self, inputs)
+
+    return call
 
 
-def _zero_pad(self, inputs):
-    if self.data_format == "channels_last":
-        y = kernels.zero_pad2d(inputs, self.padding)
-        if y is not None:
-            return y
-    return type(self).call(self, inputs)
-
-
-def _global_average(self, inputs):
-    if self.data_format == "channels_last":
-        y = kernels.spatial_mean(inputs, self.keepdims)
-        if y is not None:
-            return y
-    return type(self).call(self, inputs)
+_max_pool = _channels_last(lambda layer, x: kernels.max_pool2d(x, layer.pool_size, layer.strides, layer.padding))
+_zero_pad = _channels_last(lambda layer, x: kernels.zero_pad2d(x, layer.padding))
+_global_average = _channels_last(lambda layer, x: kernels.spatial_mean(x, layer.keepdims))
 
 
 FAST_CALLS = {keras.layers.BatchNormalization: _batch_norm, keras.layers.Conv2D: _convolution(False),

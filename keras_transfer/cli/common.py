@@ -73,17 +73,15 @@ class _OneLineUsageErrors(click.Group):
 @click.option("--verbose", is_flag=True,
               help="Show TensorFlow's own C++ log lines (hidden by default; also KTRANSFER_VERBOSE=1). "
                    "Give it first: ktransfer --verbose COMMAND.")
+@fail_cleanly
 def main(verbose):
     """Transfer learning for image classification on Keras 3 (TensorFlow, JAX or PyTorch).
 
     The backend is chosen by KERAS_BACKEND, e.g. `KERAS_BACKEND=jax ktransfer finetune`.
     """
     keep_freed_host_memory()  # KTRANSFER_MALLOC_TUNING=off keeps glibc's defaults
-    try:  # the torch fast path (keras_transfer.accel): on with a tested Keras, KTRANSFER_ACCEL=off turns it off
-        accel.configure(accel.mode_from_environment())
-    except KTransferError as e:
-        click.echo(f"Error: {str(e).splitlines()[0]}", err=True)
-        sys.exit(2)
+    # the torch fast path (keras_transfer.accel): on with a tested Keras, KTRANSFER_ACCEL=off turns it off
+    accel.configure(accel.mode_from_environment())
     quiet_tensorflow_retracing()  # a new model per strategy is traced once: not TensorFlow's misuse case
 
 
